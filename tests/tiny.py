@@ -1,0 +1,82 @@
+"""Tiny, randomly initialised models and a character-level tokenizer for fast tests.
+
+Nothing here downloads anything: the tokenizer is built in memory and saved like a real one.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB = len(SPECIAL) + len(string.printable)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with ChatML specials; eos = pad = <|im_end|> like SmolLM2."""
+    chars = list(string.printable)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_causal_lm(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size)).eval()
+
+
+def tiny_reward_model(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab_size, num_labels=1)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny causal LM plus tokenizer saved as an ordinary HF folder."""
+    tok = tiny_tokenizer()
+    tiny_causal_lm(seed, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
