@@ -1,0 +1,240 @@
+"""Reward functions, loading user rewards, reward models, and the combined reward."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+from tiny import tiny_reward_model, tiny_tokenizer
+
+from raftlm.config import RewardConfig, RewardTerm
+from raftlm.rewards import (
+    ModelReward,
+    Reward,
+    RewardError,
+    build_reward,
+    load_function,
+    math_answer,
+    numeric_answer,
+)
+
+
+def score(fn, completions, answers):
+    return fn(prompts=[""] * len(completions), completions=completions, answer=answers)
+
+
+# --- built-ins -------------------------------------------------------------------------------
+
+
+def test_numeric_answer_takes_the_last_number_of_a_restated_question():
+    assert score(numeric_answer, ["17 + 25 = 42", "42 is 17 + 25"], ["42", "42"]) == [1.0, 0.0]
+
+
+def test_numeric_answer_reads_thousands_separators_and_trailing_periods():
+    assert score(numeric_answer, ["It is 1,234.", "so 3.0"], ["1234", "3"]) == [1.0, 1.0]
+
+
+def test_numeric_answer_reads_negatives_but_not_hyphens():
+    assert score(numeric_answer, ["10 - 15 = -5", "pages 10-5"], ["-5", "5"]) == [1.0, 1.0]
+
+
+def test_numeric_answer_scores_zero_without_a_number():
+    assert score(numeric_answer, ["no idea", ""], ["3", "3"]) == [0.0, 0.0]
+
+
+def test_numeric_answer_accepts_numeric_references():
+    assert score(numeric_answer, ["= 7"], [7]) == [1.0]
+
+
+def test_math_answer_checks_equivalence():
+    pytest.importorskip("math_verify")
+    completions = ["The answer is $\\frac{1}{2}$", "The answer is 0.25"]
+    assert score(math_answer, completions, ["0.5", "0.5"]) == [1.0, 0.0]
+
+
+def test_math_answer_works_off_the_main_thread():
+    pytest.importorskip("math_verify")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(score(math_answer, ["1/2"], ["0.5"])))
+    thread.start()
+    thread.join()
+    assert result == [[1.0]]
+
+
+# --- loading user functions ------------------------------------------------------------------
+
+
+def test_load_function_from_a_module_path():
+    assert load_function("raftlm.rewards:numeric_answer") is numeric_answer
+
+
+def test_load_function_from_a_file_path_relative_to_cwd(tmp_path, monkeypatch):
+    (tmp_path / "my_reward.py").write_text(
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    fn = load_function("my_reward.py:length")
+    assert fn(prompts=["p"], completions=["abc"]) == [3.0]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing_file.py:f", "file not found"),
+        ("no_such_module_xyz:f", "cannot import module"),
+        ("raftlm.rewards:nope", "has no attribute 'nope'"),
+        ("raftlm.rewards:BUILTIN_REWARDS", "is not callable"),
+    ],
+)
+def test_load_function_errors_name_the_spec(spec, message):
+    with pytest.raises(ValueError, match=f"reward '{spec}'.*{message}"):
+        load_function(spec)
+
+
+# --- combining terms -------------------------------------------------------------------------
+
+
+def test_terms_receive_extra_columns_as_keyword_arguments():
+    received = {}
+
+    def fn(prompts, completions, answer, **kwargs):
+        received.update(answer=answer, **kwargs)
+        return [0.0] * len(completions)
+
+    Reward([("fn", 1.0, fn)])(["p", "q"], ["a", "b"], {"answer": ["1", "2"], "level": [3, 4]})
+    assert received == {"answer": ["1", "2"], "level": [3, 4]}
+
+
+def test_terms_may_take_only_completions_like_trl_examples():
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    assert Reward([("len", 1.0, length)])(["p"], ["abcd"], {}).scores.tolist() == [4.0]
+
+
+def test_reward_is_the_weighted_sum_of_terms():
+    def ones(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    reward = Reward([("num", 2.0, numeric_answer), ("ones", 0.5, ones)])
+    result = reward(["p", "p"], ["= 3", "= 4"], {"answer": ["3", "3"]})
+    assert result.scores.tolist() == [2.5, 0.5]
+    assert result.per_term["num"].tolist() == [1.0, 0.0]
+    assert result.n_invalid == 0
+
+
+def test_missing_column_is_reported_before_scoring():
+    with pytest.raises(RewardError, match=r"needs column\(s\) \['answer'\]"):
+        Reward([("numeric_answer", 1.0, numeric_answer)], on_error="skip")(["p"], ["1"], {})
+
+
+def test_build_reward_resolves_builtins_and_specs():
+    config = RewardConfig(
+        terms=[RewardTerm(name="numeric_answer"), RewardTerm(name="raftlm.rewards:math_answer")]
+    )
+    reward = build_reward(config)
+    assert [name for name, _, _ in reward.terms] == ["numeric_answer", "raftlm.rewards:math_answer"]
+    assert reward.models() == []
+
+
+def test_build_reward_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown reward 'bleu'"):
+        build_reward(RewardConfig(terms=[RewardTerm(name="bleu")]))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def nan_for_item_1(completions, **kwargs):
+    return [math.nan if i == 1 else 1.0 for i in range(len(completions))]
+
+
+def wrong_count(completions, **kwargs):
+    return [1.0]
+
+
+def raises_on_bad(completions, **kwargs):
+    if any("bad" in c for c in completions):
+        raise ValueError("cannot score")
+    return [1.0] * len(completions)
+
+
+def text_score(completions, **kwargs):
+    return ["high"] * len(completions)
+
+
+COMPLETIONS = ["good one", "bad one", "good two"]
+
+
+def run(fn, on_error):
+    return Reward([("x", 1.0, fn)], on_error=on_error)(["p"] * 3, COMPLETIONS, {})
+
+
+def test_nan_score_raises_naming_term_and_item():
+    with pytest.raises(RewardError, match=r"reward 'x' returned nan for item 1 \(completion: 'bad"):
+        run(nan_for_item_1, "raise")
+
+
+def test_non_number_score_raises_naming_term_and_item():
+    with pytest.raises(RewardError, match=r"reward 'x' returned a non-number .* item 0"):
+        run(text_score, "raise")
+
+
+def test_wrong_count_raises_in_either_mode():
+    for on_error in ("raise", "skip"):
+        with pytest.raises(RewardError, match="reward 'x' returned 1 scores for 3 completions"):
+            run(wrong_count, on_error)
+
+
+def test_raising_term_raises_naming_the_failing_item():
+    with pytest.raises(RewardError, match=r"reward 'x' raised ValueError: cannot score for item 1"):
+        run(raises_on_bad, "raise")
+
+
+def test_skip_mode_marks_nan_scores_invalid_and_counts_them():
+    result = run(nan_for_item_1, "skip")
+    assert np.isnan(result.scores).tolist() == [False, True, False]
+    assert result.n_invalid == 1
+
+
+def test_skip_mode_isolates_the_items_a_raising_term_fails_on():
+    result = run(raises_on_bad, "skip")
+    assert np.isnan(result.per_term["x"]).tolist() == [False, True, False]
+    assert result.scores[0] == 1.0 and result.n_invalid == 1
+
+
+# --- reward models ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reward_model")
+    tok = tiny_tokenizer()
+    tiny_reward_model(seed=0, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+PROMPTS = ["What is 1 + 2?", [{"role": "user", "content": "Hi"}], "Say a word", "x"]
+RESPONSES = ["3", "Hello there, friend.", "word", "a much longer response than the others"]
+
+
+def test_model_reward_scores_deterministically(reward_model_dir):
+    rm = ModelReward(reward_model_dir, batch_size=4)
+    first, second = rm(PROMPTS, RESPONSES), rm(PROMPTS, RESPONSES)
+    assert first == second and len(set(first)) == 4
+
+
+def test_model_reward_scores_do_not_depend_on_batch_size(reward_model_dir):
+    batched = ModelReward(reward_model_dir, batch_size=4)(PROMPTS, RESPONSES)
+    single = ModelReward(reward_model_dir, batch_size=1)(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_model_reward_is_listed_for_offload(reward_model_dir):
+    reward = build_reward(RewardConfig(terms=[RewardTerm(model=str(reward_model_dir))]))
+    (rm,) = reward.models()
+    assert rm.to("cpu") is rm and rm.device.type == "cpu"
+    assert reward.terms[0][0] == str(reward_model_dir)
