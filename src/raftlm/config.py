@@ -111,7 +111,7 @@ class SelectionConfig:
     top_fraction: float = option(0.25, "top_fraction: share of all candidates kept.")
     top_k: int = option(1, "top_k_per_prompt: responses kept per prompt.")
     min_reward: float | None = option(None, "Drop selected responses below this reward.")
-    drop_uniform_prompts: bool = option(True, "Drop prompts whose K rewards are all equal.")
+    drop_uniform_prompts: bool = option(False, "Drop prompts whose K rewards are all equal.")
     min_response_tokens: int = option(1, "Drop responses shorter than this.")
     reject_pattern: str | None = option(None, "Drop responses matching this regex.")
     deduplicate: bool = option(True, "Keep one copy of identical responses to a prompt.")

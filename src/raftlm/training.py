@@ -1,0 +1,184 @@
+"""Fine-tune: supervised fine-tuning on the selected responses (prompt tokens masked).
+
+The loss is the mean negative log-likelihood over all response tokens of an optimizer step,
+pooled across its micro-batches (and processes), i.e. the token-pooled definition of
+`raftlm.core.token_pooled_nll`. The optimizer and the schedule live for the whole run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from raftlm.config import TrainingConfig
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One (prompt, response) pair to imitate, as token ids."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels with prompt and padding masked."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example.prompt_ids + example.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(example.prompt_ids) : len(ids)] = torch.tensor(example.response_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Negative log-likelihood of every position's next token; 0 where the label is masked."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+    )
+    return nll  # [B, L-1]
+
+
+@torch.inference_mode()
+def response_log_probs(
+    model: Any, examples: list[Example], pad_id: int, batch_size: int, device: torch.device
+) -> list[np.ndarray]:
+    """Per-token log-probabilities of each example's response under `model`."""
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        nll = token_nll(model, batch).cpu().numpy()
+        mask = (batch["labels"][:, 1:] != IGNORE).cpu().numpy()
+        out += [-row[m] for row, m in zip(nll, mask)]
+    model.train(was_training)
+    return out
+
+
+def planned_optimizer_steps(examples_per_stage: int, stages: int, config: TrainingConfig) -> int:
+    """Schedule horizon for the whole run, from the nominal number of selected examples."""
+    per_step = config.micro_batch_size * config.gradient_accumulation_steps
+    return max(1, stages * config.epochs * math.ceil(examples_per_stage / per_step))
+
+
+class SFTTrainer:
+    """AdamW + schedule + clipping over the run; `train(examples)` runs one stage's epochs."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: TrainingConfig,
+        total_steps: int,
+        accelerator: Accelerator,
+        pad_id: int,
+        seed: int,
+    ):
+        self.config = config
+        self.accelerator = accelerator
+        self.pad_id = pad_id
+        self.seed = seed
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        # The scheduler is stepped by us, once per optimizer step: accelerate's wrapper would
+        # step it once per process, which breaks a run-wide horizon under data parallelism.
+        self.scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=total_steps,
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.step = 0
+
+    def train(self, examples: list[Example], stage: int) -> dict[str, float]:
+        """E epochs over this rank's share of the stage's examples; returns stage statistics."""
+        cfg, acc = self.config, self.accelerator
+        self.model.train()
+        per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(examples) / per_step) if examples else 0
+        total_nll, total_tokens, norms = 0.0, 0, []
+        bar = tqdm(
+            total=steps_per_epoch * cfg.epochs, desc=f"train stage {stage}", unit="step",
+            leave=False, disable=not acc.is_main_process,
+        )
+        for epoch in range(cfg.epochs):
+            order = list(examples)
+            random.Random(f"{self.seed}:{stage}:{epoch}").shuffle(order)
+            for start in range(0, len(order), per_step):
+                step_examples = order[start : start + per_step]
+                nll, tokens, norm = self._optimizer_step(step_examples)
+                total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+                norms.append(norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{nll / max(tokens, 1):.4f}")
+        bar.close()
+        return {
+            "train/loss": total_nll / max(total_tokens, 1),
+            "train/optimizer_steps": self.step,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": float(np.mean(norms)) if norms else 0.0,
+            "tokens/trained": total_tokens,
+        }
+
+    def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, float]:
+        cfg, acc = self.config, self.accelerator
+        micro = [
+            step_examples[i : i + cfg.micro_batch_size]
+            for i in range(0, len(step_examples), cfg.micro_batch_size)
+        ]
+        local_tokens = sum(len(e.response_ids) for e in step_examples)
+        # Normalise by the step's token count over all processes so the gradient is that of
+        # the token-pooled mean; DDP averages over processes, hence the num_processes factor.
+        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+        scale = acc.num_processes / max(global_tokens, 1)
+        step_nll = 0.0
+        for i, chunk in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in collate(chunk, self.pad_id).items()}
+            sync = i == len(micro) - 1
+            with nullcontext() if sync else acc.no_sync(self.model):
+                with acc.autocast():
+                    nll_sum = token_nll(self.model, batch).sum()
+                acc.backward(nll_sum * scale)
+            step_nll += float(nll_sum.detach())
+        norm = 0.0
+        if cfg.max_grad_norm > 0:
+            norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return step_nll, local_tokens, norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
