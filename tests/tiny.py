@@ -68,7 +68,9 @@ def tiny_causal_lm(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForCausa
     return LlamaForCausalLM(tiny_llama_config(vocab_size)).eval()
 
 
-def tiny_reward_model(seed: int = 0, vocab_size: int = TINY_VOCAB) -> LlamaForSequenceClassification:
+def tiny_reward_model(
+    seed: int = 0, vocab_size: int = TINY_VOCAB
+) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
     config = tiny_llama_config(vocab_size, num_labels=1)
     return LlamaForSequenceClassification(config).eval()

@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
 def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help line (lists and dicts are copied per instance)."""
+    """A dataclass field with a default and a help line (lists/dicts copied per instance)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -26,7 +26,7 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass
 class RunConfig:
-    output_dir: str = option("runs/raft", "Run directory: config, metrics, candidates, checkpoints.")
+    output_dir: str = option("runs/raft", "Run directory: config, metrics, stages, checkpoints.")
     seed: int = option(0, "Seed for prompt order, sampling and initialisation.")
     overwrite: bool = option(False, "Replace an existing run in output_dir (else refuse).")
     threads: int = option(0, "torch CPU threads; 0 keeps torch's default.")

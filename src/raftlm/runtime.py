@@ -73,7 +73,8 @@ def load_prompt_sets(config: RaftConfig, tokenizer: Any) -> tuple[PromptSet, Pro
                 rows, tokenizer, prompt_field="prompt", max_prompt_tokens=data.max_prompt_tokens,
                 system_prompt=data.system_prompt, source=f"builtin:{data.task}/{split}",
             )
-        train_set, eval_set = build("train", data.task_train_size), build("eval", data.task_eval_size)
+        train_set = build("train", data.task_train_size)
+        eval_set = build("eval", data.task_eval_size)
     else:
         train_set = load_prompt_set(data.train_file, tokenizer, data)
         eval_set = load_prompt_set(data.eval_file, tokenizer, data) if data.eval_file else None
