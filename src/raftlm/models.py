@@ -116,16 +116,18 @@ def load_policy(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if config.lora.enabled:
-        model = _add_lora(model, config.lora, adapter_from)
+        model = _add_lora(model, config.lora, adapter_from, config.gradient_checkpointing)
     return model, tokenizer
 
 
-def _add_lora(model: Any, lora: LoraConfig, adapter_from: Path | None) -> Any:
+def _add_lora(
+    model: Any, lora: LoraConfig, adapter_from: Path | None, checkpointing: bool
+) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if getattr(model, "is_gradient_checkpointing", False):
+    if checkpointing:
         model.enable_input_require_grads()  # checkpointed frozen embeddings need grad inputs
     peft_config = PeftLoraConfig(
         r=lora.r,
