@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,25 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raftlm.evaluation import evaluate_checkpoint
+    from raftlm.rundir import atomic_write_text
+    from raftlm.tracking import json_safe
+
+    config = load_config(args)
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no such folder: {args.checkpoint}")
+    metrics = json_safe(evaluate_checkpoint(config, args.checkpoint))
+    output = args.output or (args.checkpoint or Path(config.run.output_dir)) / "eval.json"
+    atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    print(f"written to {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
@@ -87,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="Replace an existing run in run.output_dir.")
     train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="Evaluate the base model or a checkpoint on the held-out set.",
+        description="Held-out metrics (reward, accuracy, best-of-K, diversity, KL to the base "
+                    "model) of the configured base model, or of a run's checkpoint.",
+    )
+    add_config_args(evaluate, required=True)
+    evaluate.add_argument("--checkpoint", type=Path, metavar="DIR",
+                          help="A run's checkpoints/stage-NNN folder (LoRA adapter or full "
+                               "model); default: the base model of the config.")
+    evaluate.add_argument("--output", type=Path, metavar="FILE",
+                          help="Where to write the metrics as JSON "
+                               "[default: <checkpoint or run.output_dir>/eval.json].")
+    evaluate.set_defaults(handler=cmd_eval)
+
     return parser
 
 

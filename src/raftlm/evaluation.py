@@ -1,15 +1,41 @@
-"""Evaluate the policy on held-out prompts: greedy reward, accuracy, response length."""
+"""Evaluate the policy on held-out prompts: did alignment work, and what did it cost?
+
+Greedy, one response per prompt:
+  eval/reward_mean, eval/accuracy (prompts with an `answer`), eval/response_tokens_mean.
+Sampled (`evaluation.sampled`): K = evaluation.samples_per_prompt responses per prompt with the
+`generation` settings and the same seeds every stage, so stages differ only by the policy:
+  eval/sampled_reward_mean, eval/best_of_k_reward, eval/sampled_accuracy, eval/pass_at_k,
+  eval/distinct_1, eval/distinct_2, eval/sampled_tokens_mean and eval/kl_to_initial.
+Definitions are in `raftlm.metrics`. The KL's pi_0 is the LoRA policy with its adapter
+disabled, or, for full fine-tuning, the initial weights reloaded from `model.path` for the
+duration of the estimate (no second copy is held between stages). The log-probs are the
+model's own (temperature 1): with another sampling temperature or top-p/top-k the estimate
+is E_{y ~ sampler}[log pi_t(y) - log pi_0(y)], a proxy for the KL rather than the KL itself.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM
 
 from raftlm.config import RaftConfig
 from raftlm.generation import Completion, generate
+from raftlm.metrics import best_of_k, distinct_n, nanmean, sequence_kl
+from raftlm.models import is_lora, load_policy, materialize_model, merged_adapter, resolve_dtype
 from raftlm.prompts import PromptRecord, PromptSet
-from raftlm.rewards import Reward, RewardResult, math_answer, numeric_answer
+from raftlm.rewards import Reward, RewardResult, build_reward, math_answer, numeric_answer
+from raftlm.runtime import load_prompt_sets, sample_seeds
+from raftlm.training import Example, response_log_probs
+
+SAMPLING_STAGE = 0  # seeds of sampled eval: (run seed, 0, prompt id), never a training stage's
 
 
 def score(reward: Reward, records: list[PromptRecord], completions: list[list[Completion]]
@@ -32,25 +58,152 @@ def accuracy_check(config: RaftConfig, prompts: PromptSet) -> Any:
 
 def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Reward,
              config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy responses to every held-out prompt; returns metrics and the responses."""
+    """Held-out metrics of `policy` (the unmerged training model); returns metrics and the
+    greedy responses."""
+    records, ev = prompts.records, config.evaluation
+    device = next(policy.parameters()).device
+    with _precision(config, device):
+        with merged_adapter(policy) as merged:
+            greedy = generate(
+                merged, tokenizer, [r.token_ids for r in records], 1, config.generation,
+                greedy=True, desc="eval", max_new_tokens=ev.max_new_tokens,
+            )
+            sampled = generate(
+                merged, tokenizer, [r.token_ids for r in records], ev.samples_per_prompt,
+                config.generation, seeds=sample_seeds(config.run.seed, SAMPLING_STAGE,
+                                                      [r.id for r in records]),
+                desc="eval sampled", max_new_tokens=ev.max_new_tokens,
+            ) if ev.sampled else None
+        metrics, samples = greedy_metrics(prompts, greedy, reward, config)
+        if sampled is not None:
+            metrics.update(sampled_metrics(prompts, sampled, reward, config))
+            # Outside the merged context: pi_0 needs the adapter unmerged to switch it off.
+            metrics["eval/kl_to_initial"] = kl_to_initial(policy, tokenizer, records, sampled,
+                                                          config)
+    return metrics, samples
+
+
+def greedy_metrics(prompts: PromptSet, completions: list[list[Completion]], reward: Reward,
+                   config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Reward, accuracy and length of one greedy response per prompt, plus the responses."""
     records = prompts.records
-    completions = generate(
-        policy, tokenizer, [r.token_ids for r in records], 1, config.generation,
-        greedy=True, desc="eval", max_new_tokens=config.evaluation.max_new_tokens,
-    )
     result = score(reward, records, completions)
-    texts = [row[0].text for row in completions]
     metrics = {
-        "eval/reward_mean": float(np.nanmean(result.scores)),
+        "eval/reward_mean": nanmean(result.scores),
         "eval/response_tokens_mean": float(np.mean([len(row[0].token_ids) for row in completions])),
     }
-    check = accuracy_check(config, prompts)
-    if check is not None:
-        answers = [r.columns["answer"] for r in records]
-        correct = check([r.prompt for r in records], texts, answer=answers)
+    correct = _correct(config, prompts, completions)
+    if correct is not None:
         metrics["eval/accuracy"] = float(np.mean(correct))
     samples = [
-        {"prompt_id": r.id, "prompt": r.text, "response": text, "reward": float(s)}
-        for r, text, s in zip(records, texts, result.scores)
+        {"prompt_id": r.id, "prompt": r.text, "response": row[0].text, "reward": float(s)}
+        for r, row, s in zip(records, completions, result.scores)
     ]
     return metrics, samples
+
+
+def sampled_metrics(prompts: PromptSet, completions: list[list[Completion]], reward: Reward,
+                    config: RaftConfig) -> dict[str, float]:
+    """Reward, best-of-K, accuracy, pass@K, diversity and length of K samples per prompt."""
+    records = prompts.records
+    k = len(completions[0]) if completions else 0
+    rewards = score(reward, records, completions).scores.reshape(len(records), k)
+    texts = [c.text for row in completions for c in row]
+    metrics = {
+        "eval/sampled_reward_mean": nanmean(rewards),
+        "eval/best_of_k_reward": best_of_k(rewards),
+        "eval/distinct_1": distinct_n(texts, 1),
+        "eval/distinct_2": distinct_n(texts, 2),
+        "eval/sampled_tokens_mean": float(np.mean([len(c.token_ids) for row in completions
+                                                   for c in row])),
+    }
+    correct = _correct(config, prompts, completions)
+    if correct is not None:
+        metrics["eval/sampled_accuracy"] = float(np.mean(correct))
+        metrics["eval/pass_at_k"] = float(np.mean(correct.reshape(len(records), k).any(axis=1)))
+    return metrics
+
+
+def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
+                  completions: list[list[Completion]], config: RaftConfig) -> float | None:
+    """KL(pi_t || pi_0) estimated on the sampled responses (see `metrics.sequence_kl`)."""
+    examples = [Example(r.token_ids, c.token_ids) for r, row in zip(records, completions)
+                for c in row]
+    device = next(policy.parameters()).device
+
+    def log_probs(model: Any) -> list[np.ndarray]:
+        return response_log_probs(model, examples, tokenizer.pad_token_id,
+                                  config.training.micro_batch_size, device)
+
+    current = log_probs(policy)
+    with initial_policy(policy, config) as reference:
+        initial = log_probs(reference)
+    return sequence_kl(current, initial)
+
+
+@contextmanager
+def initial_policy(policy: Any, config: RaftConfig) -> Iterator[Any]:
+    """pi_0: the LoRA policy with its adapter switched off, or the initial full weights."""
+    if is_lora(policy):
+        with policy.disable_adapter():
+            yield policy
+        return
+    reference = AutoModelForCausalLM.from_pretrained(
+        materialize_model(config.model), dtype=torch.float32, local_files_only=True
+    ).to(next(policy.parameters()).device)
+    yield reference.eval()
+
+
+def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device = PartialState().device
+    policy, tokenizer = load_for_eval(config, checkpoint, device,
+                                      resolve_dtype(config.model.dtype, device))
+    _, eval_prompts = load_prompt_sets(config, tokenizer)
+    if eval_prompts is None:
+        raise ValueError("no held-out prompts: set data.eval_file (or use data.task)")
+    metrics, _ = evaluate(policy, tokenizer, eval_prompts, build_reward(config.reward), config)
+    return {"checkpoint": str(checkpoint) if checkpoint else None,
+            "eval/prompts": len(eval_prompts), **metrics}
+
+
+def load_for_eval(config: RaftConfig, checkpoint: Path | None, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Any, Any]:
+    """The policy of `checkpoint` (a `checkpoints/stage-NNN` folder or its `policy/`): a LoRA
+    adapter on the configured base, or a full model folder; the base model without one."""
+    base = dataclasses.replace(config.model, gradient_checkpointing=False,
+                               lora=dataclasses.replace(config.model.lora, enabled=False))
+    if checkpoint is None:
+        return load_policy(base, device, dtype)
+    folder = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import PeftModel
+
+        model, tokenizer = load_policy(base, device, dtype)
+        return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+    if (folder / "config.json").is_file():
+        full = dataclasses.replace(base, path=str(folder), gguf_file=None)
+        return load_policy(full, device, dtype)
+    raise FileNotFoundError(f"{checkpoint}: no LoRA adapter (adapter_model.safetensors) or "
+                            "model folder (config.json) in it or in its policy/")
+
+
+def _correct(config: RaftConfig, prompts: PromptSet, completions: list[list[Completion]]
+             ) -> np.ndarray | None:
+    """1/0 per completion (flat, prompt-major) where the prompts carry an `answer`."""
+    check = accuracy_check(config, prompts)
+    if check is None:
+        return None
+    flat = [(r, c) for r, row in zip(prompts.records, completions) for c in row]
+    return np.asarray(check([r.prompt for r, _ in flat], [c.text for _, c in flat],
+                            answer=[r.columns["answer"] for r, _ in flat]), dtype=float)
+
+
+@contextmanager
+def _precision(config: RaftConfig, device: torch.device) -> Iterator[None]:
+    # The same mixed precision as training, so pi_t and pi_0 log-probs are comparable.
+    bf16 = resolve_dtype(config.model.dtype, device) == torch.bfloat16
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        yield

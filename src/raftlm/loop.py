@@ -28,6 +28,7 @@ from raftlm.config import RaftConfig
 from raftlm.core import token_pooled_nll
 from raftlm.evaluation import evaluate, score
 from raftlm.generation import generate
+from raftlm.metrics import nanmean, reward_distribution
 from raftlm.models import merged_adapter
 from raftlm.rundir import write_jsonl
 from raftlm.runtime import Run, prepare_run, sample_seeds, save_checkpoint
@@ -87,8 +88,9 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     # 4. Record: candidates, metrics, evaluation, checkpoint.
     write_candidates(run, stage, prompts, responses, rewards, selection.mask)
     metrics = {
-        "train/reward_mean": _nanmean(rewards),
-        "train/reward_selected_mean": _nanmean(rewards[selection.mask]),
+        "train/reward_mean": nanmean(rewards),
+        "train/reward_selected_mean": nanmean(rewards[selection.mask]),
+        **reward_distribution(rewards, selection.mask),
         "train/n_selected": selection.n_selected,
         "train/sft_loss": sft_loss,
         "train/n_invalid_reward": int(np.isnan(rewards).sum()),
@@ -118,10 +120,9 @@ def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
     metrics = dict(extra)
     if run.config.evaluation.enabled and run.eval_prompts is not None:
         start = time.perf_counter()
-        with merged_adapter(run.policy) as policy:
-            eval_metrics, _ = evaluate(
-                policy, run.tokenizer, run.eval_prompts, run.reward, run.config
-            )
+        eval_metrics, _ = evaluate(
+            run.policy, run.tokenizer, run.eval_prompts, run.reward, run.config
+        )
         metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - start
     run.tracker.log(stage, metrics)
@@ -177,11 +178,6 @@ class Timer:
         finally:
             key = f"time/{name}_s"
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
-
-
-def _nanmean(values: np.ndarray) -> float | None:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else None
 
 
 def _fmt(value: float | None) -> str:

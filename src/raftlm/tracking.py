@@ -38,7 +38,7 @@ class Tracker:
         """Append one record `{"stage": stage, **metrics}` and forward numbers to trackers."""
         if not self.enabled:
             return
-        record = {"stage": stage, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"stage": stage, **json_safe(metrics)}
         self.run_dir.append_metrics(record)
         numbers = {
             k: v for k, v in record.items()
@@ -56,6 +56,11 @@ class Tracker:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with numpy numbers as Python numbers and NaN/inf as None."""
+    return {key: _plain(value) for key, value in record.items()}
 
 
 def _plain(value: Any) -> Any:
