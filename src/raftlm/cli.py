@@ -89,6 +89,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from raftlm.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
@@ -122,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "[default: <checkpoint or run.output_dir>/eval.json].")
     evaluate.set_defaults(handler=cmd_eval)
 
+    report = commands.add_parser(
+        "report", help="Write plots and report.html for a run directory.",
+        description="Plots (RUN_DIR/plots/*.png) and one self-contained RUN_DIR/report.html.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -7,6 +7,7 @@ For t = 1..T:
   3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only
   4. Record    log the kept set's SFT loss before the update, evaluate after it, write the
                stage's candidates, metrics and a checkpoint
+After the last stage: report.html (plots, per-stage table, example responses).
 
 Supports: any HF causal LM folder or GGUF file, LoRA or full fine-tuning, fp32/bf16, reward
 functions (TRL signature), reward models and verifiable rewards, resume from the last
@@ -30,6 +31,7 @@ from raftlm.evaluation import evaluate, score
 from raftlm.generation import generate
 from raftlm.metrics import nanmean, reward_distribution
 from raftlm.models import merged_adapter
+from raftlm.report import write_report
 from raftlm.rundir import write_jsonl
 from raftlm.runtime import Run, prepare_run, sample_seeds, save_checkpoint
 from raftlm.selection import select
@@ -53,6 +55,8 @@ def train(config: RaftConfig, resume: bool = False) -> RunResult:
     for stage in range(run.start_stage, config.raft.stages + 1):
         raft_stage(run, stage)
     run.tracker.close()
+    if config.tracking.report and run.accelerator.is_main_process:
+        write_report(run.run_dir.root)
     return RunResult(run.run_dir.root, run.run_dir.read_metrics())
 
 
