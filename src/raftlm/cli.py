@@ -48,7 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append("run.overwrite=true")
         config = RaftConfig.from_yaml(args.config, overrides)
     result = train(config, resume=bool(args.resume))
-    print(final_message(result.run_dir, result.metrics))
+    from raftlm.distributed import process_state
+
+    if process_state().is_main_process:  # under `accelerate launch`, say it once
+        print(final_message(result.run_dir, result.metrics))
     return 0
 
 

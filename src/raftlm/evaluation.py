@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from raftlm.config import RaftConfig
-from raftlm.generation import Completion, generate
+from raftlm.distributed import generate_sharded, process_state
+from raftlm.generation import Completion
 from raftlm.metrics import best_of_k, distinct_n, nanmean, sequence_kl
 from raftlm.models import is_lora, load_policy, materialize_model, merged_adapter, resolve_dtype
 from raftlm.prompts import PromptRecord, PromptSet
@@ -43,6 +43,8 @@ def score(reward: Reward, records: list[PromptRecord], completions: list[list[Co
     """Score every completion of every record; the result is flat, prompt-major."""
     flat_records = [r for r, row in zip(records, completions) for _ in row]
     texts = [c.text for row in completions for c in row]
+    if not texts:  # an empty shard (more processes than prompts): no reward call at all
+        return RewardResult(np.zeros(0), {}, 0)
     keys = sorted({key for r in records for key in r.columns})
     columns = {key: [r.columns.get(key) for r in flat_records] for key in keys}
     return reward([r.prompt for r in flat_records], texts, columns)
@@ -59,16 +61,17 @@ def accuracy_check(config: RaftConfig, prompts: PromptSet) -> Any:
 def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Reward,
              config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out metrics of `policy` (the unmerged training model); returns metrics and the
-    greedy responses."""
+    greedy responses. With several processes the sampling is split between them and every
+    process computes the same metrics from the gathered responses."""
     records, ev = prompts.records, config.evaluation
     device = next(policy.parameters()).device
     with _precision(config, device):
         with merged_adapter(policy) as merged:
-            greedy = generate(
+            greedy = generate_sharded(
                 merged, tokenizer, [r.token_ids for r in records], 1, config.generation,
                 greedy=True, desc="eval", max_new_tokens=ev.max_new_tokens,
             )
-            sampled = generate(
+            sampled = generate_sharded(
                 merged, tokenizer, [r.token_ids for r in records], ev.samples_per_prompt,
                 config.generation, seeds=sample_seeds(config.run.seed, SAMPLING_STAGE,
                                                       [r.id for r in records]),
@@ -158,7 +161,7 @@ def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> d
     """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    device = PartialState().device
+    device = process_state().device
     policy, tokenizer = load_for_eval(config, checkpoint, device,
                                       resolve_dtype(config.model.dtype, device))
     _, eval_prompts = load_prompt_sets(config, tokenizer)

@@ -11,7 +11,10 @@ After the last stage: report.html (plots, per-stage table, example responses).
 
 Supports: any HF causal LM folder or GGUF file, LoRA or full fine-tuning, fp32/bf16, reward
 functions (TRL signature), reward models and verifiable rewards, resume from the last
-completed stage. Components live in their own modules; this file only sequences them.
+completed stage; several processes (`accelerate launch`: each samples and scores a shard of the
+prompts, all rank the gathered candidates, training is data-parallel), vLLM sampling, and
+`offload: phases` (policy and reward models take turns on the accelerator, `offload.py`).
+Components live in their own modules; this file only sequences them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from raftlm.config import RaftConfig
 from raftlm.core import token_pooled_nll
+from raftlm.distributed import gather, shard
 from raftlm.evaluation import evaluate, score
 from raftlm.generation import generate
 from raftlm.metrics import nanmean, reward_distribution
@@ -64,18 +68,22 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     config, timer = run.config, Timer()
     b, k = config.raft.prompts_per_stage, config.raft.samples_per_prompt
 
-    # 1. Collect: b prompts, K responses each, from the current policy.
+    # 1. Collect: b prompts, K responses each, from the current policy (each process
+    #    samples its own shard of the prompts).
     prompts = [run.train_prompts.records[i] for i in run.sampler.draw(b)]
-    with timer("generate"), merged_adapter(run.policy) as policy:
-        responses = generate(
-            policy, run.tokenizer, [p.token_ids for p in prompts], k, config.generation,
-            seeds=sample_seeds(config.run.seed, stage, [p.id for p in prompts]),
+    mine = shard(prompts)
+    with timer("generate"), run.whole_policy() as whole, merged_adapter(whole) as policy:
+        local = generate(
+            policy, run.tokenizer, [p.token_ids for p in mine], k, config.generation,
+            seeds=sample_seeds(config.run.seed, stage, [p.id for p in mine]),
             desc=f"collect stage {stage}",
         )
 
-    # 2. Rank: reward every response, keep the best.
+    # 2. Rank: reward every response, keep the best (of all processes' candidates).
     with timer("reward"):
-        rewards = score(run.reward, prompts, responses).scores.reshape(len(prompts), k)
+        local_rewards = score(run.reward, mine, local).scores.tolist()
+    responses = gather(local)
+    rewards = np.array(gather(local_rewards), dtype=float).reshape(len(prompts), k)
     texts = [[r.text for r in row] for row in responses]
     lengths = [[len(r.token_ids) for r in row] for row in responses]
     selection = select(rewards, texts, lengths, config.selection)
@@ -112,11 +120,12 @@ def selected_sft_loss(run: Run, examples: list[Example]) -> float | None:
     """Token-pooled NLL of the kept responses under the current policy (raft_alignment's loss)."""
     if not examples:
         return None
-    log_probs = response_log_probs(
-        run.trainer.model, examples, run.tokenizer.pad_token_id,
-        run.config.training.micro_batch_size, run.accelerator.device,
-    )
-    return token_pooled_nll(log_probs)
+    with run.whole_policy() as policy:
+        log_probs = response_log_probs(
+            policy, shard(examples), run.tokenizer.pad_token_id,
+            run.config.training.micro_batch_size, run.accelerator.device,
+        )
+    return token_pooled_nll(gather(log_probs))
 
 
 def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
@@ -124,9 +133,10 @@ def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
     metrics = dict(extra)
     if run.config.evaluation.enabled and run.eval_prompts is not None:
         start = time.perf_counter()
-        eval_metrics, _ = evaluate(
-            run.policy, run.tokenizer, run.eval_prompts, run.reward, run.config
-        )
+        with run.whole_policy() as policy:
+            eval_metrics, _ = evaluate(
+                policy, run.tokenizer, run.eval_prompts, run.reward, run.config
+            )
         metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - start
     run.tracker.log(stage, metrics)

@@ -163,7 +163,9 @@ def merged_adapter(model: Any):
             model.unmerge_adapter()
 
 
-def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Adapter (LoRA) or full weights plus tokenizer, as HF folders others can load."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                state_dict: dict[str, Any] | None = None) -> None:
+    """Adapter (LoRA) or full weights plus tokenizer, as HF folders others can load.
+    `state_dict` gives the complete weights where `model` holds only a shard (FSDP)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
-from raftlm.config import RaftConfig
+from raftlm.config import ConfigError, RaftConfig
+from raftlm.distributed import full_state_dict, process_state, whole_model
 from raftlm.models import load_policy, resolve_dtype, save_policy
+from raftlm.offload import OffloadedReward, PhaseOffload
 from raftlm.prompts import PromptSampler, PromptSet, build_prompt_set, load_prompt_set
 from raftlm.rewards import Reward, build_reward
 from raftlm.rundir import RunDir
@@ -32,7 +35,7 @@ class Run:
     accelerator: Accelerator
     tokenizer: Any
     trainer: SFTTrainer
-    reward: Reward
+    reward: Reward  # under `offload: phases`, wrapped so that it takes turns with the policy
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
     sampler: PromptSampler
@@ -43,6 +46,11 @@ class Run:
     def policy(self) -> Any:
         """The model to sample from (unwrapped from DDP, still under mixed-precision autocast)."""
         return self.accelerator.unwrap_model(self.trainer.model)
+
+    def whole_policy(self) -> Any:
+        """`with run.whole_policy() as policy:` the policy with all its weights on this process,
+        to sample or score on its own (see `raftlm.distributed.whole_model`)."""
+        return whole_model(self.accelerator, self.trainer.model)
 
 
 def sample_seeds(run_seed: int, stage: int, prompt_ids: list[int]) -> list[int]:
@@ -87,8 +95,15 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     """Create (or reopen, with `resume`) the run directory and build every component."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    dtype = resolve_dtype(config.model.dtype, PartialState().device)
-    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    if config.generation.backend == "vllm":
+        from raftlm.vllm_backend import check_vllm_available  # never imports vLLM itself
+
+        check_vllm_available()  # before any model loads
+    state = process_state()
+    dtype = resolve_dtype(config.model.dtype, state.device)
+    accelerator = Accelerator(cpu=state.device.type == "cpu",
+                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    _check_offload(config, accelerator)
     run_dir = RunDir(config.run.output_dir)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     if not resume and accelerator.is_main_process:
@@ -129,25 +144,44 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     elif resume and accelerator.is_main_process:
         run_dir.truncate_metrics(-1)  # nothing completed: start over inside the same folder
     tracker = Tracker(run_dir, config.tracking, enabled=accelerator.is_main_process)
+    reward = build_reward(config.reward)
+    offload = PhaseOffload(accelerator.device, accelerator.unwrap_model(trainer.model),
+                           trainer.optimizer, reward.models(), config.offload == "phases")
     return Run(
         config=config, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer,
-        trainer=trainer, reward=build_reward(config.reward), train_prompts=train_prompts,
-        eval_prompts=eval_prompts, sampler=sampler, tracker=tracker, start_stage=start_stage,
+        trainer=trainer, reward=OffloadedReward(reward, offload) if offload.enabled else reward,
+        train_prompts=train_prompts, eval_prompts=eval_prompts, sampler=sampler, tracker=tracker,
+        start_stage=start_stage,
     )
 
 
 def save_checkpoint(run: Run, stage: int) -> Path | None:
-    """Policy, optimizer/schedule, prompt cursor and RNG state after `stage` (main process)."""
-    if not run.accelerator.is_main_process:
-        return None
-    state = {"stage": stage, "sampler": run.sampler.state_dict()}
-    return run.run_dir.save_checkpoint(
-        stage,
-        lambda folder: save_policy(run.policy, run.tokenizer, folder),
-        {**run.trainer.state_dict(), "rng": _rng_state()},
-        state,
-        keep=run.config.run.keep_checkpoints,
-    )
+    """Policy, optimizer/schedule, prompt cursor and RNG state after `stage`, written by the
+    main process (every process calls this: gathering sharded weights is a collective)."""
+    weights = full_state_dict(run.accelerator, run.trainer.model)
+    trainer_state = {**run.trainer.state_dict(), "rng": _rng_state()}
+    path = None
+    if run.accelerator.is_main_process:
+        state = {"stage": stage, "sampler": run.sampler.state_dict()}
+        path = run.run_dir.save_checkpoint(
+            stage,
+            lambda folder: save_policy(run.policy, run.tokenizer, folder, weights),
+            trainer_state,
+            state,
+            keep=run.config.run.keep_checkpoints,
+        )
+    # Nobody starts the next stage (or resumes) before the checkpoint is complete.
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _check_offload(config: RaftConfig, accelerator: Accelerator) -> None:
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if config.offload == "phases" and sharded:
+        raise ConfigError(
+            "offload: phases moves whole models between devices; under FSDP or DeepSpeed use "
+            "their own offloading (fsdp_offload_params, offload_optimizer_device) instead"
+        )
 
 
 def _seed_everything(seed: int) -> None:

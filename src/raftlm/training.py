@@ -3,6 +3,10 @@
 The loss is the mean negative log-likelihood over all response tokens of an optimizer step,
 pooled across its micro-batches (and processes), i.e. the token-pooled definition of
 `raftlm.core.token_pooled_nll`. The optimizer and the schedule live for the whole run.
+
+With several processes every one holds the same selected set and the same shuffled order; each
+optimizer step's examples are split between them. Every process therefore runs the same number
+of optimizer steps (DDP would hang otherwise) and the gradient is the single-process one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from raftlm.config import TrainingConfig
+from raftlm.distributed import shard, shards_optimizer_state
 
 IGNORE = -100
 
@@ -97,6 +102,10 @@ class SFTTrainer:
         self.accelerator = accelerator
         self.pad_id = pad_id
         self.seed = seed
+        deepspeed = accelerator.state.deepspeed_plugin
+        if deepspeed is not None:
+            # DeepSpeed insists on a micro-batch size; raftlm feeds it no dataloader to infer it.
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch_size
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -113,7 +122,8 @@ class SFTTrainer:
         self.step = 0
 
     def train(self, examples: list[Example], stage: int) -> dict[str, float]:
-        """E epochs over this rank's share of the stage's examples; returns stage statistics."""
+        """E epochs over the stage's examples (identical on every process, each taking its share
+        of every optimizer step); returns stage statistics."""
         cfg, acc = self.config, self.accelerator
         self.model.train()
         per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
@@ -134,6 +144,8 @@ class SFTTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{nll / max(tokens, 1):.4f}")
         bar.close()
+        # Each process summed the NLL of its own share; the loss is over the whole set.
+        total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
         return {
             "train/loss": total_nll / max(total_tokens, 1),
             "train/optimizer_steps": self.step,
@@ -143,42 +155,81 @@ class SFTTrainer:
         }
 
     def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, float]:
+        """One optimizer step on `step_examples` (the whole step's batch, identical on every
+        process); returns this process's NLL sum, the step's token count and the grad norm."""
         cfg, acc = self.config, self.accelerator
-        micro = [
-            step_examples[i : i + cfg.micro_batch_size]
-            for i in range(0, len(step_examples), cfg.micro_batch_size)
-        ]
-        local_tokens = sum(len(e.response_ids) for e in step_examples)
+        mine = shard(step_examples)
+        local_tokens = sum(len(e.response_ids) for e in mine)
         # Normalise by the step's token count over all processes so the gradient is that of
         # the token-pooled mean; DDP averages over processes, hence the num_processes factor.
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
         scale = acc.num_processes / max(global_tokens, 1)
+        # Every process runs as many micro-batches as the largest share needs: DDP (buffer
+        # broadcast) and FSDP (all-gathers) join collectives in each forward. A process short
+        # of examples fills its slots with zero-weighted passes over a stand-in example.
+        largest = math.ceil(len(step_examples) / acc.num_processes)
+        n_micro = max(1, math.ceil(largest / cfg.micro_batch_size))
         step_nll = 0.0
-        for i, chunk in enumerate(micro):
+        for i in range(n_micro):
+            chunk = mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
+            weight = scale if chunk else 0.0
+            chunk = chunk or step_examples[:1]
             batch = {k: v.to(acc.device) for k, v in collate(chunk, self.pad_id).items()}
-            sync = i == len(micro) - 1
+            sync = i == n_micro - 1
+            # DeepSpeed steps inside backward unless told the step is not over yet.
+            acc.sync_gradients = sync
             with nullcontext() if sync else acc.no_sync(self.model):
                 with acc.autocast():
                     nll_sum = token_nll(self.model, batch).sum()
-                acc.backward(nll_sum * scale)
-            step_nll += float(nll_sum.detach())
+                acc.backward(nll_sum * weight)
+            step_nll += float(nll_sum.detach()) if weight else 0.0
         norm = 0.0
         if cfg.max_grad_norm > 0:
-            norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            # Under DeepSpeed the clipping is its own (`gradient_clipping`); this reads the norm.
+            norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) or 0.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_nll, local_tokens, norm
+        return step_nll, global_tokens, norm
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule and step. A collective under FSDP (all processes call it)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+
+    def _optimizer_state(self) -> dict[str, Any] | None:
+        if not shards_optimizer_state(self.accelerator):
+            return self.optimizer.state_dict()  # identical on every process
+        if self.accelerator.is_fsdp2:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
+        return None  # DeepSpeed partitions it; see _load_optimizer_state
+
+    def _load_optimizer_state(self, state: dict[str, Any] | None) -> None:
+        if not shards_optimizer_state(self.accelerator):
+            self.optimizer.load_state_dict(state)
+        elif self.accelerator.is_fsdp2:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, state, options=options)
+        elif self.accelerator.is_main_process:
+            print("warning: DeepSpeed run resumed without its optimizer moments (AdamW restarts "
+                  "from zero; weights, schedule, prompt order and RNG are restored)", flush=True)
