@@ -31,6 +31,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
