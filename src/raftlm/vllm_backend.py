@@ -175,7 +175,8 @@ class _Engine:
             from vllm.lora.request import LoRARequest
 
             folder = self.adapters / f"sync-{self.syncs}"
-            model.save_pretrained(folder, safe_serialization=True)  # the adapter only
+            adapter = _full_tensors(model, lambda name: "lora_" in name)
+            model.save_pretrained(folder, safe_serialization=True, state_dict=adapter)
             shutil.rmtree(self.adapters / f"sync-{self.syncs - 1}", ignore_errors=True)
             return LoRARequest(f"policy-{self.syncs}", self.syncs, str(folder))
         if not self.in_process:
@@ -183,9 +184,19 @@ class _Engine:
                 "generation.backend=vllm with full fine-tuning loads the weights into the engine "
                 "in place, which needs generation.vllm_tensor_parallel_size: 1 (or use LoRA)"
             )
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        weights = list(_full_tensors(model, lambda name: True).items())
         self.llm.collective_rpc(_load_weights, args=(weights,))
         return None
+
+
+def _full_tensors(model: Any, keep: Any) -> dict[str, torch.Tensor]:
+    """The model's state dict entries named by `keep`, as whole tensors. Under FSDP2 they are
+    DTensor shards: gathering them is a collective, which every process reaches at the same
+    sampling calls."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+            for name, value in model.state_dict().items() if keep(name)}
 
 
 def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
