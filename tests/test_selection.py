@@ -49,6 +49,16 @@ def test_too_short_responses_are_dropped():
     assert sel.dropped["too_short"] == 1
 
 
+def test_truncated_responses_are_dropped_when_asked():
+    from raftlm.selection import select
+
+    rewards = np.array([[0.9, 0.1]])
+    config = SelectionConfig(drop_truncated=True)
+    sel = select(rewards, [["a", "b"]], [[5, 5]], config, truncated=np.array([[True, False]]))
+    assert sel.mask.tolist() == [[False, True]]
+    assert sel.dropped["truncated"] == 1
+
+
 def test_responses_matching_reject_pattern_are_dropped():
     sel = run_select([[0.9, 0.1]], texts=[["As an AI, 42", "42"]], reject_pattern=r"As an AI")
     assert sel.mask.tolist() == [[False, True]]

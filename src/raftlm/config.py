@@ -113,6 +113,7 @@ class SelectionConfig:
     min_reward: float | None = option(None, "Drop selected responses below this reward.")
     drop_uniform_prompts: bool = option(False, "Drop prompts whose K rewards are all equal.")
     min_response_tokens: int = option(1, "Drop responses shorter than this.")
+    drop_truncated: bool = option(False, "Drop responses cut at max_new_tokens (never stopped).")
     reject_pattern: str | None = option(None, "Drop responses matching this regex.")
     deduplicate: bool = option(True, "Keep one copy of identical responses to a prompt.")
 

@@ -86,7 +86,8 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     rewards = np.array(gather(local_rewards), dtype=float).reshape(len(prompts), k)
     texts = [[r.text for r in row] for row in responses]
     lengths = [[len(r.token_ids) for r in row] for row in responses]
-    selection = select(rewards, texts, lengths, config.selection)
+    truncated = np.array([[r.finish_reason == "length" for r in row] for row in responses])
+    selection = select(rewards, texts, lengths, config.selection, truncated)
     examples = [
         Example(prompts[p].token_ids, responses[p][j].token_ids)
         for p, j in zip(*np.nonzero(selection.mask))

@@ -31,8 +31,12 @@ def select(
     responses: list[list[str]],
     response_lengths: list[list[int]],
     config: SelectionConfig,
+    truncated: np.ndarray | None = None,
 ) -> Selection:
-    """Apply the configured filters, then the strategy, to a [P, K] reward table (NaN = invalid)."""
+    """Apply the configured filters, then the strategy, to a [P, K] reward table (NaN = invalid).
+
+    `truncated` marks responses cut at max_new_tokens (dropped when `drop_truncated` is set).
+    """
     rewards = np.array(rewards, dtype=np.float64)
     dropped: dict[str, int] = {}
 
@@ -49,6 +53,8 @@ def select(
         drop("uniform_prompt", (spread == 0)[:, None] & valid)
     lengths = np.array(response_lengths)
     drop("too_short", lengths < config.min_response_tokens)
+    if config.drop_truncated and truncated is not None:
+        drop("truncated", np.asarray(truncated, dtype=bool))
     if config.reject_pattern:
         pattern = re.compile(config.reject_pattern)
         matches = [[bool(pattern.search(text)) for text in row] for row in responses]
