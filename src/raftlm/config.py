@@ -135,6 +135,7 @@ class EvalConfig:
     enabled: bool = option(True, "Evaluate before stage 1 and after every stage.")
     sampled: bool = option(True, "Also sample K responses per held-out prompt (diversity, KL).")
     samples_per_prompt: int = option(4, "Samples per held-out prompt for sampled metrics.")
+    kl_responses: int = option(64, "Responses the KL estimate uses (2 forwards each); 0 = all.")
     max_new_tokens: int | None = option(None, "Eval response cap; None = generation's.")
 
 

@@ -132,6 +132,9 @@ def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
     """KL(pi_t || pi_0) estimated on the sampled responses (see `metrics.sequence_kl`)."""
     examples = [Example(r.token_ids, c.token_ids) for r, row in zip(records, completions)
                 for c in row]
+    if config.evaluation.kl_responses:
+        # Two full forward passes per response: the estimate's cost, so it takes a subset.
+        examples = examples[: config.evaluation.kl_responses]
     device = next(policy.parameters()).device
 
     def log_probs(model: Any) -> list[np.ndarray]:
