@@ -108,13 +108,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
         model.to(DTYPES[name])
-        limit = matmul_flops(DTYPES[name]) / (2 * n_params)
         totals = {run: [0.0, 0] for run in runs}
+        flops = []  # measured every round: the limit under the same load as the runs
         for backend, batch in runs:  # warm-up: kernels, allocator, tokenizer caches
             config = GenerationConfig(backend=backend, max_new_tokens=4, batch_size=batch)
             timed_generate(model, tokenizer, prompts[:2], 2, config)
         for r, first in enumerate(range(0, len(prompts), per_round)):
             chunk = prompts[first : first + per_round]
+            flops.append(matmul_flops(DTYPES[name], repeats=3))
             for backend, batch in runs if r % 2 == 0 else runs[::-1]:
                 config = GenerationConfig(backend=backend, max_new_tokens=args.new_tokens,
                                           batch_size=batch)
@@ -122,6 +123,7 @@ def main() -> None:
                                                  first_seed=first)
                 totals[backend, batch][0] += seconds
                 totals[backend, batch][1] += tokens
+        limit = sum(flops) / len(flops) / (2 * n_params)
         hf_rate = next((n / s for (b, _), (s, n) in totals.items() if b == "hf"), None)
         for (backend, batch), (seconds, tokens) in totals.items():
             rate = tokens / seconds

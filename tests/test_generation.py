@@ -245,6 +245,11 @@ def test_hf_backend_returns_num_samples_completions_per_prompt(model, tok, promp
                for row in out for c in row)
 
 
+def test_generation_leaves_the_model_modules_unpatched(model, tok, prompts):
+    generate(model, tok, prompts[:1], 2, config(max_new_tokens=2))
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_generation_restores_training_mode(model, tok, prompts):
     model.train()
     try:

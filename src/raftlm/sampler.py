@@ -235,19 +235,24 @@ def _packed_linears(model: torch.nn.Module, rows: int, device: torch.device) -> 
     of the linear weights until the call ends.
     """
     ops = torch.ops.mkldnn
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    dtypes = {torch.float32} | ({torch.bfloat16} if ops._is_mkldnn_bf16_supported() else set())
-    modules = [m for m in model.modules()
-               if type(m) is torch.nn.Linear and m.weight.dtype in dtypes]
-    for module in modules:
-        packed = ops._reorder_linear_weight(module.weight.detach(), rows)
-        module.forward = functools.partial(_packed_linear, module, packed)
+    usable = (device.type == "cpu" and torch.backends.mkldnn.is_available()
+              and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    dtypes = set()
+    if usable:
+        dtypes = {torch.float32} | ({torch.bfloat16} if ops._is_mkldnn_bf16_supported() else set())
+    # Exact nn.Linear only (not quantized subclasses), and none whose forward someone else
+    # already wraps (accelerate hooks): ours is removed again at the end.
+    modules = [m for m in model.modules() if type(m) is torch.nn.Linear
+               and m.weight.dtype in dtypes and "forward" not in vars(m)]
+    patched = []
     try:
+        for module in modules:
+            packed = ops._reorder_linear_weight(module.weight.detach(), rows)
+            module.forward = functools.partial(_packed_linear, module, packed)
+            patched.append(module)
         yield
     finally:
-        for module in modules:
+        for module in patched:
             del module.forward  # back to nn.Linear.forward
 
 
