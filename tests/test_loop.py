@@ -165,3 +165,23 @@ def test_sample_seeds_do_not_depend_on_batch_composition():
     assert len(set(together)) == 3
     assert sample_seeds(0, 4, [5]) != [together[0]]
     assert np.all(np.array(together) >= 0)
+
+
+def test_cli_reports_a_malformed_prompt_line_with_its_line_number(workspace, tiny_model_dir,
+                                                                  capsys):
+    (workspace / "train.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b",\n')
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 1})
+    path = workspace / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert cli_main(["train", "--config", str(path)]) == 2
+    assert "train.jsonl:2" in capsys.readouterr().err
+
+
+def test_cli_reports_a_failing_reward_without_a_traceback(workspace, tiny_model_dir, capsys):
+    spec = f"{workspace / 'rewards.py'}:too_few"
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 1}, reward={"terms": [spec]})
+    path = workspace / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert cli_main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "too_few" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
+from raftlm.rewards import RewardError
 
 
 def config_reference() -> str:
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return handler(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RewardError) as err:
+        # Expected user errors: one line naming the file/field/item, no traceback. What the run
+        # already wrote (completed stages, checkpoints) stays; `--resume` continues from it.
         print(f"raftlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 
