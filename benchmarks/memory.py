@@ -44,7 +44,7 @@ def model_folders(name: str, workdir: Path) -> tuple[str, str]:
     """(policy folder, reward-model folder) for `tiny` or `smollm2`."""
     if name == "smollm2":
         from raftlm.config import ModelConfig
-        from raftlm.models import materialize_model
+        from raftlm.models.loading import materialize_model
 
         folder = str(materialize_model(ModelConfig()))  # converted once into ~/.cache/raftlm
         return folder, folder
@@ -81,8 +81,8 @@ def child(name: str, offload: str) -> dict[str, Any]:
     """One stage in this (fresh) process; returns the measurements."""
     import torch
 
+    from raftlm.components import prepare_run
     from raftlm.loop import raft_stage
-    from raftlm.runtime import prepare_run
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

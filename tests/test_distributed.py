@@ -11,7 +11,7 @@ import pytest
 from tiny import save_tiny_model
 
 from raftlm import RaftConfig, train
-from raftlm.distributed import gather, shard, shard_bounds
+from raftlm.models.distributed import gather, shard, shard_bounds
 
 REWARD_FILE = """
 def digits(prompts, completions, **columns):

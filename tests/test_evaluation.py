@@ -13,14 +13,15 @@ from tiny import save_tiny_model
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
 from raftlm.config import TrackingConfig, TrainingConfig
-from raftlm.evaluation import kl_to_initial
-from raftlm.generation import generate
-from raftlm.metrics import best_of_k, distinct_n, reward_distribution, sequence_kl
-from raftlm.models import load_policy
-from raftlm.rundir import RunDir
-from raftlm.runtime import load_prompt_sets
-from raftlm.tracking import Tracker
-from raftlm.training import Example, SFTTrainer
+from raftlm.data.prompts import load_prompt_sets
+from raftlm.evaluation.evaluate import kl_to_initial
+from raftlm.evaluation.metrics import best_of_k, distinct_n, reward_distribution, sequence_kl
+from raftlm.models.loading import load_policy
+from raftlm.run.rundir import RunDir
+from raftlm.run.tracking import Tracker
+from raftlm.sampling.generate import generate
+from raftlm.training.batches import Example
+from raftlm.training.trainer import SFTTrainer
 
 CPU = torch.device("cpu")
 SAMPLED_KEYS = ("eval/sampled_reward_mean", "eval/best_of_k_reward", "eval/sampled_accuracy",

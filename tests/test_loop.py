@@ -9,7 +9,7 @@ from tiny import save_tiny_model
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
-from raftlm.rewards import RewardError
+from raftlm.rewards.reward import RewardError
 
 REWARD_FILE = """
 def digits(prompts, completions, answer, **columns):
@@ -158,7 +158,7 @@ def test_cli_help_explains_every_config_field(capsys):
 
 
 def test_sample_seeds_do_not_depend_on_batch_composition():
-    from raftlm.runtime import sample_seeds
+    from raftlm.sampling.generate import sample_seeds
 
     together = sample_seeds(0, 3, [5, 9, 2])
     assert sample_seeds(0, 3, [2]) == [together[2]]

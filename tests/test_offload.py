@@ -6,7 +6,7 @@ import pytest
 from tiny import save_tiny_model, tiny_reward_model, tiny_tokenizer
 
 from raftlm import RaftConfig, train
-from raftlm.offload import OffloadedReward, PhaseOffload
+from raftlm.models.offload import OffloadedReward, PhaseOffload
 
 ACCELERATOR = "cuda:0"  # only a name here: nothing is allocated on it
 

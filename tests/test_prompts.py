@@ -8,14 +8,14 @@ import pytest
 from tiny import tiny_tokenizer
 
 from raftlm.config import DataConfig
-from raftlm.prompts import (
+from raftlm.data.prompts import (
     DataError,
     PromptSampler,
     build_prompt_set,
     load_prompt_set,
     read_rows,
 )
-from raftlm.tasks import arithmetic_rows, builtin_task_rows
+from raftlm.data.tasks import arithmetic_rows, builtin_task_rows
 
 ROWS = [{"prompt": "What is 1 + 2?", "answer": "3"}, {"prompt": "What is 2 + 2?", "answer": "4"}]
 

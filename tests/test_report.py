@@ -10,7 +10,7 @@ import yaml
 from tiny import save_tiny_model
 
 from raftlm.cli import main as cli_main
-from raftlm.report import (
+from raftlm.run.report import (
     build_figures,
     headline,
     load_run,
@@ -19,7 +19,7 @@ from raftlm.report import (
     time_figure,
     write_report,
 )
-from raftlm.rundir import write_jsonl
+from raftlm.run.rundir import write_jsonl
 
 STAGES = 3
 

@@ -10,15 +10,8 @@ import pytest
 from tiny import tiny_reward_model, tiny_tokenizer
 
 from raftlm.config import RewardConfig, RewardTerm
-from raftlm.rewards import (
-    ModelReward,
-    Reward,
-    RewardError,
-    build_reward,
-    load_function,
-    math_answer,
-    numeric_answer,
-)
+from raftlm.rewards.reward import ModelReward, Reward, RewardError, build_reward, load_function
+from raftlm.rewards.verifiable import math_answer, numeric_answer
 
 
 def score(fn, completions, answers):

@@ -6,7 +6,7 @@ from raftlm.config import SelectionConfig
 
 
 def run_select(rewards, texts=None, lengths=None, **settings):
-    from raftlm.selection import select
+    from raftlm.rewards.selection import select
 
     rewards = np.array(rewards, dtype=float)
     p, k = rewards.shape
@@ -50,7 +50,7 @@ def test_too_short_responses_are_dropped():
 
 
 def test_truncated_responses_are_dropped_when_asked():
-    from raftlm.selection import select
+    from raftlm.rewards.selection import select
 
     rewards = np.array([[0.9, 0.1]])
     config = SelectionConfig(drop_truncated=True)

@@ -8,7 +8,8 @@ from tiny import tiny_causal_lm
 
 from raftlm.config import TrainingConfig
 from raftlm.core import token_pooled_nll
-from raftlm.training import IGNORE, Example, SFTTrainer, collate, response_log_probs, token_nll
+from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
+from raftlm.training.trainer import SFTTrainer
 
 
 def test_collate_masks_prompt_and_padding_tokens():

@@ -5,7 +5,7 @@ import torch
 from tiny import save_tiny_model, tiny_tokenizer
 
 from raftlm.config import ConfigError, GenerationConfig
-from raftlm.vllm_backend import (
+from raftlm.sampling.vllm import (
     VLLM_NEEDED,
     check_vllm_available,
     engine_kwargs,
@@ -71,7 +71,7 @@ def test_without_vllm_or_a_gpu_the_error_says_what_to_install():
 
 
 def test_a_run_asking_for_vllm_fails_before_loading_anything(tmp_path, monkeypatch):
-    import raftlm.vllm_backend as backend
+    import raftlm.sampling.vllm as backend
     from raftlm import RaftConfig, train
 
     monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
@@ -92,7 +92,7 @@ def test_vllm_samples_with_the_policys_current_lora_weights(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raftlm.generation import generate
+    from raftlm.sampling.generate import generate
 
     folder = save_tiny_model(tmp_path / "model")
     tok = tiny_tokenizer()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
-from raftlm.rewards import RewardError
+from raftlm.rewards.reward import RewardError
 
 
 def config_reference() -> str:
@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append("run.overwrite=true")
         config = RaftConfig.from_yaml(args.config, overrides)
     result = train(config, resume=bool(args.resume))
-    from raftlm.distributed import process_state
+    from raftlm.models.distributed import process_state
 
     if process_state().is_main_process:  # under `accelerate launch`, say it once
         print(final_message(result.run_dir, result.metrics))
@@ -75,9 +75,9 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raftlm.evaluation import evaluate_checkpoint
-    from raftlm.rundir import atomic_write_text
-    from raftlm.tracking import json_safe
+    from raftlm.components import evaluate_checkpoint
+    from raftlm.run.rundir import atomic_write_text
+    from raftlm.run.tracking import json_safe
 
     config = load_config(args)
     if args.checkpoint is not None and not args.checkpoint.is_dir():
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from raftlm.report import write_report
+    from raftlm.run.report import write_report
 
     print(f"report: {write_report(args.run_dir)}")
     return 0

@@ -28,18 +28,19 @@ from typing import Any
 
 import numpy as np
 
+from raftlm.components import Run, prepare_run, save_checkpoint
 from raftlm.config import RaftConfig
 from raftlm.core import token_pooled_nll
-from raftlm.distributed import gather, shard
-from raftlm.evaluation import evaluate, score
-from raftlm.generation import generate
-from raftlm.metrics import nanmean, reward_distribution
-from raftlm.models import merged_adapter
-from raftlm.report import write_report
-from raftlm.rundir import write_jsonl
-from raftlm.runtime import Run, prepare_run, sample_seeds, save_checkpoint
-from raftlm.selection import select
-from raftlm.training import Example, response_log_probs
+from raftlm.evaluation.evaluate import evaluate
+from raftlm.evaluation.metrics import nanmean, reward_distribution
+from raftlm.models.distributed import gather, shard
+from raftlm.models.loading import merged_adapter
+from raftlm.rewards.reward import score
+from raftlm.rewards.selection import select
+from raftlm.run.report import write_report
+from raftlm.run.rundir import write_jsonl
+from raftlm.sampling.generate import generate, sample_seeds
+from raftlm.training.batches import Example, response_log_probs
 
 
 @dataclass

@@ -15,15 +15,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from raftlm.config import ConfigError, RaftConfig
-from raftlm.distributed import full_state_dict, process_state, whole_model
-from raftlm.models import load_policy, resolve_dtype, save_policy
-from raftlm.offload import OffloadedReward, PhaseOffload
-from raftlm.prompts import PromptSampler, PromptSet, build_prompt_set, load_prompt_set
-from raftlm.rewards import Reward, build_reward
-from raftlm.rundir import RunDir
-from raftlm.tasks import builtin_task_rows
-from raftlm.tracking import Tracker
-from raftlm.training import SFTTrainer, planned_optimizer_steps
+from raftlm.data.prompts import PromptSampler, PromptSet, load_prompt_sets
+from raftlm.evaluation.evaluate import evaluate
+from raftlm.models.distributed import full_state_dict, process_state, whole_model
+from raftlm.models.loading import load_policy, resolve_dtype, save_policy
+from raftlm.models.offload import OffloadedReward, PhaseOffload
+from raftlm.rewards.reward import Reward, build_reward
+from raftlm.run.rundir import RunDir
+from raftlm.run.tracking import Tracker
+from raftlm.training.trainer import SFTTrainer, planned_optimizer_steps
 
 
 @dataclass
@@ -49,17 +49,8 @@ class Run:
 
     def whole_policy(self) -> Any:
         """`with run.whole_policy() as policy:` the policy with all its weights on this process,
-        to sample or score on its own (see `raftlm.distributed.whole_model`)."""
+        to sample or score on its own (see `raftlm.models.distributed.whole_model`)."""
         return whole_model(self.accelerator, self.trainer.model)
-
-
-def sample_seeds(run_seed: int, stage: int, prompt_ids: list[int]) -> list[int]:
-    """One sampling seed per prompt from (run seed, stage, prompt id): independent of batching
-    and sharding, so a prompt gets the same candidates however the work is split."""
-    return [
-        int(np.random.SeedSequence([run_seed, stage, pid]).generate_state(1, np.uint64)[0] >> 1)
-        for pid in prompt_ids
-    ]
 
 
 def expected_selected(config: RaftConfig) -> int:
@@ -72,31 +63,12 @@ def expected_selected(config: RaftConfig) -> int:
     return max(1, int(b * k * sel.top_fraction))
 
 
-def load_prompt_sets(config: RaftConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
-    data = config.data
-    if data.task:
-        def build(split: str, n: int) -> PromptSet:
-            rows = builtin_task_rows(data.task, split, n, config.run.seed)
-            return build_prompt_set(
-                rows, tokenizer, prompt_field="prompt", max_prompt_tokens=data.max_prompt_tokens,
-                system_prompt=data.system_prompt, source=f"builtin:{data.task}/{split}",
-            )
-        train_set = build("train", data.task_train_size)
-        eval_set = build("eval", data.task_eval_size)
-    else:
-        train_set = load_prompt_set(data.train_file, tokenizer, data)
-        eval_set = load_prompt_set(data.eval_file, tokenizer, data) if data.eval_file else None
-    if eval_set is not None and data.max_eval_prompts:
-        eval_set.records = eval_set.records[: data.max_eval_prompts]
-    return train_set, eval_set
-
-
 def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     """Create (or reopen, with `resume`) the run directory and build every component."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     if config.generation.backend == "vllm":
-        from raftlm.vllm_backend import check_vllm_available  # never imports vLLM itself
+        from raftlm.sampling.vllm import check_vllm_available  # never imports vLLM itself
 
         check_vllm_available()  # before any model loads
     state = process_state()
@@ -173,6 +145,42 @@ def save_checkpoint(run: Run, stage: int) -> Path | None:
     # Nobody starts the next stage (or resumes) before the checkpoint is complete.
     run.accelerator.wait_for_everyone()
     return path
+
+
+def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device = process_state().device
+    policy, tokenizer = load_for_eval(config, checkpoint, device,
+                                      resolve_dtype(config.model.dtype, device))
+    _, eval_prompts = load_prompt_sets(config, tokenizer)
+    if eval_prompts is None:
+        raise ValueError("no held-out prompts: set data.eval_file (or use data.task)")
+    metrics, _ = evaluate(policy, tokenizer, eval_prompts, build_reward(config.reward), config)
+    return {"checkpoint": str(checkpoint) if checkpoint else None,
+            "eval/prompts": len(eval_prompts), **metrics}
+
+
+def load_for_eval(config: RaftConfig, checkpoint: Path | None, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Any, Any]:
+    """The policy of `checkpoint` (a `checkpoints/stage-NNN` folder or its `policy/`): a LoRA
+    adapter on the configured base, or a full model folder; the base model without one."""
+    base = dataclasses.replace(config.model, gradient_checkpointing=False,
+                               lora=dataclasses.replace(config.model.lora, enabled=False))
+    if checkpoint is None:
+        return load_policy(base, device, dtype)
+    folder = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
+    if (folder / "adapter_model.safetensors").is_file():
+        from peft import PeftModel
+
+        model, tokenizer = load_policy(base, device, dtype)
+        return PeftModel.from_pretrained(model, folder).eval(), tokenizer
+    if (folder / "config.json").is_file():
+        full = dataclasses.replace(base, path=str(folder), gguf_file=None)
+        return load_policy(full, device, dtype)
+    raise FileNotFoundError(f"{checkpoint}: no LoRA adapter (adapter_model.safetensors) or "
+                            "model folder (config.json) in it or in its policy/")
 
 
 def _check_offload(config: RaftConfig, accelerator: Accelerator) -> None:

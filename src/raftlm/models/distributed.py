@@ -63,20 +63,6 @@ def gather(local: Sequence[T]) -> list[T]:
     return list(gather_object(list(local)))
 
 
-def generate_sharded(model: Any, tokenizer: Any, prompts: list[list[int]], num_samples: int,
-                     config: Any, *, seeds: Sequence[int] | None = None, **options: Any) -> list:
-    """`raftlm.generation.generate` with the prompts split over processes and the completions
-    gathered back. Pass `seeds` (one per prompt) for samples independent of the split."""
-    from raftlm.generation import generate
-
-    mine = shard(range(len(prompts)))
-    local_seeds = None if seeds is None else [seeds[i] for i in mine]
-    # Called even for an empty share: a backend may join collectives (vLLM's engine start).
-    local = generate(model, tokenizer, [prompts[i] for i in mine], num_samples, config,
-                     seeds=local_seeds, **options)
-    return gather(local)
-
-
 @contextmanager
 def whole_model(accelerator: Accelerator, model: Any) -> Iterator[Any]:
     """The prepared `model` as a module each process can run alone (sampling, log-probs of its

@@ -6,7 +6,7 @@ Sampled (`evaluation.sampled`): K = evaluation.samples_per_prompt responses per 
 `generation` settings and the same seeds every stage, so stages differ only by the policy:
   eval/sampled_reward_mean, eval/best_of_k_reward, eval/sampled_accuracy, eval/pass_at_k,
   eval/distinct_1, eval/distinct_2, eval/sampled_tokens_mean and eval/kl_to_initial.
-Definitions are in `raftlm.metrics`. The KL's pi_0 is the LoRA policy with its adapter
+Definitions are in `raftlm.evaluation.metrics`. The KL's pi_0 is the LoRA policy with its adapter
 disabled, or, for full fine-tuning, the initial weights reloaded from `model.path` for the
 duration of the estimate (no second copy is held between stages). The log-probs are the
 model's own (temperature 1): with another sampling temperature or top-p/top-k the estimate
@@ -15,10 +15,8 @@ is E_{y ~ sampler}[log pi_t(y) - log pi_0(y)], a proxy for the KL rather than th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,28 +24,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raftlm.config import RaftConfig
-from raftlm.distributed import generate_sharded, process_state
-from raftlm.generation import Completion
-from raftlm.metrics import best_of_k, distinct_n, nanmean, sequence_kl
-from raftlm.models import is_lora, load_policy, materialize_model, merged_adapter, resolve_dtype
-from raftlm.prompts import PromptRecord, PromptSet
-from raftlm.rewards import Reward, RewardResult, build_reward, math_answer, numeric_answer
-from raftlm.runtime import load_prompt_sets, sample_seeds
-from raftlm.training import Example, response_log_probs
+from raftlm.data.prompts import PromptRecord, PromptSet
+from raftlm.evaluation.metrics import best_of_k, distinct_n, nanmean, sequence_kl
+from raftlm.models.loading import (
+    is_lora,
+    materialize_model,
+    merged_adapter,
+    resolve_dtype,
+)
+from raftlm.rewards.reward import Reward, score
+from raftlm.rewards.verifiable import math_answer, numeric_answer
+from raftlm.sampling.completion import Completion
+from raftlm.sampling.generate import generate_sharded, sample_seeds
+from raftlm.training.batches import Example, response_log_probs
 
 SAMPLING_STAGE = 0  # seeds of sampled eval: (run seed, 0, prompt id), never a training stage's
-
-
-def score(reward: Reward, records: list[PromptRecord], completions: list[list[Completion]]
-          ) -> RewardResult:
-    """Score every completion of every record; the result is flat, prompt-major."""
-    flat_records = [r for r, row in zip(records, completions) for _ in row]
-    texts = [c.text for row in completions for c in row]
-    if not texts:  # an empty shard (more processes than prompts): no reward call at all
-        return RewardResult(np.zeros(0), {}, 0)
-    keys = sorted({key for r in records for key in r.columns})
-    columns = {key: [r.columns.get(key) for r in flat_records] for key in keys}
-    return reward([r.prompt for r in flat_records], texts, columns)
 
 
 def accuracy_check(config: RaftConfig, prompts: PromptSet) -> Any:
@@ -158,42 +149,6 @@ def initial_policy(policy: Any, config: RaftConfig) -> Iterator[Any]:
         materialize_model(config.model), dtype=torch.float32, local_files_only=True
     ).to(next(policy.parameters()).device)
     yield reference.eval()
-
-
-def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    device = process_state().device
-    policy, tokenizer = load_for_eval(config, checkpoint, device,
-                                      resolve_dtype(config.model.dtype, device))
-    _, eval_prompts = load_prompt_sets(config, tokenizer)
-    if eval_prompts is None:
-        raise ValueError("no held-out prompts: set data.eval_file (or use data.task)")
-    metrics, _ = evaluate(policy, tokenizer, eval_prompts, build_reward(config.reward), config)
-    return {"checkpoint": str(checkpoint) if checkpoint else None,
-            "eval/prompts": len(eval_prompts), **metrics}
-
-
-def load_for_eval(config: RaftConfig, checkpoint: Path | None, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Any, Any]:
-    """The policy of `checkpoint` (a `checkpoints/stage-NNN` folder or its `policy/`): a LoRA
-    adapter on the configured base, or a full model folder; the base model without one."""
-    base = dataclasses.replace(config.model, gradient_checkpointing=False,
-                               lora=dataclasses.replace(config.model.lora, enabled=False))
-    if checkpoint is None:
-        return load_policy(base, device, dtype)
-    folder = checkpoint / "policy" if (checkpoint / "policy").is_dir() else checkpoint
-    if (folder / "adapter_model.safetensors").is_file():
-        from peft import PeftModel
-
-        model, tokenizer = load_policy(base, device, dtype)
-        return PeftModel.from_pretrained(model, folder).eval(), tokenizer
-    if (folder / "config.json").is_file():
-        full = dataclasses.replace(base, path=str(folder), gguf_file=None)
-        return load_policy(full, device, dtype)
-    raise FileNotFoundError(f"{checkpoint}: no LoRA adapter (adapter_model.safetensors) or "
-                            "model folder (config.json) in it or in its policy/")
 
 
 def _correct(config: RaftConfig, prompts: PromptSet, completions: list[list[Completion]]

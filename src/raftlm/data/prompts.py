@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from raftlm.config import DataConfig
+from raftlm.config import DataConfig, RaftConfig
+from raftlm.data.tasks import builtin_task_rows
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -274,3 +275,23 @@ class PromptSampler:
         self.position = int(state["position"])
         self.deferred = [int(i) for i in state["deferred"]]
         self._order = self._permutation()
+
+
+def load_prompt_sets(config: RaftConfig, tokenizer: Any) -> tuple[PromptSet, PromptSet | None]:
+    """The training prompts and the held-out prompts (None without an eval file) of a run."""
+    data = config.data
+    if data.task:
+        def build(split: str, n: int) -> PromptSet:
+            rows = builtin_task_rows(data.task, split, n, config.run.seed)
+            return build_prompt_set(
+                rows, tokenizer, prompt_field="prompt", max_prompt_tokens=data.max_prompt_tokens,
+                system_prompt=data.system_prompt, source=f"builtin:{data.task}/{split}",
+            )
+        train_set = build("train", data.task_train_size)
+        eval_set = build("eval", data.task_eval_size)
+    else:
+        train_set = load_prompt_set(data.train_file, tokenizer, data)
+        eval_set = load_prompt_set(data.eval_file, tokenizer, data) if data.eval_file else None
+    if eval_set is not None and data.max_eval_prompts:
+        eval_set.records = eval_set.records[: data.max_eval_prompts]
+    return train_set, eval_set

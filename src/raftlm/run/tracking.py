@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from raftlm.config import TrackingConfig
-from raftlm.rundir import RunDir
+from raftlm.run.rundir import RunDir
 
 
 class Tracker:

@@ -1,6 +1,6 @@
 """Sampling with vLLM: `generation.backend: vllm` (`pip install raftlm[vllm]`, a CUDA GPU).
 
-`generate_vllm` keeps the contract of `raftlm.generation.generate`: token-id prompts in, K
+`generate_vllm` keeps the contract of `raftlm.sampling.generate.generate`: token-id prompts in, K
 `Completion`s per prompt out, with the eos or the token completing a stop string kept in
 `token_ids` (so SFT learns to stop), and one seed per prompt (`SamplingParams.seed`) so a prompt's
 samples do not depend on its batch. They differ from the raftlm sampler's: another RNG.
@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from raftlm.config import ConfigError, GenerationConfig
-from raftlm.generation import Completion, eos_token_ids
-from raftlm.models import is_lora
+from raftlm.models.loading import is_lora
+from raftlm.sampling.completion import Completion, eos_token_ids
 
 VLLM_NEEDED = "generation.backend=vllm needs `pip install raftlm[vllm]` and a CUDA GPU"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -128,7 +128,7 @@ def generate_vllm(
     desc: str = "generate",
     max_new_tokens: int | None = None,
 ) -> list[list[Completion]]:
-    """`raftlm.generation.generate` on vLLM, with the policy's current weights."""
+    """`raftlm.sampling.generate.generate` on vLLM, with the policy's current weights."""
     check_vllm_available()
     from vllm import SamplingParams
 

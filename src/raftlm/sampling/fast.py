@@ -1,24 +1,25 @@
 """raftlm's fast sampler: continuous batching over a pre-allocated KV cache.
 
-What makes it fast (each measured with ``benchmarks/generation.py``, SmolLM2-135M, 2 CPU cores):
+Measured with ``benchmarks/generation.py`` (SmolLM2-135M, 2 CPU cores, K=8, batch 64):
 
-- The KV cache is pre-allocated, [rows, kv_heads, max_len, head_dim] per layer, and a decode step
-  writes one column per row in place. HF's DynamicCache concatenates (allocates and copies) the
-  whole cache at every step: on CPU that cost more than the matmuls (a 64-row fp32 step took
-  2.3x as long).
-- Each prompt is prefilled once, all tokens but its last, and its KV is copied into the rows of
-  its K samples; the last prompt token is each row's first decode input, so no full-vocabulary
-  logits are computed for prompt positions.
+- Each prompt is prefilled once, all tokens but its last, and its KV copied into the rows of its
+  K samples (prefilling per sample ran at 0.6-0.7x). The last prompt token is each row's first
+  decode input, so no full-vocabulary logits are computed for prompt positions.
 - Rows refill: when a sample finishes, the next (prompt, sample) takes its row, so the batch
   stays full until the queue runs dry; after that, running rows move into the slots of finished
   ones and the batch shrinks, so no step computes an idle row.
-- nn.Linear weights are packed for oneDNN once per call (``_packed_linears``).
-- Sampling is one exp over the vocabulary and a two-level inverse CDF: no sort, no full cumsum,
-  unless top-k/top-p ask for them.
+- The KV cache is pre-allocated, [rows, kv_heads, max_len, head_dim] per layer, and a decode step
+  writes one column per row in place, each row at its own length (refilling needs that; HF's
+  DynamicCache instead re-allocates the whole cache at every step).
+- nn.Linear weights are packed for oneDNN once per call (fp32 1.5x, bf16 1.15x).
+- Decode attention is our own (bf16 1.13x over SDPA, and batch-invariant, see below).
+- Sampling is a softmax and an inverse CDF in vocabulary order: no sort unless top-k/top-p ask.
 
-Randomness is counter-based: one uniform u = hash(seed, sample index, step) per token, and the
-token is the inverse CDF of the filtered softmax at u. A sample therefore does not depend on the
-other prompts in the batch, their order, or how prompts are sharded across processes.
+Samples depend on (seed, sample index, step) and the prompt only, not on the batch: the uniform
+u for each token is a counter-based hash of those three, the token is the inverse CDF of the
+filtered softmax at u, and the model's numbers for a row do not depend on its neighbours (one
+prefill per prompt, no padding; our decode attention; never a one-row matmul). So sharding or
+reordering prompts gives the same samples, bit for bit, in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import functools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from itertools import islice
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+
+from raftlm.sampling.completion import report_progress
 
 Sample = tuple[list[int], str]  # (generated token ids, finish reason)
 
@@ -60,16 +63,16 @@ def sample(
     """
     _check_supported(model)
     device = next(model.parameters()).device
-    # Similar lengths next to each other keep the padding of batched prefills small.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    queue = deque((i, j) for i in order for j in range(num_samples))
+    queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     if not queue:
         return results  # type: ignore[return-value]
 
-    width = min(batch_size, len(queue))
+    # Never fewer than two rows: a one-row matmul takes oneDNN's GEMV path, which rounds
+    # differently, and a sample would then depend on whether it ran alone.
+    width = max(2, min(batch_size, len(queue)))
     cache = _SlotCache(model.config.get_text_config().num_hidden_layers,
-                       max_len=max(len(p) for p in prompts) + max_new_tokens)
+                       max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
     prompt_kv = _PromptKV(model, prompts, num_samples, device)
     owner: list[tuple[int, int] | None] = [None] * width  # (prompt, sample) held by each row
     generated: list[list[int]] = [[] for _ in range(width)]
@@ -79,13 +82,12 @@ def sample(
     row_sample = np.zeros(width, dtype=np.uint64)
     stops = list(stop_strings)
 
-    with _packed_linears(model, width, device):
+    with _packed_linears(model, device):
         while queue or any(o is not None for o in owner):
             free = [r for r in range(width) if owner[r] is None]
             if queue and free:
                 taken = [(r, *queue.popleft()) for r in free[: len(queue)]]
-                upcoming = [i for i, _ in islice(queue, width // 4)]  # prefilled in the same call
-                prompt_kv.copy_into(cache, taken, upcoming, width)
+                prompt_kv.copy_into(cache, taken, width)
                 for r, i, j in taken:
                     owner[r], generated[r] = (i, j), []
                     pos[r], tokens[r] = len(prompts[i]) - 1, prompts[i][-1]
@@ -117,12 +119,12 @@ def sample(
                     report_progress(progress, len(ids))
 
             running = [r for r in range(width) if owner[r] is not None]
-            if not queue and len(running) < width:
+            if not queue and max(len(running), 2) < width:
                 # Nothing left to refill with: idle rows still cost compute, so move the rows
                 # still running into the first slots and shrink the batch.
-                width = len(running)
+                width = max(len(running), 2)
                 moves = list(zip([r for r in running if r >= width],
-                                 [r for r in range(width) if owner[r] is None], strict=True))
+                                 [r for r in range(width) if owner[r] is None]))
                 cache.move_rows(moves, device)
                 for src, dst in moves:
                     owner[dst], generated[dst] = owner[src], generated[src]
@@ -134,15 +136,6 @@ def sample(
     return results  # type: ignore[return-value]
 
 
-def report_progress(bar, new_tokens: int, sequences: int = 1) -> None:
-    """Advance a tqdm bar of sequences and show the token rate next to it."""
-    bar.tokens = getattr(bar, "tokens", 0) + new_tokens
-    bar.update(sequences)
-    elapsed = bar.format_dict["elapsed"]
-    if elapsed > 0:
-        bar.set_postfix_str(f"{bar.tokens / elapsed:.0f} tok/s", refresh=False)
-
-
 def choose_tokens(
     logits: torch.Tensor, u: torch.Tensor, *, temperature: float, top_p: float, top_k: int
 ) -> torch.Tensor:
@@ -152,7 +145,7 @@ def choose_tokens(
     nothing is sorted: the CDF runs over the vocabulary in id order, which samples the same
     distribution.
     """
-    logits = logits.float()
+    logits = logits.float()  # HF also samples from fp32 logits
     if temperature != 1.0:
         logits = logits / temperature
     index = None
@@ -160,39 +153,23 @@ def choose_tokens(
         logits, index = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
     elif top_p < 1.0:
         logits, index = torch.sort(logits, dim=-1, descending=True)
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # softmax up to its sum
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # Keep the most likely tokens until their mass reaches top_p (the crossing one too).
-        probs = weights / weights.sum(dim=-1, keepdim=True)
-        weights = probs.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    choice = _inverse_cdf(weights, u)
+        probs = probs.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = _inverse_cdf(probs, u)
     return choice if index is None else index.gather(-1, choice[:, None])[:, 0]
 
 
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Per row, the first index whose cumulative weight exceeds ``u`` times the total.
-
-    Two levels (blocks of ``block`` tokens, then tokens within the chosen block): a cumsum over
-    the full vocabulary is sequential and cost more than the softmax itself.
-    """
-    rows, vocab = weights.shape
-    if vocab % block:
-        weights = torch.nn.functional.pad(weights, (0, block - vocab % block))
-    blocks = weights.view(rows, -1, block)
-    mass = blocks.sum(dim=-1)
-    cdf = mass.cumsum(dim=-1)
-    target = u[:, None].to(cdf.dtype) * cdf[:, -1:]
-    chosen = _search(cdf, target)
-    target = target - torch.where(chosen > 0, cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
-    inner = _search(blocks[torch.arange(rows), chosen[:, 0]].cumsum(dim=-1), target)
-    return (chosen * block + inner)[:, 0]
-
-
-def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # u < 1, but rounding can put the target at (or past) the total; staying strictly below it
-    # keeps the chosen entry one of non-zero weight.
-    target = torch.minimum(target, torch.nextafter(cdf[:, -1:], cdf.new_zeros(())))
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds ``u`` times the total."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1, but rounding can put u * total at (or past) the total; staying strictly below it
+    # keeps the chosen token one of non-zero probability.
+    below_total = torch.nextafter(total, torch.zeros_like(total))
+    target = torch.minimum(u[:, None].to(cdf.dtype) * total, below_total)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
 
 
 _GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
@@ -227,7 +204,7 @@ def _finish_reason(ids: list[int], eos_ids: set[int], stops: list[str], tokenize
 
 
 @contextmanager
-def _packed_linears(model: torch.nn.Module, rows: int, device: torch.device) -> Iterator[None]:
+def _packed_linears(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """On CPU, run the model's nn.Linear layers on oneDNN weights packed once for this call.
 
     The default CPU path re-lays out the weight on every call; at decode batch sizes that cost
@@ -247,7 +224,8 @@ def _packed_linears(model: torch.nn.Module, rows: int, device: torch.device) -> 
     patched = []
     try:
         for module in modules:
-            packed = ops._reorder_linear_weight(module.weight.detach(), rows)
+            # A fixed batch hint: with a hint of 1, fp32 one-row products round differently.
+            packed = ops._reorder_linear_weight(module.weight.detach(), 64)
             module.forward = functools.partial(_packed_linear, module, packed)
             patched.append(module)
         yield
@@ -271,19 +249,12 @@ def _check_supported(model: torch.nn.Module) -> None:
             f"generation.backend=raftlm supports full-attention models only (this one has "
             f"{sorted(set(layer_types))}); use generation.backend=hf"
         )
-    if config._attn_implementation not in ("sdpa", "eager"):
-        raise NotImplementedError(
-            f"generation.backend=raftlm needs sdpa or eager attention, the model uses "
-            f"{config._attn_implementation!r}; use generation.backend=hf"
-        )
 
 
 class _PromptKV:
     """Prompt KV, computed once per prompt and copied into the rows of each of its samples.
 
     The prefill covers all prompt tokens but the last, which becomes the rows' first decode input.
-    Prompts are right-padded in a batched prefill: a real token never attends to a later pad, so
-    the KV of real tokens is exact.
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], num_samples: int,
@@ -293,19 +264,17 @@ class _PromptKV:
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer [H, n, D]
         self.left: dict[int, int] = {}  # samples of the prompt not yet admitted
 
-    def copy_into(self, cache: _SlotCache, taken: list[tuple[int, int, int]],
-                  upcoming: list[int], width: int) -> None:
-        """Fill rows ``taken`` = [(row, prompt, sample)]; prefill ``upcoming`` prompts too."""
-        wanted = [i for _, i, _ in taken] + upcoming
-        if any(i not in self.kv and len(self.prompts[i]) > 1 for _, i, _ in taken):
-            self._prefill(sorted({i for i in wanted
-                                  if i not in self.kv and len(self.prompts[i]) > 1}))
+    def copy_into(self, cache: _SlotCache, taken: list[tuple[int, int, int]], width: int
+                  ) -> None:
+        """Fill the rows of ``taken`` = [(row, prompt, sample)] with their prompts' KV."""
         by_prompt: dict[int, list[int]] = {}
         for r, i, _ in taken:
             by_prompt.setdefault(i, []).append(r)
         for i, rows in by_prompt.items():
+            if len(self.prompts[i]) == 1:
+                continue  # nothing to cache: the only token is the first decode input
             if i not in self.kv:
-                continue  # a one-token prompt: nothing cached
+                self._prefill(i)
             index = torch.tensor(rows, device=self.device)
             for layer, (keys, values) in zip(cache.layers, self.kv[i], strict=True):
                 layer.allocate(width, keys, values)
@@ -315,34 +284,55 @@ class _PromptKV:
             if self.left[i] == 0:
                 del self.kv[i], self.left[i]
 
-    def _prefill(self, indices: list[int]) -> None:
-        lengths = [len(self.prompts[i]) - 1 for i in indices]
-        ids = torch.zeros(len(indices), max(lengths), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
-            ids[row, :n] = torch.tensor(self.prompts[i][:-1])
-            mask[row, :n] = 1
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         use_cache=True, logits_to_keep=1)
-        layers = out.past_key_values.layers
-        for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
-            self.kv[i] = [(layer.keys[row, :, :n], layer.values[row, :, :n]) for layer in layers]
-            self.left[i] = self.num_samples
+    def _prefill(self, i: int) -> None:
+        # One forward per prompt, unpadded: batching prompts would pad them to a common length,
+        # and SDPA's rounding depends on that length, so a prompt's KV (and then its samples)
+        # would depend on which prompts it was batched with.
+        ids = torch.tensor([self.prompts[i][:-1]], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.kv[i] = [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
+        self.left[i] = self.num_samples
 
 
 def _decode_step(model, cache: _SlotCache, tokens: torch.Tensor, pos: torch.Tensor
                  ) -> torch.Tensor:
     """One token per row at its own position; returns the next-token logits [rows, vocab]."""
-    cache.pos, cache.kv_len = pos, int(pos.max()) + 1
+    # At least 3 key columns: fp32 products with 1 or 2 keys round differently (see below).
+    cache.pos, cache.kv_len = pos, max(int(pos.max()) + 1, 3)
     columns = torch.arange(cache.kv_len, device=pos.device)
-    # A ready 4D mask: HF uses it as is, and each row sees exactly its own cached tokens.
+    # A ready 4D mask: HF passes it through as is; each row sees exactly its own cached tokens.
     mask = (columns[None, :] <= pos[:, None])[:, None, None, :]
-    if model.config.get_text_config()._attn_implementation == "eager":  # adds the mask
-        dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
-    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                past_key_values=cache, use_cache=True)
+    config = model.config.get_text_config()
+    usual, config._attn_implementation = config._attn_implementation, _DECODE_ATTENTION
+    try:
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
+                    past_key_values=cache, use_cache=True)
+    finally:
+        config._attn_implementation = usual
     return out.logits[:, -1]
+
+
+def _decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor, scaling: float, **kwargs):
+    """Attention of one query token per row whose result does not depend on the other rows.
+
+    SDPA's CPU kernels, and a plain q @ k.T in fp32, round differently with the key length (the
+    longest row in the batch), so a row's output depended on its neighbours. Here each score
+    is a row of k @ q.T (rows of a matmul are computed alike, given 3 or more rows), and the key
+    length only adds trailing zero weights to the weighted sum of values.
+    """
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    # Query heads sharing a kv head (HF's repeat_kv order) become columns of one matmul.
+    query = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(key, query.transpose(-1, -2)).transpose(-1, -2).float() * scaling
+    weights = torch.softmax(scores.masked_fill_(~attention_mask, float("-inf")), dim=-1)
+    out = torch.matmul(weights.to(value.dtype), value)  # [rows, kv_heads, group, dim]
+    return out.reshape(rows, 1, heads, dim), None
+
+
+_DECODE_ATTENTION = "raftlm_decode"
+AttentionInterface.register(_DECODE_ATTENTION, _decode_attention)
 
 
 class _SlotLayer(DynamicLayer):

@@ -20,7 +20,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator
 
-from raftlm.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
+from raftlm.run.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
 
 TABLE_COLUMNS = [
     "train/reward_mean", "train/reward_selected_mean", "train/n_selected", "train/sft_loss",

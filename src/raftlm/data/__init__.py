@@ -1,0 +1,1 @@
+"""Prompts in: prompt files, built-in tasks, the chat template, and the order they are drawn in."""

@@ -1,0 +1,110 @@
+"""Sampling responses: one entry point, three backends.
+
+``generate`` takes tokenized prompts and returns ``num_samples`` completions per prompt.
+``config.backend`` picks who decodes:
+
+- ``raftlm``: the fast sampler in ``raftlm.sampling.fast`` (shared prefill, in-place KV cache,
+  continuous batching, counter-based randomness: the same seeds give the same samples however
+  prompts are batched or sharded);
+- ``hf``: plain ``model.generate`` with left padding, as users usually write it;
+- ``vllm``: ``raftlm.sampling.vllm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from raftlm.config import GenerationConfig
+from raftlm.models.distributed import gather, shard
+from raftlm.sampling.completion import Completion, eos_token_ids, to_completion
+from raftlm.sampling.fast import sample
+from raftlm.sampling.hf import generate_hf
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    num_samples: int,
+    config: GenerationConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    greedy: bool = False,
+    desc: str = "generate",
+    max_new_tokens: int | None = None,
+) -> list[list[Completion]]:
+    """Sample ``num_samples`` completions for each tokenized prompt (chat template applied).
+
+    Returns, per prompt in order, its ``num_samples`` completions. ``seeds[i]`` fixes prompt i's
+    samples (raftlm backend: whatever the batching or sharding); by default they derive from
+    ``torch.initial_seed()`` and the prompt index. ``greedy`` decodes by argmax.
+    """
+    max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    if seeds is None:
+        base = torch.initial_seed() % 2**62
+        seeds = [base + i for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if not prompts or num_samples == 0:
+        return [[] for _ in prompts]
+    if config.backend == "vllm":
+        from raftlm.sampling.vllm import generate_vllm
+
+        return generate_vllm(model, tokenizer, prompts, num_samples, config, seeds=seeds,
+                             greedy=greedy, desc=desc, max_new_tokens=max_new)
+    if config.backend not in ("raftlm", "hf"):
+        raise ValueError(f"generation.backend: expected raftlm, hf or vllm, got {config.backend!r}")
+
+    eos_ids = eos_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", leave=False)
+    try:
+        with torch.inference_mode():
+            if config.backend == "raftlm":
+                raw = sample(
+                    model, tokenizer, prompts, num_samples, seeds=seeds, max_new_tokens=max_new,
+                    eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
+                    top_k=config.top_k, greedy=greedy, stop_strings=config.stop_strings,
+                    batch_size=config.batch_size, progress=bar,
+                )
+            else:
+                raw = generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy,
+                                   max_new, eos_ids, bar)
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return [
+        [to_completion(tokenizer, ids, reason, config.stop_strings) for ids, reason in row]
+        for row in raw
+    ]
+
+
+def generate_sharded(model: Any, tokenizer: Any, prompts: list[list[int]], num_samples: int,
+                     config: Any, *, seeds: Sequence[int] | None = None, **options: Any) -> list:
+    """`generate` with the prompts split over processes and the completions
+    gathered back. Pass `seeds` (one per prompt) for samples independent of the split."""
+    mine = shard(range(len(prompts)))
+    local_seeds = None if seeds is None else [seeds[i] for i in mine]
+    # Called even for an empty share: a backend may join collectives (vLLM's engine start).
+    local = generate(model, tokenizer, [prompts[i] for i in mine], num_samples, config,
+                     seeds=local_seeds, **options)
+    return gather(local)
+
+
+def sample_seeds(run_seed: int, stage: int, prompt_ids: list[int]) -> list[int]:
+    """One sampling seed per prompt from (run seed, stage, prompt id): independent of batching
+    and sharding, so a prompt gets the same candidates however the work is split."""
+    return [
+        int(np.random.SeedSequence([run_seed, stage, pid]).generate_state(1, np.uint64)[0] >> 1)
+        for pid in prompt_ids
+    ]

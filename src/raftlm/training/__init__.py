@@ -1,0 +1,1 @@
+"""Fine-tune: turn selected examples into batches and update the policy."""

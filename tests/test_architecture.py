@@ -1,0 +1,98 @@
+"""The package layout is the architecture: imports point one way and never form a cycle.
+
+Layers, lowest first (docs/architecture.md draws them). A module may import from its own layer
+or below, never above; within a layer, modules must not import each other in a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raftlm"
+
+LAYERS: list[tuple[str, list[str]]] = [
+    ("reference math and config", ["raftlm.core", "raftlm.config"]),
+    ("foundations", ["raftlm.models", "raftlm.data", "raftlm.run"]),
+    ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training"]),
+    ("evaluation", ["raftlm.evaluation"]),
+    ("wiring", ["raftlm.components"]),
+    ("the algorithm", ["raftlm.loop"]),
+    ("entry points", ["raftlm.cli", "raftlm.__main__", "raftlm.tools", "raftlm"]),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for level, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (level, len(prefix))
+    if best is None:
+        raise AssertionError(f"{module} belongs to no layer: add it to LAYERS (and the docs)")
+    return best[0]
+
+
+def raftlm_imports(path: Path) -> set[str]:
+    """Every raftlm module `path` imports, at top level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "raftlm" or node.module.startswith("raftlm."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("raftlm")}
+    return found
+
+
+GRAPH = {module_name(p): raftlm_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_module_imports_only_its_own_layer_or_below(module):
+    upward = [m for m in GRAPH[module] if m != module and layer_of(m) > layer_of(module)]
+    assert not upward, f"{module} (layer {layer_of(module)}) imports upward: {upward}"
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(GRAPH.get(module, ())):
+            dep = dep if dep in GRAPH else dep.rpartition(".")[0]  # `from pkg import name`
+            if dep == module or dep not in GRAPH:
+                continue
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [module, dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_layer_check_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from raftlm.loop import train\n")
+    assert raftlm_imports(bad) == {"raftlm.loop"}
+    assert layer_of("raftlm.loop") > layer_of("raftlm.sampling.fast")
+
+
+def test_no_source_file_over_420_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert not long, f"split these modules: {long}"
