@@ -11,6 +11,10 @@ class Completion:
     text: str  # decoded response (special tokens skipped), cut right after a stop string
     token_ids: list[int]  # generated ids, with the eos or the token that completed a stop string
     finish_reason: str  # "eos" | "stop_string" | "length"
+    # log pi(token | prefix) of each generated token under the sampling policy's own
+    # distribution (temperature 1, no top-k/top-p), fp32; None where the backend did not
+    # record them. Objectives use them as pi_old, evaluation for its KL estimate.
+    token_log_probs: list[float] | None = None
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
