@@ -104,6 +104,39 @@ def test_a_failing_section_is_reported_the_rest_runs_and_the_exit_code_is_one(
     assert "after the failure" in out and "1 failed check(s)" in out
 
 
+def test_a_sampler_that_misses_the_argmax_fails_the_greedy_checks(monkeypatch, capsys):
+    script = load_script()
+    import raftlm.sampling.generate as generate_module
+
+    def off_by_one(*args, **kwargs):  # each token replaced by the next id in the vocabulary
+        rows = sample(*args, **kwargs)
+        return [[([(t + 1) % 100 for t in ids], reason) for ids, reason in row] for row in rows]
+
+    sample = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample", off_by_one)
+    assert script.main(["--tiny", "--only", "1"]) == 1
+    failed = [ln for ln in capsys.readouterr().out.splitlines() if " FAIL " in ln]
+    assert any("fp32 greedy raftlm == HF" in ln for ln in failed)
+    assert any("fp32 greedy raftlm == forward argmax" in ln for ln in failed)
+
+
+def test_recorded_log_probs_that_disagree_with_the_model_fail(monkeypatch, capsys):
+    script = load_script()
+    import raftlm.sampling.generate as generate_module
+
+    def certain(tokenizer, ids, reason, stops):
+        completion = to_completion(tokenizer, ids, reason, stops)
+        completion.token_log_probs = [0.0] * len(ids)  # "probability 1" for every token
+        return completion
+
+    to_completion = generate_module.to_completion
+    monkeypatch.setattr(generate_module, "to_completion", certain)
+    assert script.main(["--tiny", "--only", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "not recorded" not in out
+    assert all(" FAIL " in ln for ln in out.splitlines() if "log-probs vs teacher-forced" in ln)
+
+
 def test_bandwidth_is_looked_up_from_the_gpu_name():
     script = load_script()
     assert script.bandwidth_for("NVIDIA H100 80GB HBM3") == 3350
