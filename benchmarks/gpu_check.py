@@ -169,6 +169,10 @@ def bandwidth_limit(built: BuiltModels, batch: int, context_len: float, gbs: flo
     return batch * gbs * 1e9 / (built.n_params * 2 + kv_bytes)
 
 
+def fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
+
+
 def timed_generate(ctx: Context, model, tok, prompts, k: int, backend: str, new: int
                    ) -> tuple[int, float]:
     from raftlm.config import GenerationConfig
@@ -203,11 +207,11 @@ def section_throughput(ctx: Context) -> list[Row]:
                 rate[backend] = tokens / seconds
             ratio = rate["raftlm"] / rate["hf"]
             context = sum(map(len, prompts)) / len(prompts) + s.throughput_tokens / 2
-            value = (f"raftlm {rate['raftlm']:,.0f} tok/s, HF {rate['hf']:,.0f} tok/s, "
+            value = (f"raftlm {fmt_rate(rate['raftlm'])} tok/s, HF {fmt_rate(rate['hf'])} tok/s, "
                      f"ratio {ratio:.2f}x; bandwidth limit ")
             if ctx.bandwidth_gbs:
                 limit = bandwidth_limit(ctx.models(size), batch, context, ctx.bandwidth_gbs)
-                value += f"{limit:,.0f} tok/s (raftlm at {rate['raftlm'] / limit:.0%})"
+                value += f"{fmt_rate(limit)} tok/s (raftlm at {rate['raftlm'] / limit:.0%})"
             else:
                 value += "n/a"
             goal = ctx.device.type == "cuda" and batch == 256

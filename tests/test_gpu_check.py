@@ -52,11 +52,18 @@ def test_tiny_run_passes_and_prints_all_five_sections(tiny_run):
 
 def test_greedy_raftlm_sampler_matches_hf_generate_token_for_token(tiny_run):
     _, rows = tiny_run
-    greedy = [r for r in rows_of(rows, 1) if "greedy" in r["check"]]
+    greedy = [r for r in rows_of(rows, 1) if r["check"].endswith("greedy raftlm == HF")]
     assert [r["check"] for r in greedy] == ["tiny fp32 greedy raftlm == HF",
                                             "tiny bf16 greedy raftlm == HF"]
     assert all(r["status"] == "ok" for r in greedy)
     assert greedy[0]["value"].startswith("4/4 identical")
+
+
+def test_every_greedy_raftlm_token_is_the_argmax_of_a_full_forward(tiny_run):
+    _, rows = tiny_run
+    argmax = [r for r in rows_of(rows, 1) if r["check"].endswith("== forward argmax")]
+    assert len(argmax) == 2 and all(r["status"] == "ok" for r in argmax)
+    assert argmax[0]["value"].startswith("100.0% of 64 tokens exact")
 
 
 def test_raft_runs_resume_from_stage_two_to_three(tiny_run):
