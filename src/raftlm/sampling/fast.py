@@ -36,7 +36,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from raftlm.sampling.completion import report_progress
 
-Sample = tuple[list[int], str]  # (generated token ids, finish reason)
+# (generated token ids, finish reason, log pi(token | prefix) of each token at temperature 1)
+Sample = tuple[list[int], str, list[float]]
 
 
 def sample(
@@ -54,13 +55,20 @@ def sample(
     greedy: bool = False,
     stop_strings: Sequence[str] = (),
     batch_size: int = 64,
+    greedy_first: int = 0,
     progress=None,
 ) -> list[list[Sample]]:
-    """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason) each.
+    """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason,
+    token_log_probs) each.
 
-    The caller sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances
-    as samples finish.
+    ``greedy_first`` > 0 decodes the first ``greedy_first`` of each prompt's ``num_samples`` by
+    argmax and samples the rest as sample indices 0, 1, ... (the same samples as a call without
+    them): greedy and sampled evaluation then share each prompt's prefill and batch. The caller
+    sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances as samples
+    finish.
     """
+    if greedy:
+        greedy_first = num_samples
     _check_supported(model)
     device = next(model.parameters()).device
     queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples))
@@ -80,6 +88,8 @@ def sample(
     tokens = np.zeros(width, dtype=np.int64)  # the row's next input token
     row_seed = np.zeros(width, dtype=np.uint64)
     row_sample = np.zeros(width, dtype=np.uint64)
+    row_greedy = np.zeros(width, dtype=bool)
+    row_log_probs: list[list[float]] = [[] for _ in range(width)]
     stops = list(stop_strings)
 
     with _packed_linears(model, device):
@@ -89,31 +99,31 @@ def sample(
                 taken = [(r, *queue.popleft()) for r in free[: len(queue)]]
                 prompt_kv.copy_into(cache, taken, width)
                 for r, i, j in taken:
-                    owner[r], generated[r] = (i, j), []
+                    owner[r], generated[r], row_log_probs[r] = (i, j), [], []
                     pos[r], tokens[r] = len(prompts[i]) - 1, prompts[i][-1]
-                    row_seed[r], row_sample[r] = seeds[i], j
+                    row_seed[r], row_sample[r] = seeds[i], max(j - greedy_first, 0)
+                    row_greedy[r] = j < greedy_first
 
             logits = _decode_step(model, cache, torch.from_numpy(tokens).to(device),
                                   torch.from_numpy(pos).to(device))
-            if greedy:
-                chosen = logits.argmax(dim=-1)
-            else:
-                steps = np.array([len(g) for g in generated], dtype=np.uint64)
-                u = torch.from_numpy(uniform(row_seed, row_sample, steps)).to(device)
-                chosen = choose_tokens(logits, u, temperature=temperature, top_p=top_p, top_k=top_k)
+            chosen = _choose(logits, row_greedy, row_seed, row_sample, generated,
+                             temperature=temperature, top_p=top_p, top_k=top_k)
+            # The policy's own log-prob of each chosen token (temperature 1, unfiltered).
+            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen[:, None])
 
-            for r, token in enumerate(chosen.tolist()):
+            for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs[:, 0].tolist())):
                 if owner[r] is None:
                     continue
                 ids = generated[r]
                 ids.append(token)
+                row_log_probs[r].append(log_prob)
                 reason = _finish_reason(ids, eos_ids, stops, tokenizer, max_new_tokens)
                 if reason is None:
                     pos[r] += 1
                     tokens[r] = token
                     continue
                 i, j = owner[r]
-                results[i][j] = (ids, reason)
+                results[i][j] = (ids, reason, row_log_probs[r])
                 owner[r], pos[r], tokens[r] = None, 0, 0
                 if progress is not None:
                     report_progress(progress, len(ids))
@@ -128,12 +138,30 @@ def sample(
                 cache.move_rows(moves, device)
                 for src, dst in moves:
                     owner[dst], generated[dst] = owner[src], generated[src]
+                    row_log_probs[dst] = row_log_probs[src]
                     pos[dst], tokens[dst] = pos[src], tokens[src]
                     row_seed[dst], row_sample[dst] = row_seed[src], row_sample[src]
+                    row_greedy[dst] = row_greedy[src]
                 owner, generated = owner[:width], generated[:width]
+                row_log_probs = row_log_probs[:width]
                 pos, tokens = pos[:width], tokens[:width]
                 row_seed, row_sample = row_seed[:width], row_sample[:width]
+                row_greedy = row_greedy[:width]
     return results  # type: ignore[return-value]
+
+
+def _choose(logits: torch.Tensor, greedy: np.ndarray, seed: np.ndarray, sample_index: np.ndarray,
+            generated: list[list[int]], **filters) -> torch.Tensor:
+    """Each row's next token: argmax for greedy rows, inverse-CDF sampling for the others."""
+    if greedy.all():
+        return logits.argmax(dim=-1)
+    steps = np.array([len(g) for g in generated], dtype=np.uint64)
+    u = torch.from_numpy(uniform(seed, sample_index, steps)).to(logits.device)
+    chosen = choose_tokens(logits, u, **filters)
+    if greedy.any():
+        chosen = torch.where(torch.from_numpy(greedy).to(logits.device),
+                             logits.argmax(dim=-1), chosen)
+    return chosen
 
 
 def choose_tokens(
