@@ -108,8 +108,10 @@ def sample(
                                   torch.from_numpy(pos).to(device))
             chosen = _choose(logits, row_greedy, row_seed, row_sample, generated,
                              temperature=temperature, top_p=top_p, top_k=top_k)
-            # The policy's own log-prob of each chosen token (temperature 1, unfiltered).
-            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen[:, None])
+            # The policy's own log-prob of each chosen token (temperature 1, unfiltered); one
+            # reduction over the vocabulary, no [rows, vocab] output.
+            raw = logits.float()
+            log_probs = raw.gather(-1, chosen[:, None]) - torch.logsumexp(raw, -1, keepdim=True)
 
             for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs[:, 0].tolist())):
                 if owner[r] is None:
