@@ -155,6 +155,13 @@ def test_every_stage_records_sampled_metrics_and_the_reward_spread(workspace, ti
         assert record["train/reward_all_median"] <= record["train/reward_all_max"]
 
 
+def test_evaluation_every_n_stages_keeps_the_first_and_last(workspace, tiny_model_dir):
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 3},
+                         evaluation={"every": 2, "sampled": False}, tracking={"report": False})
+    metrics = train(config).metrics
+    assert [("eval/accuracy" in r) for r in metrics] == [True, False, True, True]
+
+
 def test_sampled_evaluation_can_be_switched_off(workspace, tiny_model_dir):
     config = make_config(workspace, tiny_model_dir, evaluation={"sampled": False},
                          tracking={"report": False})
