@@ -29,7 +29,9 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup
+	$(PIP) -e '.[bench]'
 	$(PY) benchmarks/core.py
+	$(PY) benchmarks/stage.py
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/memory.py
 

@@ -15,6 +15,14 @@ Models: `tiny` (random 2-layer Llama policy and reward model, built on the fly) 
 sequence-classification reward model with a fresh score head: offline, no download).
 
 Run: .venv/bin/python benchmarks/memory.py [--models tiny smollm2]
+
+`--token-nll`: peak memory and step time of one training step's loss (forward + backward of
+`token_nll`) on a randomly initialised Llama with a 128k vocabulary (Llama 3's), batch 8 x
+(192 prompt + 64 response tokens), fp32, CPU: the full-vocabulary logits at every position
+(the previous `token_nll`) against logits at response positions only, in chunks (today's).
+Each in a fresh process, 3 steps, the best time.
+
+Run: .venv/bin/python benchmarks/memory.py --token-nll
 """
 
 from __future__ import annotations
@@ -104,6 +112,71 @@ def child(name: str, offload: str) -> dict[str, Any]:
         }
 
 
+def nll_child(mode: str, threads: int) -> dict[str, Any]:
+    """Three forward+backward steps of the loss in this (fresh) process; returns peak and time."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raftlm.training.batches import IGNORE, Example, collate, token_nll
+
+    def full_logits_nll(model: Any, batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
+                               ignore_index=IGNORE, reduction="none")
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=512, intermediate_size=1376,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(1)
+    examples = [Example(torch.randint(0, 128256, (192,), generator=gen).tolist(),
+                        torch.randint(0, 128256, (64,), generator=gen).tolist())
+                for _ in range(8)]
+    batch = collate(examples, pad_id=0)
+    loss_fn = full_logits_nll if mode == "full" else token_nll
+    before = peak_rss_mb()
+    times, losses = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        loss = loss_fn(model, batch).sum()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+        model.zero_grad(set_to_none=True)
+    return {"mode": mode, "peak_rss_mb": peak_rss_mb(), "model_rss_mb": before,
+            "step_s": min(times), "loss": losses[0]}
+
+
+def token_nll_table(threads: int, env: dict) -> None:
+    print("token_nll, random Llama (vocab 128256, hidden 512, 2 layers), batch 8 x (192 + 64) "
+          f"tokens, fp32, CPU, {threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print("| loss | peak RSS MB | above the model MB | step s (fwd+bwd) | loss |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for mode in ("full", "response"):
+        done = subprocess.run([sys.executable, __file__, "--nll-child", mode, str(threads)],
+                              env=env, capture_output=True, text=True, check=False)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            print(f"{mode}: failed\n{done.stderr[-2000:]}")
+            return
+        r = rows[mode] = json.loads(lines[-1][len("RESULT "):])
+        name = ("full-vocabulary logits, every position" if mode == "full"
+                else "response positions only, chunked")
+        print(f"| {name} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['model_rss_mb']:.0f} | "
+              f"{r['step_s']:.2f} | {r['loss']:.2f} |", flush=True)
+    full, ours = rows["full"], rows["response"]
+    above = [r["peak_rss_mb"] - r["model_rss_mb"] for r in (full, ours)]
+    print(f"\nabove-the-model peak {above[0] / max(1.0, above[1]):.1f}x lower, "
+          f"step {full['step_s'] / ours['step_s']:.2f}x faster")
+
+
 def _megabytes(tensors: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -112,10 +185,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"],
                         choices=["tiny", "smollm2"])
+    parser.add_argument("--token-nll", action="store_true",
+                        help="measure token_nll's peak memory on a 128k-vocabulary model instead")
+    parser.add_argument("--threads", type=int, default=2, help="--token-nll: torch threads")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OFFLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--nll-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        return
+    if args.nll_child:
+        print("RESULT " + json.dumps(nll_child(args.nll_child[0], int(args.nll_child[1]))),
+              flush=True)
+        return
+    if args.token_nll:
+        token_nll_table(args.threads, dict(os.environ))
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     header = (f"{'model':<8} {'offload':<7} {'device':<7} {'peak RSS':>9} {'setup RSS':>9} "

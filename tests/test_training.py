@@ -85,7 +85,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
         trainer.train(examples, stage=1)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights[0], weights[1], atol=3e-5, rtol=1e-4)
 
 
 def test_schedule_spans_the_run_across_stages():

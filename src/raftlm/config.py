@@ -128,6 +128,9 @@ class TrainingConfig:
     lr_scheduler: str = option("constant", "constant, linear or cosine; spans the whole run.")
     warmup_steps: int = option(0, "Linear warm-up steps at the start of the run.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables.")
+    bf16_autocast: bool = option(
+        False, "Train under bf16 autocast (fp32 weights kept; sampling keeps model.dtype): "
+        "~2x faster steps on CPUs with AVX-512 bf16 and on GPUs.")
 
 
 @dataclass
@@ -135,8 +138,9 @@ class EvalConfig:
     enabled: bool = option(True, "Evaluate before stage 1 and after every stage.")
     sampled: bool = option(True, "Also sample K responses per held-out prompt (diversity, KL).")
     samples_per_prompt: int = option(4, "Samples per held-out prompt for sampled metrics.")
-    kl_responses: int = option(64, "Responses the KL estimate uses (2 forwards each); 0 = all.")
+    kl_responses: int = option(64, "Responses the KL estimate uses (a forward each); 0 = all.")
     max_new_tokens: int | None = option(None, "Eval response cap; None = generation's.")
+    every: int = option(1, "Evaluate after every N-th stage (stage 0 and the last always).")
 
 
 @dataclass
@@ -224,6 +228,7 @@ class RaftConfig:
              self.training.lr_scheduler in {"constant", "linear", "cosine"},
              "constant, linear or cosine"),
             ("offload", self.offload in {"none", "phases"}, "none or phases"),
+            ("evaluation.every", self.evaluation.every >= 1, ">= 1"),
         ]
         for i, term in enumerate(self.reward.terms):
             checks.append((f"reward.terms[{i}]", bool(term.name) != bool(term.model),

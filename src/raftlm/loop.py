@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from raftlm.components import Run, prepare_run, save_checkpoint
 from raftlm.config import RaftConfig
@@ -39,6 +40,7 @@ from raftlm.rewards.reward import score
 from raftlm.rewards.selection import select
 from raftlm.run.report import write_report
 from raftlm.run.rundir import write_jsonl
+from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import generate, sample_seeds
 from raftlm.training.batches import Example, response_log_probs
 
@@ -96,8 +98,11 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
-        sft_loss = selected_sft_loss(run, examples)
-        train_stats = run.trainer.train(examples, stage)
+        kept = [responses[p][j] for p, j in zip(*np.nonzero(selection.mask))]
+        sft_loss = selected_sft_loss(run, examples, kept)
+        with torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16,
+                            enabled=config.training.bf16_autocast):
+            train_stats = run.trainer.train(examples, stage)
 
     # 4. Record: candidates, metrics, evaluation, checkpoint.
     write_candidates(run, stage, prompts, responses, rewards, selection.mask)
@@ -118,10 +123,13 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     return metrics
 
 
-def selected_sft_loss(run: Run, examples: list[Example]) -> float | None:
-    """Token-pooled NLL of the kept responses under the current policy (raft_alignment's loss)."""
+def selected_sft_loss(run: Run, examples: list[Example], kept: list[Completion]) -> float | None:
+    """Token-pooled NLL of the kept responses under the current policy (raft_alignment's loss):
+    from the log-probs recorded while sampling them, else from a forward pass."""
     if not examples:
         return None
+    if all(c.token_log_probs is not None for c in kept):
+        return token_pooled_nll([np.asarray(c.token_log_probs) for c in kept])
     with run.whole_policy() as policy:
         log_probs = response_log_probs(
             policy, shard(examples), run.tokenizer.pad_token_id,
@@ -133,7 +141,9 @@ def selected_sft_loss(run: Run, examples: list[Example]) -> float | None:
 def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
     """Evaluate (if enabled and a held-out set exists), log one metrics record, print a summary."""
     metrics = dict(extra)
-    if run.config.evaluation.enabled and run.eval_prompts is not None:
+    every, last = run.config.evaluation.every, run.config.raft.stages
+    due = stage % every == 0 or stage == last
+    if run.config.evaluation.enabled and run.eval_prompts is not None and due:
         start = time.perf_counter()
         with run.whole_policy() as policy:
             eval_metrics, _ = evaluate(

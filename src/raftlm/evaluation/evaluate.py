@@ -11,6 +11,9 @@ disabled, or, for full fine-tuning, the initial weights reloaded from `model.pat
 duration of the estimate (no second copy is held between stages). The log-probs are the
 model's own (temperature 1): with another sampling temperature or top-p/top-k the estimate
 is E_{y ~ sampler}[log pi_t(y) - log pi_0(y)], a proxy for the KL rather than the KL itself.
+pi_t's log-probs are those recorded while sampling (`Completion.token_log_probs`), so the
+estimate costs one forward pass per response (pi_0's), not two. Greedy and sampled responses
+are decoded in one pass that shares each prompt's prefill.
 """
 
 from __future__ import annotations
@@ -56,18 +59,22 @@ def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Reward,
     process computes the same metrics from the gathered responses."""
     records, ev = prompts.records, config.evaluation
     device = next(policy.parameters()).device
+    ids = [r.token_ids for r in records]
     with _precision(config, device):
         with merged_adapter(policy) as merged:
-            greedy = generate_sharded(
-                merged, tokenizer, [r.token_ids for r in records], 1, config.generation,
-                greedy=True, desc="eval", max_new_tokens=ev.max_new_tokens,
-            )
-            sampled = generate_sharded(
-                merged, tokenizer, [r.token_ids for r in records], ev.samples_per_prompt,
-                config.generation, seeds=sample_seeds(config.run.seed, SAMPLING_STAGE,
-                                                      [r.id for r in records]),
-                desc="eval sampled", max_new_tokens=ev.max_new_tokens,
-            ) if ev.sampled else None
+            if ev.sampled:
+                # One pass: greedy and sampled responses share each prompt's prefill and batch.
+                both = generate_sharded(
+                    merged, tokenizer, ids, ev.samples_per_prompt, config.generation,
+                    seeds=sample_seeds(config.run.seed, SAMPLING_STAGE, [r.id for r in records]),
+                    desc="eval", max_new_tokens=ev.max_new_tokens, with_greedy=True,
+                )
+                greedy, sampled = [row[:1] for row in both], [row[1:] for row in both]
+            else:
+                greedy = generate_sharded(merged, tokenizer, ids, 1, config.generation,
+                                          greedy=True, desc="eval",
+                                          max_new_tokens=ev.max_new_tokens)
+                sampled = None
         metrics, samples = greedy_metrics(prompts, greedy, reward, config)
         if sampled is not None:
             metrics.update(sampled_metrics(prompts, sampled, reward, config))
@@ -121,18 +128,23 @@ def sampled_metrics(prompts: PromptSet, completions: list[list[Completion]], rew
 def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
                   completions: list[list[Completion]], config: RaftConfig) -> float | None:
     """KL(pi_t || pi_0) estimated on the sampled responses (see `metrics.sequence_kl`)."""
-    examples = [Example(r.token_ids, c.token_ids) for r, row in zip(records, completions)
-                for c in row]
+    pairs = [(r, c) for r, row in zip(records, completions) for c in row]
     if config.evaluation.kl_responses:
-        # Two full forward passes per response: the estimate's cost, so it takes a subset.
-        examples = examples[: config.evaluation.kl_responses]
+        # A forward pass per response for pi_0 (pi_t's log-probs come with the samples when
+        # the backend records them): the estimate's cost, so it takes a subset.
+        pairs = pairs[: config.evaluation.kl_responses]
+    examples = [Example(r.token_ids, c.token_ids) for r, c in pairs]
     device = next(policy.parameters()).device
 
     def log_probs(model: Any) -> list[np.ndarray]:
         return response_log_probs(model, examples, tokenizer.pad_token_id,
                                   config.training.micro_batch_size, device)
 
-    current = log_probs(policy)
+    recorded = [c.token_log_probs for _, c in pairs]
+    if all(lp is not None for lp in recorded):
+        current = [np.asarray(lp, dtype=np.float32) for lp in recorded]
+    else:
+        current = log_probs(policy)
     with initial_policy(policy, config) as reference:
         initial = log_probs(reference)
     return sequence_kl(current, initial)

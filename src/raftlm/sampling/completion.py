@@ -61,9 +61,14 @@ def stop_end(text: str, stops: Sequence[str]) -> int | None:
     return min(ends) if ends else None
 
 
-def to_completion(tokenizer, ids: list[int], reason: str, stops: Sequence[str]) -> Completion:
+def to_completion(tokenizer, ids: list[int], reason: str, stops: Sequence[str],
+                  log_probs: Sequence[float] | None = None) -> Completion:
+    """The Completion of generated ``ids`` (and their log-probs, one per id, when recorded)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if reason == "stop_string":
         end = stop_end(text, stops)
         text = text if end is None else text[:end]
-    return Completion(text=text, token_ids=list(ids), finish_reason=reason)
+    if log_probs is not None:
+        log_probs = [float(x) for x in log_probs[: len(ids)]]
+    return Completion(text=text, token_ids=list(ids), finish_reason=reason,
+                      token_log_probs=log_probs)

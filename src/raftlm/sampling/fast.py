@@ -14,6 +14,8 @@ Measured with ``benchmarks/generation.py`` (SmolLM2-135M, 2 CPU cores, K=8, batc
 - nn.Linear weights are packed for oneDNN once per call (fp32 1.5x, bf16 1.15x).
 - Decode attention is our own (bf16 1.13x over SDPA, and batch-invariant, see below).
 - Sampling is a softmax and an inverse CDF in vocabulary order: no sort unless top-k/top-p ask.
+- Each chosen token's log-prob at temperature 1 is recorded on the way (a logsumexp per row):
+  consumers (KL, pi_old) need no second forward pass.
 
 Samples depend on (seed, sample index, step) and the prompt only, not on the batch: the uniform
 u for each token is a counter-based hash of those three, the token is the inverse CDF of the
@@ -34,9 +36,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
+from raftlm.sampling.choice import choose_tokens, pick_tokens, uniform
 from raftlm.sampling.completion import report_progress
 
-Sample = tuple[list[int], str]  # (generated token ids, finish reason)
+__all__ = ["choose_tokens", "sample", "uniform"]
+
+# (generated token ids, finish reason, log pi(token | prefix) of each token at temperature 1)
+Sample = tuple[list[int], str, list[float]]
 
 
 def sample(
@@ -54,13 +60,20 @@ def sample(
     greedy: bool = False,
     stop_strings: Sequence[str] = (),
     batch_size: int = 64,
+    greedy_first: int = 0,
     progress=None,
 ) -> list[list[Sample]]:
-    """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason) each.
+    """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason,
+    token_log_probs) each.
 
-    The caller sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances
-    as samples finish.
+    ``greedy_first`` > 0 decodes the first ``greedy_first`` of each prompt's ``num_samples`` by
+    argmax and samples the rest as sample indices 0, 1, ... (the same samples as a call without
+    them): greedy and sampled evaluation then share each prompt's prefill and batch. The caller
+    sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances as samples
+    finish.
     """
+    if greedy:
+        greedy_first = num_samples
     _check_supported(model)
     device = next(model.parameters()).device
     queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples))
@@ -80,6 +93,8 @@ def sample(
     tokens = np.zeros(width, dtype=np.int64)  # the row's next input token
     row_seed = np.zeros(width, dtype=np.uint64)
     row_sample = np.zeros(width, dtype=np.uint64)
+    row_greedy = np.zeros(width, dtype=bool)
+    row_log_probs: list[list[float]] = [[] for _ in range(width)]
     stops = list(stop_strings)
 
     with _packed_linears(model, device):
@@ -89,31 +104,33 @@ def sample(
                 taken = [(r, *queue.popleft()) for r in free[: len(queue)]]
                 prompt_kv.copy_into(cache, taken, width)
                 for r, i, j in taken:
-                    owner[r], generated[r] = (i, j), []
+                    owner[r], generated[r], row_log_probs[r] = (i, j), [], []
                     pos[r], tokens[r] = len(prompts[i]) - 1, prompts[i][-1]
-                    row_seed[r], row_sample[r] = seeds[i], j
+                    row_seed[r], row_sample[r] = seeds[i], max(j - greedy_first, 0)
+                    row_greedy[r] = j < greedy_first
 
             logits = _decode_step(model, cache, torch.from_numpy(tokens).to(device),
                                   torch.from_numpy(pos).to(device))
-            if greedy:
-                chosen = logits.argmax(dim=-1)
-            else:
-                steps = np.array([len(g) for g in generated], dtype=np.uint64)
-                u = torch.from_numpy(uniform(row_seed, row_sample, steps)).to(device)
-                chosen = choose_tokens(logits, u, temperature=temperature, top_p=top_p, top_k=top_k)
+            chosen = pick_tokens(logits, row_greedy, row_seed, row_sample, generated,
+                             temperature=temperature, top_p=top_p, top_k=top_k)
+            # The policy's own log-prob of each chosen token (temperature 1, unfiltered); one
+            # reduction over the vocabulary, no [rows, vocab] output.
+            raw = logits.float()
+            log_probs = raw.gather(-1, chosen[:, None]) - torch.logsumexp(raw, -1, keepdim=True)
 
-            for r, token in enumerate(chosen.tolist()):
+            for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs[:, 0].tolist())):
                 if owner[r] is None:
                     continue
                 ids = generated[r]
                 ids.append(token)
+                row_log_probs[r].append(log_prob)
                 reason = _finish_reason(ids, eos_ids, stops, tokenizer, max_new_tokens)
                 if reason is None:
                     pos[r] += 1
                     tokens[r] = token
                     continue
                 i, j = owner[r]
-                results[i][j] = (ids, reason)
+                results[i][j] = (ids, reason, row_log_probs[r])
                 owner[r], pos[r], tokens[r] = None, 0, 0
                 if progress is not None:
                     report_progress(progress, len(ids))
@@ -128,66 +145,16 @@ def sample(
                 cache.move_rows(moves, device)
                 for src, dst in moves:
                     owner[dst], generated[dst] = owner[src], generated[src]
+                    row_log_probs[dst] = row_log_probs[src]
                     pos[dst], tokens[dst] = pos[src], tokens[src]
                     row_seed[dst], row_sample[dst] = row_seed[src], row_sample[src]
+                    row_greedy[dst] = row_greedy[src]
                 owner, generated = owner[:width], generated[:width]
+                row_log_probs = row_log_probs[:width]
                 pos, tokens = pos[:width], tokens[:width]
                 row_seed, row_sample = row_seed[:width], row_sample[:width]
+                row_greedy = row_greedy[:width]
     return results  # type: ignore[return-value]
-
-
-def choose_tokens(
-    logits: torch.Tensor, u: torch.Tensor, *, temperature: float, top_p: float, top_k: int
-) -> torch.Tensor:
-    """Inverse-CDF sampling: for each row, the token whose CDF interval holds ``u``.
-
-    Filtering follows HF's order (temperature, then top-k, then top-p). Without top-k/top-p
-    nothing is sorted: the CDF runs over the vocabulary in id order, which samples the same
-    distribution.
-    """
-    logits = logits.float()  # HF also samples from fp32 logits
-    if temperature != 1.0:
-        logits = logits / temperature
-    index = None
-    if top_k > 0:
-        logits, index = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
-    elif top_p < 1.0:
-        logits, index = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        # Keep the most likely tokens until their mass reaches top_p (the crossing one too).
-        probs = probs.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    choice = _inverse_cdf(probs, u)
-    return choice if index is None else index.gather(-1, choice[:, None])[:, 0]
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose cumulative probability exceeds ``u`` times the total."""
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # u < 1, but rounding can put u * total at (or past) the total; staying strictly below it
-    # keeps the chosen token one of non-zero probability.
-    below_total = torch.nextafter(total, torch.zeros_like(total))
-    target = torch.minimum(u[:, None].to(cdf.dtype) * total, below_total)
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
-
-
-_GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-                                                0x94D049BB133111EB))
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-def uniform(seed: np.ndarray, sample: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """A uniform in [0, 1) from (seed, sample index, step) alone: a counter-based RNG."""
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-        x = _splitmix(_splitmix(_splitmix(seed.astype(np.uint64)) ^ sample) ^ step)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _finish_reason(ids: list[int], eos_ids: set[int], stops: list[str], tokenizer,

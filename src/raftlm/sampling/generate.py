@@ -37,12 +37,16 @@ def generate(
     greedy: bool = False,
     desc: str = "generate",
     max_new_tokens: int | None = None,
+    with_greedy: bool = False,
 ) -> list[list[Completion]]:
     """Sample ``num_samples`` completions for each tokenized prompt (chat template applied).
 
     Returns, per prompt in order, its ``num_samples`` completions. ``seeds[i]`` fixes prompt i's
     samples (raftlm backend: whatever the batching or sharding); by default they derive from
     ``torch.initial_seed()`` and the prompt index. ``greedy`` decodes by argmax.
+    ``with_greedy`` puts the greedy completion first in each prompt's list, before the
+    ``num_samples`` samples (the raftlm backend decodes both in one pass, sharing the prefill).
+    Completions carry ``token_log_probs`` (raftlm and hf backends).
     """
     max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
     for i, prompt in enumerate(prompts):
@@ -53,8 +57,14 @@ def generate(
         seeds = [base + i for i in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    if not prompts or num_samples == 0:
+    if not prompts or num_samples + with_greedy == 0:
         return [[] for _ in prompts]
+    if with_greedy and (greedy or config.backend != "raftlm"):
+        first = generate(model, tokenizer, prompts, 1, config, seeds=seeds, greedy=True,
+                         desc=desc, max_new_tokens=max_new)
+        rest = generate(model, tokenizer, prompts, num_samples, config, seeds=seeds,
+                        greedy=greedy, desc=desc, max_new_tokens=max_new)
+        return [a + b for a, b in zip(first, rest, strict=True)]
     if config.backend == "vllm":
         from raftlm.sampling.vllm import generate_vllm
 
@@ -66,15 +76,16 @@ def generate(
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", leave=False)
+    per_prompt = num_samples + int(with_greedy)
+    bar = tqdm(total=len(prompts) * per_prompt, desc=desc, unit="seq", leave=False)
     try:
         with torch.inference_mode():
             if config.backend == "raftlm":
                 raw = sample(
-                    model, tokenizer, prompts, num_samples, seeds=seeds, max_new_tokens=max_new,
+                    model, tokenizer, prompts, per_prompt, seeds=seeds, max_new_tokens=max_new,
                     eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
                     top_k=config.top_k, greedy=greedy, stop_strings=config.stop_strings,
-                    batch_size=config.batch_size, progress=bar,
+                    batch_size=config.batch_size, greedy_first=int(with_greedy), progress=bar,
                 )
             else:
                 raw = generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy,
@@ -84,7 +95,8 @@ def generate(
         if was_training:
             model.train()
     return [
-        [to_completion(tokenizer, ids, reason, config.stop_strings) for ids, reason in row]
+        [to_completion(tokenizer, ids, reason, config.stop_strings, log_probs)
+         for ids, reason, log_probs in row]
         for row in raw
     ]
 

@@ -8,14 +8,17 @@ from raftlm.sampling.completion import cut_at_stop, report_progress
 
 
 def generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy, max_new, eos_ids,
-                 bar) -> list[list[tuple[list[int], str]]]:
-    """``model.generate`` on left-padded batches of about ``config.batch_size`` sequences."""
+                 bar) -> list[list[tuple[list[int], str, list[float]]]]:
+    """``model.generate`` on left-padded batches of about ``config.batch_size`` sequences;
+    returns (token ids, finish reason, log-probs of the ids) per sample."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     per_batch = max(1, config.batch_size // max(1, num_samples))
     returns = 1 if greedy else num_samples  # HF refuses several greedy returns: they'd be equal
     options = dict(max_new_tokens=max_new, num_return_sequences=returns, pad_token_id=pad,
-                   eos_token_id=sorted(eos_ids), do_sample=not greedy)
+                   eos_token_id=sorted(eos_ids), do_sample=not greedy,
+                   # The raw logits (HF's `scores` are after temperature/top-k/top-p).
+                   output_logits=True, return_dict_in_generate=True)
     if not greedy:
         options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     if config.stop_strings:
@@ -34,14 +37,25 @@ def generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy, m
             torch.manual_seed(seeds[start])
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  **options)
-        new = out[:, width:].tolist()
+        generated = out.sequences[:, width:]
+        new, log_probs = generated.tolist(), _token_log_probs(out.logits, generated).tolist()
         new_tokens = 0
         for row in range(len(batch)):
-            rows = new[row * returns : (row + 1) * returns] * (num_samples // returns)
-            results.append([cut_at_stop(ids, eos_ids, config.stop_strings, tokenizer)
-                            for ids in rows])
-            new_tokens += sum(len(ids) for ids, _ in results[-1])
+            rows = range(row * returns, (row + 1) * returns)
+            cut = [(*cut_at_stop(new[r], eos_ids, config.stop_strings, tokenizer), log_probs[r])
+                   for r in rows] * (num_samples // returns)
+            results.append([(ids, reason, lp[: len(ids)]) for ids, reason, lp in cut])
+            new_tokens += sum(len(ids) for ids, _, _ in results[-1])
         report_progress(bar, new_tokens, len(batch) * num_samples)
     return results
 
 
+
+
+def _token_log_probs(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor
+                     ) -> torch.Tensor:
+    """log softmax of each step's raw logits (fp32) at the generated token: [rows, steps]."""
+    # Step by step: stacking would hold a second [rows, steps, vocab] copy.
+    columns = [torch.log_softmax(logits.float(), dim=-1).gather(-1, generated[:, t, None])
+               for t, logits in enumerate(step_logits)]
+    return torch.cat(columns, dim=-1)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -35,13 +36,68 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Negative log-likelihood of every position's next token; 0 where the label is masked."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Negative log-likelihood of every position's next token; 0 where the label is masked.
+
+    Logits are computed only where a label is kept (response tokens), in chunks of at most
+    `LOGITS_PER_CHUNK` values, each recomputed in backward rather than stored: peak memory does
+    not grow with the vocabulary, and prompt and padding positions never reach the LM head.
+    The model (a DDP wrapper included) is still called as a whole, for its last hidden states;
+    models whose head does more than a plain projection, or whose head weight is sharded
+    (FSDP, DeepSpeed ZeRO-3), take the full-logits path.
+    """
     targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-    )
-    return nll  # [B, L-1]
+    head = _plain_output_head(model)
+    if head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                               ignore_index=IGNORE, reduction="none")  # [B, L-1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+                logits_to_keep=torch.empty(0, dtype=torch.long, device=targets.device))
+    keep = targets != IGNORE
+    hidden = out.hidden_states[-1][:, :-1][keep]  # [N, hidden] at the kept positions
+    kept_targets = targets[keep]
+    per_chunk = max(1, LOGITS_PER_CHUNK // head.out_features)
+    pieces = []
+    for start in range(0, hidden.shape[0], per_chunk):
+        args = (head, hidden[start : start + per_chunk], kept_targets[start : start + per_chunk])
+        if torch.is_grad_enabled() and hidden.shape[0] > per_chunk:
+            pieces.append(checkpoint(_head_nll, *args, use_reentrant=False))
+        else:
+            pieces.append(_head_nll(*args))
+    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(
+        keep, values)
+
+
+LOGITS_PER_CHUNK = 2**24  # fp32 logits of one chunk: 64 MB
+
+
+def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def _plain_output_head(model: Any) -> torch.nn.Linear | None:
+    """The LM head when logits are exactly `head(last hidden state)` and its weight is whole."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    if type(inner).__name__ == "FullyShardedDataParallel":
+        return None
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    config = getattr(inner, "config", None)
+    if config is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS):
+        return None
+    weight = head.weight
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or hasattr(weight, "ds_id"):
+        return None  # a DTensor (FSDP2) or a ZeRO-3 partition: only whole inside forward
+    return head
+
+
+# Config fields of models whose logits are more than the head's projection.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_multiplier_scale")
 
 
 @torch.inference_mode()
