@@ -152,15 +152,30 @@ def merged_adapter(model: Any):
     """Generate with the LoRA update merged into the weights (base-model speed).
 
     Only for fp32 bases: merging then unmerging bf16 weights would round them every stage.
+    Unmerging (W + BA) - BA does not give W back bit for bit in floating point either, so the
+    touched base weights are copied before the merge and restored after it: otherwise they
+    drift a little every stage, and a run resumed from a checkpoint (clean base weights) would
+    not continue exactly like an uninterrupted one.
     """
     merge = is_lora(model) and next(model.parameters()).dtype == torch.float32
+    saved = {}
     if merge:
+        saved = {name: module.weight.detach().clone() for name, module in _lora_bases(model)}
         model.merge_adapter()
     try:
         yield model
     finally:
         if merge:
-            model.unmerge_adapter()
+            model.unmerge_adapter()  # peft's own bookkeeping (which adapters are merged)
+            with torch.no_grad():
+                for name, module in _lora_bases(model):
+                    module.weight.copy_(saved[name])
+
+
+def _lora_bases(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(name, base layer) of every module that carries a LoRA adapter."""
+    return [(name, module.base_layer) for name, module in model.named_modules()
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
 
 
 def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path,
