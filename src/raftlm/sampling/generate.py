@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,12 +37,18 @@ def generate(
     greedy: bool = False,
     desc: str = "generate",
     max_new_tokens: int | None = None,
+    done: Mapping[tuple[int, int], Completion] | None = None,
+    on_finish: Callable[[int, int, Completion], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample ``num_samples`` completions for each tokenized prompt (chat template applied).
 
     Returns, per prompt in order, its ``num_samples`` completions. ``seeds[i]`` fixes prompt i's
     samples (raftlm backend: whatever the batching or sharding); by default they derive from
     ``torch.initial_seed()`` and the prompt index. ``greedy`` decodes by argmax.
+    ``on_finish(i, j, completion)`` is called as each sample finishes. ``done[(i, j)]`` are
+    samples finished earlier (resume): the raftlm backend returns them instead of sampling them
+    again, which gives the same result since its samples depend on nothing else; the other
+    backends seed per batch, so they sample everything again.
     """
     max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
     for i, prompt in enumerate(prompts):
@@ -58,12 +64,16 @@ def generate(
     if config.backend == "vllm":
         from raftlm.sampling.vllm import generate_vllm
 
-        return generate_vllm(model, tokenizer, prompts, num_samples, config, seeds=seeds,
+        rows = generate_vllm(model, tokenizer, prompts, num_samples, config, seeds=seeds,
                              greedy=greedy, desc=desc, max_new_tokens=max_new)
+        return _report_all(rows, on_finish)
     if config.backend not in ("raftlm", "hf"):
         raise ValueError(f"generation.backend: expected raftlm, hf or vllm, got {config.backend!r}")
 
     eos_ids = eos_token_ids(model, tokenizer)
+    done = done if config.backend == "raftlm" else {}
+    finished = None if on_finish is None else (
+        lambda i, j, raw: on_finish(i, j, _completion(tokenizer, raw, config)))
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts) * num_samples, desc=desc, unit="seq", leave=False)
@@ -74,7 +84,8 @@ def generate(
                     model, tokenizer, prompts, num_samples, seeds=seeds, max_new_tokens=max_new,
                     eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
                     top_k=config.top_k, greedy=greedy, stop_strings=config.stop_strings,
-                    batch_size=config.batch_size, progress=bar,
+                    batch_size=config.batch_size, progress=bar, skip=set(done or ()),
+                    on_finish=finished,
                 )
             else:
                 raw = generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy,
@@ -83,10 +94,25 @@ def generate(
         bar.close()
         if was_training:
             model.train()
-    return [
-        [to_completion(tokenizer, ids, reason, config.stop_strings) for ids, reason in row]
-        for row in raw
-    ]
+    rows = [[done[(i, j)] if sample is None else _completion(tokenizer, sample, config)
+             for j, sample in enumerate(row)] for i, row in enumerate(raw)]
+    return rows if config.backend == "raftlm" else _report_all(rows, on_finish)
+
+
+def _completion(tokenizer: Any, raw: tuple[list[int], str], config: GenerationConfig
+                ) -> Completion:
+    ids, reason = raw
+    return to_completion(tokenizer, ids, reason, config.stop_strings)
+
+
+def _report_all(rows: list[list[Completion]],
+                on_finish: Callable[[int, int, Completion], None] | None) -> list[list[Completion]]:
+    """Backends without a per-sample hook report their samples once they all are done."""
+    if on_finish is not None:
+        for i, row in enumerate(rows):
+            for j, completion in enumerate(row):
+                on_finish(i, j, completion)
+    return rows
 
 
 def generate_sharded(model: Any, tokenizer: Any, prompts: list[list[int]], num_samples: int,
