@@ -61,6 +61,9 @@ def materialize_model(config: ModelConfig) -> Path:
     """A local HF folder for the model; GGUF files are dequantized once into a cache folder."""
     folder, gguf_file = resolve_model_source(config)
     if gguf_file is None:
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {folder} is not a Hugging Face model folder "
+                                    "(no config.json) nor a .gguf file")
         return folder
     gguf_path = folder / gguf_file
     if not gguf_path.is_file():
