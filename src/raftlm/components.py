@@ -91,6 +91,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         _remove_other_journals(run_dir, checkpoint[0] + 1 if checkpoint else 1)
     if not resume and accelerator.is_main_process:
         RunDir.create(config.run.output_dir, overwrite=config.run.overwrite)
+        run_dir.remove_temporaries()  # of a start-up that was killed before config.yaml
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.write_config(config.to_yaml())
