@@ -255,3 +255,13 @@ def test_resume_of_a_run_killed_before_its_config_says_how_to_start_it(tmp_path,
     err = capsys.readouterr().err
     assert "nothing was started there" in err and "raftlm train --config" in err
     assert "config file not found" not in err
+
+
+def test_checkpoints_list_lora_target_modules_sorted_whatever_the_hash_seed(workspace,
+                                                                          tiny_model_dir):
+    # peft writes a set in hash order; unsorted, two processes wrote different bytes.
+    run_dir = train(config_for(workspace, tiny_model_dir, stages=1)).run_dir
+    adapter = json.loads((run_dir / "checkpoints/stage-001/policy/adapter_config.json")
+                         .read_text())
+    assert adapter["target_modules"] == sorted(adapter["target_modules"])
+    assert len(adapter["target_modules"]) == 7

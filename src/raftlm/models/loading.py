@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -187,3 +188,11 @@ def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path,
     `state_dict` gives the complete weights where `model` holds only a shard (FSDP)."""
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+    adapter_config = Path(folder) / "adapter_config.json"
+    if adapter_config.is_file():
+        # peft keeps target_modules as a set and writes it in hash order, which changes with
+        # every process (PYTHONHASHSEED): sorted, the same checkpoint is the same bytes.
+        settings = json.loads(adapter_config.read_text())
+        if isinstance(settings.get("target_modules"), list):
+            settings["target_modules"] = sorted(settings["target_modules"])
+            adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
