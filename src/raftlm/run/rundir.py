@@ -88,8 +88,10 @@ class RunDir:
                     f"or --resume {run.root} to continue it"
                 )
             for path in run.root.iterdir():  # all but the lock this process holds
-                if path.name != LOCK_NAME:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_NAME:
+                    path.unlink()
         run.root.mkdir(parents=True, exist_ok=True)
         return run
 
@@ -98,7 +100,10 @@ class RunDir:
         folders (never the lock); returns them."""
         stray = [p for p in self.root.rglob(".*") if p.name != LOCK_NAME]
         for path in sorted(stray, reverse=True):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return stray
 
     @property
@@ -144,10 +149,6 @@ class RunDir:
             if (path / "state.json").is_file():
                 found.append((int(path.name.split("-")[1]), path))
         return sorted(found)
-
-    def latest_checkpoint(self) -> tuple[int, Path] | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
 
     def intact_checkpoint(self, warn: Callable[[str], None] = print) -> tuple[int, Path] | None:
         """The newest checkpoint whose files match its manifest; each damaged newer one is
