@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench setup clean chaos
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# 100 SIGKILLs at random moments of tiny runs, each resumed: must end identical (docs/resume.md).
+chaos: setup
+	OMP_NUM_THREADS=1 TQDM_DISABLE=1 RAFTLM_CHAOS_KILLS=100 $(PY) -m pytest -s -p no:cacheprovider \
+		tests/test_faults.py -k sigkills
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -73,7 +73,7 @@ def test_one_run_writes_a_readable_run_directory(workspace, tiny_model_dir):
         best = max(group, key=lambda c: c["reward"])
         assert [c for c in group if c["selected"]][0]["reward"] == best["reward"]
     assert (run / "checkpoints/stage-002/policy/adapter_model.safetensors").is_file()
-    assert (run / "checkpoints/stage-002/trainer_state.pt").is_file()
+    assert (run / "checkpoints/stage-002/trainer_state.safetensors").is_file()
 
 
 def test_existing_run_is_not_replaced_without_overwrite(workspace, tiny_model_dir):

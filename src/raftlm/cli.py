@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from pathlib import Path
 from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
 from raftlm.rewards.reward import RewardError
+from raftlm.run.lock import RunInUseError
+from raftlm.run.signals import Interrupted, stop_on_signals
 
 
 def config_reference() -> str:
@@ -40,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         config_path = args.config or Path(args.resume) / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(nothing_to_resume(Path(args.resume)))
         overrides.append(f"run.output_dir={args.resume}")
         config = RaftConfig.from_yaml(config_path, overrides)
     else:
@@ -48,12 +53,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overwrite:
             overrides.append("run.overwrite=true")
         config = RaftConfig.from_yaml(args.config, overrides)
-    result = train(config, resume=bool(args.resume))
+    try:
+        with stop_on_signals():
+            result = train(config, resume=bool(args.resume))
+    except Interrupted as stop:
+        print(f"raftlm train: stopped by {stop}; everything finished so far is kept. Continue "
+              f"with: raftlm train --resume {config.run.output_dir}", file=sys.stderr)
+        return stop.exit_code
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(err.errno, f"no space left on device writing {err.filename or 'the run'}; "
+                      "the last complete checkpoint is intact: free some space, then continue "
+                      f"with: raftlm train --resume {config.run.output_dir}") from None
     from raftlm.models.distributed import process_state
 
     if process_state().is_main_process:  # under `accelerate launch`, say it once
         print(final_message(result.run_dir, result.metrics))
     return 0
+
+
+def nothing_to_resume(run_dir: Path) -> str:
+    """Why `--resume RUN_DIR` has nothing to continue, and the command that starts the run."""
+    start = f"raftlm train --config YOUR_CONFIG.yaml --set run.output_dir={run_dir}"
+    if not run_dir.is_dir():
+        return f"--resume {run_dir}: no such run directory; start a run there with: {start}"
+    return (f"--resume {run_dir}: nothing was started there (no config.yaml: it was stopped "
+            f"during start-up or never run); start it with: {start}")
 
 
 def final_message(run_dir: Path, metrics: list[dict]) -> str:
@@ -151,11 +177,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return handler(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RewardError) as err:
+    except (ConfigError, ValueError, RewardError, RunInUseError, OSError) as err:
         # Expected user errors: one line naming the file/field/item, no traceback. What the run
         # already wrote (completed stages, checkpoints) stays; `--resume` continues from it.
-        print(f"raftlm {args.command}: error: {err}", file=sys.stderr)
+        print(f"raftlm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line; OS errors as `file: reason` (e.g. permission denied)."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror[0].lower()}{err.strerror[1:]}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

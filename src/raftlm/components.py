@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,9 @@ from raftlm.models.distributed import full_state_dict, process_state, whole_mode
 from raftlm.models.loading import load_policy, resolve_dtype, save_policy
 from raftlm.models.offload import OffloadedReward, PhaseOffload
 from raftlm.rewards.reward import Reward, build_reward
+from raftlm.run.checkpoint import read_trainer_state
+from raftlm.run.journal import StageJournal
+from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
 from raftlm.training.trainer import SFTTrainer, planned_optimizer_steps
@@ -77,9 +82,16 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     _check_offload(config, accelerator)
     run_dir = RunDir(config.run.output_dir)
-    checkpoint = run_dir.latest_checkpoint() if resume else None
+    checkpoint = None
+    if resume:
+        warn = print if accelerator.is_main_process else (lambda line: None)
+        checkpoint = run_dir.intact_checkpoint(warn)
+    if resume and accelerator.is_main_process:
+        run_dir.remove_temporaries()  # of the process that was killed
+        _remove_other_journals(run_dir, checkpoint[0] + 1 if checkpoint else 1)
     if not resume and accelerator.is_main_process:
         RunDir.create(config.run.output_dir, overwrite=config.run.overwrite)
+        run_dir.remove_temporaries()  # of a start-up that was killed before config.yaml
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.write_config(config.to_yaml())
@@ -106,7 +118,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     start_stage = 1
     if checkpoint is not None:
         stage, path = checkpoint
-        trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+        trainer_state = read_trainer_state(path)
         trainer.load_state_dict(trainer_state)
         _restore_rng(trainer_state["rng"])
         sampler.load_state_dict(json.loads((path / "state.json").read_text())["sampler"])
@@ -125,6 +137,37 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         train_prompts=train_prompts, eval_prompts=eval_prompts, sampler=sampler, tracker=tracker,
         start_stage=start_stage,
     )
+
+
+@contextmanager
+def exclusive_run_dir(config: RaftConfig) -> Iterator[None]:
+    """One writer per run directory (`raftlm.run.lock`): the main process holds its lock."""
+    with run_lock(config.run.output_dir) if process_state().is_main_process else nullcontext():
+        yield
+
+
+def open_journal(run: Run, stage: int, prompt_ids: list[int]) -> StageJournal:
+    """This process's journal of `stage`, holding what an interrupted attempt finished.
+
+    Only the raftlm backend's samples depend on nothing but (seed, prompt, sample index), so
+    only it reuses finished samples; other backends seed per batch and re-sample the stage."""
+    config = run.config
+    header = {"stage": stage, "prompt_ids": prompt_ids,
+              "samples_per_prompt": config.raft.samples_per_prompt,
+              "generation": dataclasses.asdict(config.generation), "seed": config.run.seed}
+    journal = StageJournal(run.run_dir.stage_dir(stage), run.accelerator.process_index, header,
+                           reuse=config.generation.backend == "raftlm")
+    if journal.discarded and run.accelerator.is_main_process:
+        print(f"stage {stage}: not reusing its earlier samples ({journal.discarded})")
+    return journal
+
+
+def _remove_other_journals(run_dir: RunDir, first_stage: int) -> None:
+    # Earlier stages are checkpointed (a kill came before their journal was deleted); later
+    # ones were sampled from a policy this run trains again.
+    for path in (run_dir.root / "stages").glob("*/journal.rank*.jsonl"):
+        if int(path.parent.name) != first_stage:
+            path.unlink()
 
 
 def save_checkpoint(run: Run, stage: int) -> Path | None:

@@ -19,6 +19,7 @@ Components live in their own modules; this file only sequences them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raftlm.components import Run, prepare_run, save_checkpoint
+from raftlm.components import Run, exclusive_run_dir, open_journal, prepare_run, save_checkpoint
 from raftlm.config import RaftConfig
 from raftlm.core import token_pooled_nll
 from raftlm.evaluation.evaluate import evaluate
@@ -52,19 +53,24 @@ class RunResult:
 
 
 def train(config: RaftConfig, resume: bool = False) -> RunResult:
-    """Run (or, with `resume`, continue) RAFT as configured; returns the run directory."""
-    run = prepare_run(config, resume)
-    if run.start_stage == 1:
-        record_evaluation(run, stage=0, extra={
-            "data/train_prompts": len(run.train_prompts),
-            "data/skipped_too_long": run.train_prompts.n_skipped_too_long,
-        })
-    for stage in range(run.start_stage, config.raft.stages + 1):
-        raft_stage(run, stage)
-    run.tracker.close()
-    if config.tracking.report and run.accelerator.is_main_process:
-        write_report(run.run_dir.root)
-    return RunResult(run.run_dir.root, run.run_dir.read_metrics())
+    """Run (or, with `resume`, continue) RAFT as configured; returns the run directory.
+
+    Resuming continues inside the stage that was interrupted: its finished samples and rewards
+    are reused, the rest is redone from the last checkpoint, and the run ends as it would have
+    without the interruption (bit for bit on the same machine)."""
+    with exclusive_run_dir(config):
+        run = prepare_run(config, resume)
+        if run.start_stage == 1:
+            record_evaluation(run, stage=0, extra={
+                "data/train_prompts": len(run.train_prompts),
+                "data/skipped_too_long": run.train_prompts.n_skipped_too_long,
+            })
+        for stage in range(run.start_stage, config.raft.stages + 1):
+            raft_stage(run, stage)
+        run.tracker.close()
+        if config.tracking.report and run.accelerator.is_main_process:
+            write_report(run.run_dir.root)
+        return RunResult(run.run_dir.root, run.run_dir.read_metrics())
 
 
 def raft_stage(run: Run, stage: int) -> dict[str, Any]:
@@ -72,19 +78,32 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     b, k = config.raft.prompts_per_stage, config.raft.samples_per_prompt
 
     # 1. Collect: b prompts, K responses each, from the current policy (each process
-    #    samples its own shard of the prompts).
+    #    samples its own shard of the prompts). Each finished response goes to the stage's
+    #    journal at once; those an interrupted attempt finished are reused, not re-sampled.
     prompts = [run.train_prompts.records[i] for i in run.sampler.draw(b)]
     mine = shard(prompts)
+    journal = open_journal(run, stage, [p.id for p in prompts])
+    finished = {(i, j): Completion(**journal.samples[(p.id, j)])
+                for i, p in enumerate(mine) for j in range(k) if (p.id, j) in journal.samples}
     with timer("generate"), run.whole_policy() as whole, merged_adapter(whole) as policy:
         local = generate(
             policy, run.tokenizer, [p.token_ids for p in mine], k, config.generation,
             seeds=sample_seeds(config.run.seed, stage, [p.id for p in mine]),
-            desc=f"collect stage {stage}",
+            desc=f"collect stage {stage}", done=finished,
+            on_finish=lambda i, j, c: journal.add_sample(mine[i].id, j, dataclasses.asdict(c)),
         )
 
     # 2. Rank: reward every response, keep the best (of all processes' candidates).
     with timer("reward"):
-        local_rewards = score(run.reward, mine, local).scores.tolist()
+        if all(p.id in journal.rewards for p in mine):
+            local_rewards = [np.nan if r is None else r
+                             for p in mine for r in journal.rewards[p.id]]
+        else:
+            local_rewards = score(run.reward, mine, local).scores.tolist()
+            for i, p in enumerate(mine):
+                row = local_rewards[i * k : (i + 1) * k]
+                journal.add_rewards(p.id, [None if np.isnan(r) else r for r in row])
+            journal.sync()
     responses = gather(local)
     rewards = np.array(gather(local_rewards), dtype=float).reshape(len(prompts), k)
     texts = [[r.text for r in row] for row in responses]
@@ -120,6 +139,7 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     }
     record_evaluation(run, stage, metrics)
     save_checkpoint(run, stage)
+    journal.remove()
     return metrics
 
 

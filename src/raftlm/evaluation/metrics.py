@@ -6,8 +6,11 @@
   responses. n-grams are over whitespace-separated words, not token ids, so numbers are
   comparable across tokenizers and read like the text. Collapsing diversity is how reward
   hacking showed up in the RAFT paper.
-- KL(pi_t || pi_0), estimated from responses y ~ pi_t as the mean over responses of
-  sum_t [log pi_t(y_t | x, y_<t) - log pi_0(y_t | x, y_<t)].
+- KL(pi_t || pi_0) (`eval/kl_to_initial`), estimated from responses y ~ pi_t as the mean over
+  responses of sum_t [exp(r_t) - r_t - 1], r_t = log pi_0(y_t | x, y_<t) - log pi_t(y_t | x, y_<t)
+  (Schulman's "k3" estimator, per token). Each term is >= 0 and its expectation under pi_t is
+  the token's KL, so the sum estimates the sequence KL without bias and is never negative (the
+  plain log-ratio mean, "k1", has the same expectation but single estimates go below zero).
 """
 
 from __future__ import annotations
@@ -60,16 +63,20 @@ def reward_distribution(rewards: np.ndarray, selected: np.ndarray) -> dict[str, 
 
 def sequence_kl(policy_log_probs: Sequence[np.ndarray],
                 reference_log_probs: Sequence[np.ndarray]) -> float | None:
-    """Monte-Carlo KL(pi || pi_0): mean over sampled responses of their summed log-ratio.
+    """Monte-Carlo KL(pi || pi_0) >= 0: mean over sampled responses of the summed per-token k3
+    estimate exp(r) - r - 1, r = log pi_0 - log pi (see the module docstring).
 
     Each response's per-token log-probs under the policy that sampled it and under pi_0. Unbiased
-    when the responses were sampled from pi itself (temperature 1, no top-p/top-k); a single
-    estimate can be negative, its expectation cannot.
+    when the responses were sampled from pi itself (temperature 1, no top-p/top-k).
     """
     if len(policy_log_probs) != len(reference_log_probs):
         raise ValueError(f"{len(policy_log_probs)} policy vs {len(reference_log_probs)} "
                          "reference log-prob rows")
     if not policy_log_probs:
         return None
-    return float(np.mean([np.sum(p) - np.sum(r)
-                          for p, r in zip(policy_log_probs, reference_log_probs)]))
+    per_response = []
+    for policy, reference in zip(policy_log_probs, reference_log_probs):
+        log_ratio = np.asarray(reference, dtype=np.float64) - np.asarray(policy, dtype=np.float64)
+        # expm1(r) - r rather than exp(r) - r - 1: no cancellation when r is near 0.
+        per_response.append(float(np.sum(np.expm1(log_ratio) - log_ratio)))
+    return float(np.mean(per_response))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +62,9 @@ def materialize_model(config: ModelConfig) -> Path:
     """A local HF folder for the model; GGUF files are dequantized once into a cache folder."""
     folder, gguf_file = resolve_model_source(config)
     if gguf_file is None:
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {folder} is not a Hugging Face model folder "
+                                    "(no config.json) nor a .gguf file")
         return folder
     gguf_path = folder / gguf_file
     if not gguf_path.is_file():
@@ -152,15 +156,30 @@ def merged_adapter(model: Any):
     """Generate with the LoRA update merged into the weights (base-model speed).
 
     Only for fp32 bases: merging then unmerging bf16 weights would round them every stage.
+    Unmerging (W + BA) - BA does not give W back bit for bit in floating point either, so the
+    touched base weights are copied before the merge and restored after it: otherwise they
+    drift a little every stage, and a run resumed from a checkpoint (clean base weights) would
+    not continue exactly like an uninterrupted one.
     """
     merge = is_lora(model) and next(model.parameters()).dtype == torch.float32
+    saved = {}
     if merge:
+        saved = {name: module.weight.detach().clone() for name, module in _lora_bases(model)}
         model.merge_adapter()
     try:
         yield model
     finally:
         if merge:
-            model.unmerge_adapter()
+            model.unmerge_adapter()  # peft's own bookkeeping (which adapters are merged)
+            with torch.no_grad():
+                for name, module in _lora_bases(model):
+                    module.weight.copy_(saved[name])
+
+
+def _lora_bases(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(name, base layer) of every module that carries a LoRA adapter."""
+    return [(name, module.base_layer) for name, module in model.named_modules()
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A")]
 
 
 def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path,
@@ -169,3 +188,11 @@ def save_policy(model: Any, tokenizer: PreTrainedTokenizerBase, folder: Path,
     `state_dict` gives the complete weights where `model` holds only a shard (FSDP)."""
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+    adapter_config = Path(folder) / "adapter_config.json"
+    if adapter_config.is_file():
+        # peft keeps target_modules as a set and writes it in hash order, which changes with
+        # every process (PYTHONHASHSEED): sorted, the same checkpoint is the same bytes.
+        settings = json.loads(adapter_config.read_text())
+        if isinstance(settings.get("target_modules"), list):
+            settings["target_modules"] = sorted(settings["target_modules"])
+            adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

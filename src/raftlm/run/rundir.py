@@ -5,12 +5,17 @@ Layout::
     RUN/config.yaml                   resolved config
     RUN/metrics.jsonl                 one JSON object per line: {"stage": t, "train/...": ...}
     RUN/stages/NNN/candidates.jsonl   every prompt, response, reward and selected flag
+    RUN/stages/NNN/journal.rank*.jsonl  while stage NNN runs: its finished samples and rewards
     RUN/checkpoints/stage-NNN/        policy/ (adapter or full model + tokenizer),
-                                      trainer_state.pt (optimizer, schedule), state.json
+                                      trainer_state.{safetensors,json} (optimizer, schedule, RNG),
+                                      state.json (stage, prompt cursor), manifest.json (sha256)
     RUN/report.html                   plots, table and examples (`raftlm report RUN`)
+    RUN/.lock                         held by the process that writes the run (`lock.py`)
 
 Every file is written to a temporary name and renamed into place, so a file that exists is
-complete; a checkpoint folder appears only once all its files are written.
+complete; a checkpoint folder appears only once all its files are written. Journals are
+append-only (`journal.py`). Temporary names start with a dot; `remove_temporaries` clears
+what a killed process left of them.
 """
 
 from __future__ import annotations
@@ -19,10 +24,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from raftlm.run.checkpoint import (
+    LEGACY_FILE,
+    MANIFEST_FILE,
+    verify_manifest,
+    write_manifest,
+    write_trainer_state,
+)
+from raftlm.run.lock import LOCK_NAME
+from raftlm.run.signals import critical
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -31,6 +45,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    with critical():
+        _write_and_rename(path, data)
+
+
+def _write_and_rename(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -62,15 +81,30 @@ class RunDir:
     @classmethod
     def create(cls, root: str | Path, overwrite: bool) -> RunDir:
         run = cls(root)
-        if run.root.exists() and any(run.root.iterdir()):
+        if run.root.exists() and any(not p.name.startswith(".") for p in run.root.iterdir()):
             if not overwrite:
                 raise FileExistsError(
                     f"{run.root} already holds a run; pass --overwrite to replace it "
                     f"or --resume {run.root} to continue it"
                 )
-            shutil.rmtree(run.root)
+            for path in run.root.iterdir():  # all but the lock this process holds
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_NAME:
+                    path.unlink()
         run.root.mkdir(parents=True, exist_ok=True)
         return run
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete what killed writers left: dot-named temporary files and checkpoint staging
+        folders (never the lock); returns them."""
+        stray = [p for p in self.root.rglob(".*") if p.name != LOCK_NAME]
+        for path in sorted(stray, reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return stray
 
     @property
     def config_path(self) -> Path:
@@ -116,9 +150,22 @@ class RunDir:
                 found.append((int(path.name.split("-")[1]), path))
         return sorted(found)
 
-    def latest_checkpoint(self) -> tuple[int, Path] | None:
+    def intact_checkpoint(self, warn: Callable[[str], None] = print) -> tuple[int, Path] | None:
+        """The newest checkpoint whose files match its manifest; each damaged newer one is
+        reported through `warn` (one line) and skipped. Raises when all are damaged."""
         found = self.checkpoints()
-        return found[-1] if found else None
+        problems = []
+        for stage, path in reversed(found):
+            legacy = (path / LEGACY_FILE).is_file() and not (path / MANIFEST_FILE).is_file()
+            problem = None if legacy else verify_manifest(path)  # legacy: refused when read
+            if problem is None:
+                return stage, path
+            problems.append(f"{path.name}: {problem}")
+            warn(f"checkpoint {path} is damaged ({problem}); trying the one before it")
+        if problems:
+            raise ValueError(f"{self.root}: no intact checkpoint ({'; '.join(problems)}); start "
+                             f"the run again with --overwrite")
+        return None
 
     def save_checkpoint(
         self,
@@ -128,20 +175,23 @@ class RunDir:
         state: dict[str, Any],
         keep: int,
     ) -> Path:
-        """Write policy, trainer state and loop state, then rename the folder into place."""
+        """Write policy, trainer state, loop state and the manifest, then rename the folder
+        into place; older checkpoints beyond `keep` are deleted afterwards."""
         target = self.checkpoint_dir(stage)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            save_policy(staging / "policy")
-            torch.save(trainer_state, staging / "trainer_state.pt")
-            (staging / "state.json").write_text(json.dumps(state, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if keep > 0:
-            for _, old in self.checkpoints()[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        with critical():
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+            try:
+                save_policy(staging / "policy")
+                write_trainer_state(staging, trainer_state)
+                (staging / "state.json").write_text(json.dumps(state, indent=2))
+                write_manifest(staging)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if keep > 0:
+                for _, old in self.checkpoints()[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
         return target

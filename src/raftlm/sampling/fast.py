@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -62,7 +62,9 @@ def sample(
     batch_size: int = 64,
     greedy_first: int = 0,
     progress=None,
-) -> list[list[Sample]]:
+    skip: Collection[tuple[int, int]] = (),
+    on_finish: Callable[[int, int, Sample], None] | None = None,
+) -> list[list[Sample | None]]:
     """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason,
     token_log_probs) each.
 
@@ -70,13 +72,15 @@ def sample(
     argmax and samples the rest as sample indices 0, 1, ... (the same samples as a call without
     them): greedy and sampled evaluation then share each prompt's prefill and batch. The caller
     sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances as samples
-    finish.
+    finish; ``on_finish(i, j, sample)`` is called as each finishes. (prompt, sample) pairs in
+    ``skip`` (finished earlier) are not sampled: their slots stay None.
     """
     if greedy:
         greedy_first = num_samples
     _check_supported(model)
     device = next(model.parameters()).device
-    queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples))
+    queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples)
+                  if (i, j) not in skip)
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     if not queue:
         return results  # type: ignore[return-value]
@@ -131,6 +135,8 @@ def sample(
                     continue
                 i, j = owner[r]
                 results[i][j] = (ids, reason, row_log_probs[r])
+                if on_finish is not None:
+                    on_finish(i, j, results[i][j])
                 owner[r], pos[r], tokens[r] = None, 0, 0
                 if progress is not None:
                     report_progress(progress, len(ids))

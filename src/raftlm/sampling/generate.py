@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,8 @@ def generate(
     desc: str = "generate",
     max_new_tokens: int | None = None,
     with_greedy: bool = False,
+    done: Mapping[tuple[int, int], Completion] | None = None,
+    on_finish: Callable[[int, int, Completion], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample ``num_samples`` completions for each tokenized prompt (chat template applied).
 
@@ -47,6 +49,10 @@ def generate(
     ``with_greedy`` puts the greedy completion first in each prompt's list, before the
     ``num_samples`` samples (the raftlm backend decodes both in one pass, sharing the prefill).
     Completions carry ``token_log_probs`` (raftlm and hf backends).
+    ``on_finish(i, j, completion)`` is called as each sample finishes. ``done[(i, j)]`` are
+    samples finished earlier (resume): the raftlm backend returns them instead of sampling them
+    again, which gives the same result since its samples depend on nothing else; the other
+    backends seed per batch, so they sample everything again.
     """
     max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
     for i, prompt in enumerate(prompts):
@@ -68,12 +74,16 @@ def generate(
     if config.backend == "vllm":
         from raftlm.sampling.vllm import generate_vllm
 
-        return generate_vllm(model, tokenizer, prompts, num_samples, config, seeds=seeds,
+        rows = generate_vllm(model, tokenizer, prompts, num_samples, config, seeds=seeds,
                              greedy=greedy, desc=desc, max_new_tokens=max_new)
+        return _report_all(rows, on_finish)
     if config.backend not in ("raftlm", "hf"):
         raise ValueError(f"generation.backend: expected raftlm, hf or vllm, got {config.backend!r}")
 
     eos_ids = eos_token_ids(model, tokenizer)
+    done = done if config.backend == "raftlm" else {}
+    finished = None if on_finish is None else (
+        lambda i, j, raw: on_finish(i, j, _completion(tokenizer, raw, config)))
     was_training = model.training
     model.eval()
     per_prompt = num_samples + int(with_greedy)
@@ -86,6 +96,7 @@ def generate(
                     eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
                     top_k=config.top_k, greedy=greedy, stop_strings=config.stop_strings,
                     batch_size=config.batch_size, greedy_first=int(with_greedy), progress=bar,
+                    skip=set(done or ()), on_finish=finished,
                 )
             else:
                 raw = generate_hf(model, tokenizer, prompts, num_samples, config, seeds, greedy,
@@ -94,11 +105,25 @@ def generate(
         bar.close()
         if was_training:
             model.train()
-    return [
-        [to_completion(tokenizer, ids, reason, config.stop_strings, log_probs)
-         for ids, reason, log_probs in row]
-        for row in raw
-    ]
+    rows = [[done[(i, j)] if sample is None else _completion(tokenizer, sample, config)
+             for j, sample in enumerate(row)] for i, row in enumerate(raw)]
+    return rows if config.backend == "raftlm" else _report_all(rows, on_finish)
+
+
+def _completion(tokenizer: Any, raw: tuple[list[int], str, list[float] | None],
+                config: GenerationConfig) -> Completion:
+    ids, reason, log_probs = raw
+    return to_completion(tokenizer, ids, reason, config.stop_strings, log_probs)
+
+
+def _report_all(rows: list[list[Completion]],
+                on_finish: Callable[[int, int, Completion], None] | None) -> list[list[Completion]]:
+    """Backends without a per-sample hook report their samples once they all are done."""
+    if on_finish is not None:
+        for i, row in enumerate(rows):
+            for j, completion in enumerate(row):
+                on_finish(i, j, completion)
+    return rows
 
 
 def generate_sharded(model: Any, tokenizer: Any, prompts: list[list[int]], num_samples: int,

@@ -1,0 +1,267 @@
+"""Resume: exact continuation (between and inside stages), safe checkpoint files, one writer."""
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_loop import REWARD_FILE, make_config
+from tiny import save_tiny_model, tiny_causal_lm
+
+from raftlm import train
+from raftlm.cli import main as cli_main
+from raftlm.models.loading import merged_adapter
+from raftlm.run import journal as journal_module
+from raftlm.run.checkpoint import join_tensors, read_trainer_state, split_tensors
+from raftlm.run.journal import StageJournal, read_lines
+from raftlm.run.lock import RunInUseError, run_lock
+from raftlm.run.rundir import RunDir
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL in-process: nothing catches it, nothing after it runs."""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    return tmp_path
+
+
+def config_for(workspace, model_dir, stages=3):
+    return make_config(workspace, model_dir, raft={"stages": stages},
+                       tracking={"report": False})
+
+
+def snapshot(run_dir) -> dict:
+    """Everything a run produced that must not depend on interruptions (times aside)."""
+    metrics = [{k: v for k, v in m.items() if not k.startswith("time/")}
+               for m in RunDir(run_dir).read_metrics()]
+    files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+             if p.is_file() and p.name not in ("metrics.jsonl", ".lock")}
+    return {"metrics": metrics, "files": files}
+
+
+def uninterrupted(workspace, model_dir, stages=3) -> dict:
+    result = train(config_for(workspace, model_dir, stages))
+    reference = snapshot(result.run_dir)
+    RunDir.create(result.run_dir, overwrite=True)
+    return reference
+
+
+# Exactness ---------------------------------------------------------------------------------------
+
+def test_merge_and_unmerge_leave_the_base_weights_bit_identical():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                                        target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # a trained adapter: B is no longer zero
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with merged_adapter(model):
+        pass
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+
+
+def test_resume_after_a_completed_stage_ends_bit_identical(workspace, tiny_model_dir):
+    reference = uninterrupted(workspace, tiny_model_dir)
+    train(config_for(workspace, tiny_model_dir, stages=2))
+    resumed = train(config_for(workspace, tiny_model_dir), resume=True)
+    assert snapshot(resumed.run_dir) == reference
+
+
+def test_resume_inside_sampling_reuses_finished_samples_and_ends_identical(
+        workspace, tiny_model_dir, monkeypatch):
+    reference = uninterrupted(workspace, tiny_model_dir)
+    calls = {"n": 0}
+    original = StageJournal.add_sample
+
+    def die_at_the_20th_sample(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 20:  # stage 2 (12 samples per stage), 8 of its samples written
+            raise Killed
+        original(self, *args)
+
+    monkeypatch.setattr(StageJournal, "add_sample", die_at_the_20th_sample)
+    with pytest.raises(Killed):
+        train(config_for(workspace, tiny_model_dir))
+    monkeypatch.setattr(StageJournal, "add_sample", original)
+    sampled = []
+    monkeypatch.setattr(StageJournal, "add_sample",
+                        lambda self, *args: (sampled.append(args[:2]), original(self, *args)))
+    resumed = train(config_for(workspace, tiny_model_dir), resume=True)
+    assert len(sampled) == (12 - 7) + 12  # stage 2's missing samples, then stage 3's
+    assert snapshot(resumed.run_dir) == reference
+
+
+def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, monkeypatch):
+    from raftlm.training.trainer import SFTTrainer
+
+    original_train = SFTTrainer.train
+    monkeypatch.setattr(SFTTrainer, "train", lambda self, examples, stage: (
+        (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
+    with pytest.raises(Killed):
+        train(config_for(workspace, tiny_model_dir, stages=1))
+    monkeypatch.setattr(SFTTrainer, "train", original_train)
+    import raftlm.loop
+
+    monkeypatch.setattr(raftlm.loop, "score", lambda *args: pytest.fail("scored again"))
+    resumed = train(config_for(workspace, tiny_model_dir, stages=1), resume=True)
+    assert [m["stage"] for m in resumed.metrics] == [0, 1]
+
+
+def test_no_journal_or_temporary_file_outlives_a_completed_run(workspace, tiny_model_dir):
+    result = train(config_for(workspace, tiny_model_dir, stages=1))
+    leftovers = [p.name for p in result.run_dir.rglob("*")
+                 if p.name.startswith("journal") or (p.name.startswith(".") and p.name != ".lock")]
+    assert leftovers == []
+
+
+# Journal -----------------------------------------------------------------------------------------
+
+def test_a_torn_last_journal_line_is_dropped_and_cut_off(tmp_path):
+    path = tmp_path / "journal.rank0.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
+    assert read_lines(path) == [{"a": 1}, {"b": 2}]
+    assert path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+
+
+def test_a_journal_written_for_other_settings_is_discarded(tmp_path):
+    first = StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [3, 4]})
+    first.add_sample(3, 0, {"text": "x"})
+    first.close()
+    again = StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [3, 4]})
+    assert again.samples == {(3, 0): {"text": "x"}}
+    again.close()
+    other = StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [5, 6]})
+    assert other.samples == {} and other.discarded == "settings changed"
+
+
+def test_journal_appends_are_flushed_line_by_line(tmp_path):
+    journal = StageJournal(tmp_path, 0, {"stage": 2})
+    journal.add_rewards(7, [1.0, None])
+    assert read_lines(journal.path)[-1] == {"prompt_id": 7, "rewards": [1.0, None]}
+    journal.close()
+    assert journal_module.FORMAT == read_lines(journal.path)[0]["journal"]
+
+
+# Checkpoint files --------------------------------------------------------------------------------
+
+def test_trainer_state_round_trips_through_safetensors_and_json(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    random.seed(5)
+    state = {"optimizer": optimizer.state_dict(), "step": 1,
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                     "torch": torch.get_rng_state()}}
+    tensors = {}
+    data = json.loads(json.dumps(split_tensors(state, tensors)))
+    back = join_tensors(data, tensors)
+    random.setstate(back["rng"]["python"])
+    assert random.random() == (random.seed(5), random.random())[1]
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"],
+                       state["optimizer"]["state"][0]["exp_avg"])
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert np.array_equal(back["rng"]["numpy"][1], state["rng"]["numpy"][1])
+
+
+def test_an_old_pickle_trainer_state_is_refused_not_unpickled(tmp_path):
+    torch.save({"step": 1}, tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match="old pickle format"):
+        read_trainer_state(tmp_path)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(workspace, tiny_model_dir,
+                                                                    capsys):
+    reference = uninterrupted(workspace, tiny_model_dir)
+    run_dir = train(config_for(workspace, tiny_model_dir, stages=2)).run_dir
+    adapter = run_dir / "checkpoints/stage-002/policy/adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0xFF
+    adapter.write_bytes(bytes(data))
+    capsys.readouterr()
+    resumed = train(config_for(workspace, tiny_model_dir), resume=True)
+    warning = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and "stage-002" in warning[0]
+    assert snapshot(resumed.run_dir) == reference
+
+
+def test_checkpoint_weights_load_without_pickle(workspace, tiny_model_dir):
+    run_dir = train(config_for(workspace, tiny_model_dir, stages=1)).run_dir
+    state = read_trainer_state(run_dir / "checkpoints/stage-001")
+    assert state["step"] >= 1 and state["rng"]["torch"].dtype == torch.uint8
+    assert load_file(str(run_dir / "checkpoints/stage-001/trainer_state.safetensors"))
+
+
+# One writer per run directory ---------------------------------------------------------------------
+
+def test_a_locked_run_directory_refuses_a_second_writer(tmp_path):
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(RunInUseError, match="in use"):
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released again
+        pass
+
+
+def test_the_lock_of_a_killed_process_is_released(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from raftlm.run.lock import run_lock\n"
+         f"with run_lock({str(tmp_path / 'run')!r}):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunInUseError):
+        with run_lock(tmp_path / "run"):
+            pass
+    holder.kill()
+    holder.wait()
+    with run_lock(tmp_path / "run"):
+        pass
+
+
+def test_overwrite_of_a_running_run_is_refused_and_deletes_nothing(workspace, tiny_model_dir,
+                                                                   capsys):
+    config = config_for(workspace, tiny_model_dir, stages=1)
+    train(config)
+    (workspace / "config.yaml").write_text(config.to_yaml())
+    before = snapshot(workspace / "run")
+    with run_lock(workspace / "run"):  # the run "still running"
+        code = cli_main(["train", "--config", str(workspace / "config.yaml"), "--overwrite"])
+    assert code == 2 and "in use" in capsys.readouterr().err
+    assert snapshot(workspace / "run") == before
+
+
+def test_resume_of_a_run_killed_before_its_config_says_how_to_start_it(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/.lock").write_text("")
+    assert cli_main(["train", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was started there" in err and "raftlm train --config" in err
+    assert "config file not found" not in err
+
+
+def test_checkpoints_list_lora_target_modules_sorted_whatever_the_hash_seed(workspace,
+                                                                          tiny_model_dir):
+    # peft writes a set in hash order; unsorted, two processes wrote different bytes.
+    run_dir = train(config_for(workspace, tiny_model_dir, stages=1)).run_dir
+    adapter = json.loads((run_dir / "checkpoints/stage-001/policy/adapter_config.json")
+                         .read_text())
+    assert adapter["target_modules"] == sorted(adapter["target_modules"])
+    assert len(adapter["target_modules"]) == 7
