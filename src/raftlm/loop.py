@@ -4,7 +4,8 @@ For t = 1..T:
   1. Collect   draw b prompts; sample K responses each from the current policy
   2. Rank      score every response with the reward; keep the best (per prompt, top-k per
                prompt, or the global top fraction), after filters
-  3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only
+  3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only (or another
+               objective of the RAFT family, `training.objective`: docs/objectives.md)
   4. Record    log the kept set's SFT loss before the update, evaluate after it, write the
                stage's candidates, metrics and a checkpoint
 After the last stage: report.html (plots, per-stage table, example responses).
@@ -41,6 +42,7 @@ from raftlm.run.report import write_report
 from raftlm.run.rundir import write_jsonl
 from raftlm.sampling.generate import generate, sample_seeds
 from raftlm.training.batches import Example, response_log_probs
+from raftlm.training.objectives import training_examples
 
 
 @dataclass
@@ -89,10 +91,8 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     lengths = [[len(r.token_ids) for r in row] for row in responses]
     truncated = np.array([[r.finish_reason == "length" for r in row] for row in responses])
     selection = select(rewards, texts, lengths, config.selection, truncated)
-    examples = [
-        Example(prompts[p].token_ids, responses[p][j].token_ids)
-        for p, j in zip(*np.nonzero(selection.mask))
-    ]
+    examples, rank_stats = training_examples(prompts, responses, rewards, selection,
+                                             config.training, stage)
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
@@ -110,6 +110,7 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
         "train/n_invalid_reward": int(np.isnan(rewards).sum()),
         **{f"train/dropped_{name}": n for name, n in selection.dropped.items()},
         **train_stats,
+        **rank_stats,
         "tokens/generated": int(sum(map(sum, lengths))),
         **timer.seconds,
     }
