@@ -355,3 +355,14 @@ def test_two_processes_train_grpo_with_kl_and_dual_clip_like_one(workspace):
         assert two[2][key] == pytest.approx(one.metrics[2][key], rel=1e-4, abs=1e-6), key
     for key in ("train/n_examples", "train/groups_dropped", "train/optimizer_steps"):
         assert two[2][key] == one.metrics[2][key], key
+
+
+def test_larger_task_asks_for_the_larger_of_two_distinct_numbers_with_disjoint_splits():
+    from raftlm.data.tasks import builtin_task_rows
+
+    train_rows = builtin_task_rows("larger", "train", 300, seed=0)
+    eval_rows = builtin_task_rows("larger", "eval", 300, seed=0)
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    row = eval_rows[0]
+    a, b = (int(x) for x in row["prompt"].rstrip("?").split("larger, ")[1].split(" or "))
+    assert a != b and row["answer"] == str(max(a, b))

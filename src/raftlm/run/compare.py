@@ -98,7 +98,8 @@ def reward_vs_kl_figure(runs: Sequence[RunRecords], labels: list[str]) -> Figure
         if points:
             ax.plot([k for k, _ in points], [r for _, r in points], marker="o", label=label)
             drawn = True
-    ax.legend(fontsize="small")
+    if drawn:
+        ax.legend(fontsize="small")
     return fig if drawn else None
 
 
@@ -111,7 +112,8 @@ def entropy_figure(runs: Sequence[RunRecords], labels: list[str]) -> Figure | No
         if stages:
             ax.plot(stages, values, marker="o", label=label)
             drawn = True
-    ax.legend(fontsize="small")
+    if drawn:
+        ax.legend(fontsize="small")
     return fig if drawn else None
 
 
