@@ -143,7 +143,7 @@ def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
     config.weight_transform = "minmax"
     examples, _ = objectives.training_examples(prompts, responses, rewards, Selection(mask),
                                                config, 3)
-    assert [e.weight for e in examples] == [0.0, 1.0, 0.0, 1.0]
+    assert [e.weight for e in examples] == [1.0, 1.0]  # weight-0 responses are left out
 
 
 def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():

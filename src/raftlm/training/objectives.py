@@ -147,6 +147,9 @@ def training_examples(
                     "negative weight for reward_weighted; set training.weight_transform to "
                     "minmax or rank"
                 )
+            # A weight-0 response carries no gradient: leave it out of the step (and of the
+            # token count) instead of spending forward and backward passes on it.
+            chosen = chosen & (weights != 0)
     examples = [
         TrainingExample(prompts[p].token_ids, responses[p][j].token_ids, float(weights[p, j]),
                         responses[p][j].token_log_probs)

@@ -145,7 +145,8 @@ class SFTTrainer:
 
     def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, float]:
         """One optimizer step on `step_examples` (the whole step's batch, identical on every
-        process); returns this process's NLL sum, the step's token count and the grad norm."""
+        process); returns this process's loss sum (the NLL for sft), the step's token count and
+        the grad norm."""
         cfg, acc = self.config, self.accelerator
         mine = shard(step_examples)
         local_tokens = sum(len(e.response_ids) for e in mine)
@@ -158,7 +159,7 @@ class SFTTrainer:
         # of examples fills its slots with zero-weighted passes over a stand-in example.
         largest = math.ceil(len(step_examples) / acc.num_processes)
         n_micro = max(1, math.ceil(largest / cfg.micro_batch_size))
-        step_nll = 0.0
+        step_loss = 0.0
         for i in range(n_micro):
             chunk = mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
             weight = scale if chunk else 0.0
@@ -171,7 +172,7 @@ class SFTTrainer:
                 with acc.autocast():
                     loss_sum = self._loss(batch, chunk, count=bool(weight))
                 acc.backward(loss_sum * weight)
-            step_nll += float(loss_sum.detach()) if weight else 0.0
+            step_loss += float(loss_sum.detach()) if weight else 0.0
         norm = 0.0
         if cfg.max_grad_norm > 0:
             # Under DeepSpeed the clipping is its own (`gradient_clipping`); this reads the norm.
@@ -180,7 +181,7 @@ class SFTTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_nll, global_tokens, norm
+        return step_loss, global_tokens, norm
 
     def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool
               ) -> torch.Tensor:
