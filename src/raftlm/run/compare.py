@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from raftlm.run.report import RunRecords, load_run, png_bytes, series
 from raftlm.run.rundir import atomic_write_bytes, atomic_write_text
@@ -71,6 +72,7 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
 def score_per_stage_figure(runs: Sequence[RunRecords], labels: list[str]) -> Figure:
     key, name = score_key(runs)
     fig, ax = _figure(f"{name} per stage", "stage", name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for run, label in zip(runs, labels):
         ax.plot(*series(run.metrics, key), marker="o", label=label)
     ax.legend(fontsize="small")
@@ -106,6 +108,7 @@ def reward_vs_kl_figure(runs: Sequence[RunRecords], labels: list[str]) -> Figure
 def entropy_figure(runs: Sequence[RunRecords], labels: list[str]) -> Figure | None:
     fig, ax = _figure("token entropy of the sampled training responses", "stage",
                       "-mean log pi_old (nats/token)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     drawn = False
     for run, label in zip(runs, labels):
         stages, values = series(run.metrics, "train/entropy")
