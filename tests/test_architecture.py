@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raftlm"
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("reference math and config", ["raftlm.core", "raftlm.config"]),
+    ("reference math and config", ["raftlm.core", "raftlm.core_objectives", "raftlm.config"]),
     ("foundations", ["raftlm.models", "raftlm.data", "raftlm.run"]),
     ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training"]),
     ("evaluation", ["raftlm.evaluation"]),

@@ -1,4 +1,4 @@
-"""Command line: `raftlm train | eval | report`."""
+"""Command line: `raftlm train | eval | report | compare`."""
 
 from __future__ import annotations
 
@@ -126,12 +126,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raftlm.run.compare import write_comparison
+
+    out = args.out or args.run_dirs[0].parent / "compare"
+    print(f"comparison: {write_comparison(args.run_dirs, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
     )
     parser.add_argument("--version", action="version", version=f"raftlm {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{train,eval,report}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,eval,report,compare}")
 
     train = commands.add_parser(
         "train", help="Run RAFT.", epilog=config_reference(),
@@ -165,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.set_defaults(handler=cmd_report)
+
+    compare = commands.add_parser(
+        "compare", help="Overlay several runs on one page (compare.html + PNGs).",
+        description="Held-out accuracy per stage and per wall-clock second, reward against KL, "
+                    "entropy and a table of final numbers for several run directories.",
+    )
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", type=Path, metavar="DIR",
+                         help="Output folder [default: <parent of the first RUN_DIR>/compare].")
+    compare.set_defaults(handler=cmd_compare)
     return parser
 
 

@@ -61,6 +61,8 @@ class Run:
 def expected_selected(config: RaftConfig) -> int:
     """Nominal selected examples per stage (filters only lower it); sizes the LR schedule."""
     b, k, sel = config.raft.prompts_per_stage, config.raft.samples_per_prompt, config.selection
+    if config.training.objective in ("reinforce_rej", "grpo"):
+        return b * k  # these train on all K responses (groups with a reward spread)
     if sel.strategy == "best_per_prompt":
         return b
     if sel.strategy == "top_k_per_prompt":

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo")
 
 
 def option(default: Any, help: str) -> Any:
@@ -131,6 +132,14 @@ class TrainingConfig:
     bf16_autocast: bool = option(
         False, "Train under bf16 autocast (fp32 weights kept; sampling keeps model.dtype): "
         "~2x faster steps on CPUs with AVX-512 bf16 and on GPUs.")
+    objective: str = option("sft", "sft, reward_weighted, raft++, reinforce_rej or grpo "
+                            "(docs/objectives.md).")
+    clip_eps: float = option(0.2, "Ratio objectives: PPO clip range, rho in [1-eps, 1+eps].")
+    dual_clip: float | None = option(None, "Ratio objectives: dual-clip constant c > 1 for "
+                                     "negative advantages (e.g. 3); None disables.")
+    weight_transform: str = option("none", "reward_weighted: none (raw reward), minmax or rank "
+                                   "per prompt.")
+    kl_coef: float = option(0.0, "Weight of the k3 KL penalty to the initial policy (LoRA).")
 
 
 @dataclass
@@ -229,6 +238,7 @@ class RaftConfig:
              "constant, linear or cosine"),
             ("offload", self.offload in {"none", "phases"}, "none or phases"),
             ("evaluation.every", self.evaluation.every >= 1, ">= 1"),
+            *self._objective_checks(),
         ]
         for i, term in enumerate(self.reward.terms):
             checks.append((f"reward.terms[{i}]", bool(term.name) != bool(term.model),
@@ -238,6 +248,22 @@ class RaftConfig:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
         if self.data.task is None and not self.data.train_file:
             raise ConfigError("data: set `task` (built-in) or `train_file`")
+
+    def _objective_checks(self) -> list[tuple[str, bool, str]]:
+        t, k = self.training, self.raft.samples_per_prompt
+        return [
+            ("training.objective", t.objective in OBJECTIVES, ", ".join(OBJECTIVES)),
+            ("training.clip_eps", t.clip_eps > 0, "> 0"),
+            ("training.dual_clip", t.dual_clip is None or t.dual_clip > 1, "> 1 or null"),
+            ("training.weight_transform", t.weight_transform in {"none", "minmax", "rank"},
+             "none, minmax or rank"),
+            ("training.kl_coef", t.kl_coef >= 0, ">= 0"),
+            ("training.kl_coef", t.kl_coef == 0 or self.model.lora.enabled,
+             "0 without LoRA (the initial policy is the base with the adapter disabled)"),
+            ("raft.samples_per_prompt",
+             k >= 2 or t.objective not in {"reinforce_rej", "grpo"},
+             f">= 2 for training.objective={t.objective} (advantages compare K responses)"),
+        ]
 
     def _get(self, dotted: str) -> Any:
         value: Any = self

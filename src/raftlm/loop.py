@@ -4,7 +4,8 @@ For t = 1..T:
   1. Collect   draw b prompts; sample K responses each from the current policy
   2. Rank      score every response with the reward; keep the best (per prompt, top-k per
                prompt, or the global top fraction), after filters
-  3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only
+  3. Fine-tune SFT on the kept (prompt, response) pairs, response tokens only (or another
+               objective of the RAFT family, `training.objective`: docs/objectives.md)
   4. Record    log the kept set's SFT loss before the update, evaluate after it, write the
                stage's candidates, metrics and a checkpoint
 After the last stage: report.html (plots, per-stage table, example responses).
@@ -44,6 +45,7 @@ from raftlm.run.rundir import write_jsonl
 from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import generate, sample_seeds
 from raftlm.training.batches import Example, response_log_probs
+from raftlm.training.objectives import training_examples
 
 
 @dataclass
@@ -110,15 +112,12 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     lengths = [[len(r.token_ids) for r in row] for row in responses]
     truncated = np.array([[r.finish_reason == "length" for r in row] for row in responses])
     selection = select(rewards, texts, lengths, config.selection, truncated)
-    examples = [
-        Example(prompts[p].token_ids, responses[p][j].token_ids)
-        for p, j in zip(*np.nonzero(selection.mask))
-    ]
+    examples, rank_stats = training_examples(prompts, responses, rewards, selection,
+                                             config.training, stage)
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
-        kept = [responses[p][j] for p, j in zip(*np.nonzero(selection.mask))]
-        sft_loss = selected_sft_loss(run, examples, kept)
+        sft_loss = selected_sft_loss(run, prompts, responses, selection.mask)
         with torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16,
                             enabled=config.training.bf16_autocast):
             train_stats = run.trainer.train(examples, stage)
@@ -134,6 +133,7 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
         "train/n_invalid_reward": int(np.isnan(rewards).sum()),
         **{f"train/dropped_{name}": n for name, n in selection.dropped.items()},
         **train_stats,
+        **rank_stats,
         "tokens/generated": int(sum(map(sum, lengths))),
         **timer.seconds,
     }
@@ -143,13 +143,16 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     return metrics
 
 
-def selected_sft_loss(run: Run, examples: list[Example], kept: list[Completion]) -> float | None:
-    """Token-pooled NLL of the kept responses under the current policy (raft_alignment's loss):
-    from the log-probs recorded while sampling them, else from a forward pass."""
-    if not examples:
+def selected_sft_loss(run: Run, prompts: list, responses: list[list[Completion]],
+                      mask: np.ndarray) -> float | None:
+    """Token-pooled NLL of the selected responses under the current policy (raft_alignment's
+    loss): from the log-probs recorded while sampling them, else from a forward pass."""
+    kept = [(prompts[p], responses[p][j]) for p, j in zip(*np.nonzero(mask))]
+    if not kept:
         return None
-    if all(c.token_log_probs is not None for c in kept):
-        return token_pooled_nll([np.asarray(c.token_log_probs) for c in kept])
+    if all(c.token_log_probs is not None for _, c in kept):
+        return token_pooled_nll([np.asarray(c.token_log_probs) for _, c in kept])
+    examples = [Example(p.token_ids, c.token_ids) for p, c in kept]
     with run.whole_policy() as policy:
         log_probs = response_log_probs(
             policy, shard(examples), run.tokenizer.pad_token_id,

@@ -30,7 +30,31 @@ def arithmetic_rows(split: str, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {"arithmetic": arithmetic_rows}
+def larger_rows(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Comparison rows ``{"prompt": "Which number is larger, a or b?", "answer": "max"}``.
+
+    Ordered pairs of distinct two-digit numbers, split like `arithmetic_rows` (the first 1000
+    of one seeded shuffle are ``eval``). A verifiable task of another kind than addition: the
+    answer is one of the numbers in the prompt, so imitating the format alone is not enough.
+    """
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    splits = {"eval": order[:ARITHMETIC_EVAL_SIZE], "train": order[ARITHMETIC_EVAL_SIZE:]}
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+    chosen = splits[split]
+    if not 0 <= n <= len(chosen):
+        raise ValueError(f"larger {split} split has {len(chosen)} prompts; asked for {n}")
+    return [
+        {"prompt": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b))}
+        for a, b in (pairs[i] for i in chosen[:n])
+    ]
+
+
+TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
+    "arithmetic": arithmetic_rows,
+    "larger": larger_rows,
+}
 
 
 def builtin_task_rows(task: str, split: str, n: int, seed: int) -> list[dict]:

@@ -7,6 +7,11 @@ pooled across its micro-batches (and processes), i.e. the token-pooled definitio
 With several processes every one holds the same selected set and the same shuffled order; each
 optimizer step's examples are split between them. Every process therefore runs the same number
 of optimizer steps (DDP would hang otherwise) and the gradient is the single-process one.
+
+`training.objective` chooses the per-token loss (`raftlm.training.objectives`); sft is the
+plain NLL above. The ratio objectives compare with the sampling policy's log-probs, fixed for
+the stage: those the sampler recorded, else one forward pass before the stage's first update.
+`training.kl_coef` adds a k3 penalty to the initial policy, the LoRA base with its adapter off.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from transformers import get_scheduler
 
 from raftlm.config import TrainingConfig
 from raftlm.models.distributed import shard, shards_optimizer_state
-from raftlm.training.batches import Example, collate, token_nll
+from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
+from raftlm.training.objectives import RATIO_OBJECTIVES, k3_kl, token_loss, token_tensors
 
 
 def planned_optimizer_steps(examples_per_stage: int, stages: int, config: TrainingConfig) -> int:
@@ -67,11 +73,16 @@ class SFTTrainer:
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
+        self._stats: dict[str, float] = {}
 
     def train(self, examples: list[Example], stage: int) -> dict[str, float]:
         """E epochs over the stage's examples (identical on every process, each taking its share
         of every optimizer step); returns stage statistics."""
         cfg, acc = self.config, self.accelerator
+        if cfg.objective in RATIO_OBJECTIVES:
+            examples = self._with_old_log_probs(examples)
+        self._stats = {"clipped": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0.0,
+                       "kl": 0.0}
         self.model.train()
         per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(examples) / per_step) if examples else 0
@@ -99,11 +110,43 @@ class SFTTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": float(np.mean(norms)) if norms else 0.0,
             "tokens/trained": total_tokens,
+            **self._objective_stats(),
         }
+
+    def _with_old_log_probs(self, examples: list[Example]) -> list[Example]:
+        """The examples with pi_old filled in where the sampler did not record it: the current
+        policy before this stage's first update (every process computes all of them, so that
+        FSDP's collectives stay in step)."""
+        missing = [e for e in examples if getattr(e, "old_log_probs", None) is None]
+        if missing:
+            model = self.accelerator.unwrap_model(self.model)
+            with self.accelerator.autocast():
+                computed = response_log_probs(model, missing, self.pad_id,
+                                              self.config.micro_batch_size,
+                                              self.accelerator.device)
+            for example, log_probs in zip(missing, computed):
+                example.old_log_probs = log_probs.tolist()
+        return examples
+
+    def _objective_stats(self) -> dict[str, float]:
+        """Ratio and KL statistics of the stage's passes, over the tokens of all processes."""
+        cfg, acc, s = self.config, self.accelerator, self._stats
+        sums = acc.reduce(torch.tensor([s["clipped"], s["ratio_sum"], s["tokens"], s["kl"]],
+                                       device=acc.device), "sum").tolist()
+        clipped, ratio_sum, tokens, kl = sums
+        stats = {}
+        if cfg.objective in RATIO_OBJECTIVES and tokens:
+            ratio_max = float(acc.gather(torch.tensor([s["ratio_max"]], device=acc.device)).max())
+            stats.update({"train/clip_fraction": clipped / tokens,
+                          "train/ratio_mean": ratio_sum / tokens, "train/ratio_max": ratio_max})
+        if cfg.kl_coef > 0 and tokens:
+            stats["train/kl_penalty"] = kl / tokens
+        return stats
 
     def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, float]:
         """One optimizer step on `step_examples` (the whole step's batch, identical on every
-        process); returns this process's NLL sum, the step's token count and the grad norm."""
+        process); returns this process's loss sum (the NLL for sft), the step's token count and
+        the grad norm."""
         cfg, acc = self.config, self.accelerator
         mine = shard(step_examples)
         local_tokens = sum(len(e.response_ids) for e in mine)
@@ -116,7 +159,7 @@ class SFTTrainer:
         # of examples fills its slots with zero-weighted passes over a stand-in example.
         largest = math.ceil(len(step_examples) / acc.num_processes)
         n_micro = max(1, math.ceil(largest / cfg.micro_batch_size))
-        step_nll = 0.0
+        step_loss = 0.0
         for i in range(n_micro):
             chunk = mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
             weight = scale if chunk else 0.0
@@ -127,9 +170,9 @@ class SFTTrainer:
             acc.sync_gradients = sync
             with nullcontext() if sync else acc.no_sync(self.model):
                 with acc.autocast():
-                    nll_sum = token_nll(self.model, batch).sum()
-                acc.backward(nll_sum * weight)
-            step_nll += float(nll_sum.detach()) if weight else 0.0
+                    loss_sum = self._loss(batch, chunk, count=bool(weight))
+                acc.backward(loss_sum * weight)
+            step_loss += float(loss_sum.detach()) if weight else 0.0
         norm = 0.0
         if cfg.max_grad_norm > 0:
             # Under DeepSpeed the clipping is its own (`gradient_clipping`); this reads the norm.
@@ -138,7 +181,44 @@ class SFTTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_nll, global_tokens, norm
+        return step_loss, global_tokens, norm
+
+    def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool
+              ) -> torch.Tensor:
+        """Summed per-token loss of the objective on one micro-batch; with `count`, its ratio
+        and KL statistics are added to the stage's."""
+        cfg = self.config
+        nll = token_nll(self.model, batch)
+        if cfg.objective == "sft" and cfg.kl_coef == 0:
+            return nll.sum()  # exactly the SFT loss raftlm always had
+        width = nll.shape[1]
+        tensors = {k: v.to(nll.device) for k, v in token_tensors(chunk, width).items()}
+        mask = (batch["labels"][:, 1:] != IGNORE).float()
+        log_probs = -nll
+        loss, stats = token_loss(cfg, log_probs, {**tensors, "mask": mask})
+        if cfg.kl_coef > 0:
+            kl = k3_kl(log_probs, self._reference_log_probs(batch), mask)
+            loss = loss + cfg.kl_coef * kl
+            if count:
+                self._stats["kl"] += float(kl.detach().sum())
+        if count:
+            real = mask.bool()
+            self._stats["tokens"] += float(mask.sum())
+            if "ratio" in stats:
+                ratio = stats["ratio"][real]
+                self._stats["clipped"] += float(stats["clipped"][real].sum())
+                self._stats["ratio_sum"] += float(ratio.sum())
+                if ratio.numel():
+                    self._stats["ratio_max"] = max(self._stats["ratio_max"], float(ratio.max()))
+        return loss.sum()
+
+    @torch.no_grad()
+    def _reference_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log pi_0 of every next token: the same model with its LoRA adapter disabled (config
+        validation refuses kl_coef > 0 without LoRA, so no second copy of the weights)."""
+        model = self.accelerator.unwrap_model(self.model)
+        with model.disable_adapter():
+            return -token_nll(model, batch)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule and step. A collective under FSDP (all processes call it)."""

@@ -1,0 +1,368 @@
+"""Training objectives: each torch loss matches its NumPy reference, the Rank step hands the
+right responses and weights to training, sft is unchanged, bad settings fail at load."""
+
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from test_distributed import accelerate_launch
+from tiny import save_tiny_model, tiny_causal_lm, tiny_llama_config
+from transformers import LlamaForCausalLM
+
+import raftlm
+from raftlm import RaftConfig, train
+from raftlm import core_objectives as ref
+from raftlm.config import OBJECTIVES, ConfigError, TrainingConfig
+from raftlm.rewards.selection import Selection
+from raftlm.sampling.completion import Completion
+from raftlm.training import objectives
+from raftlm.training.batches import IGNORE, Example, collate, token_nll
+from raftlm.training.trainer import SFTTrainer
+
+
+@pytest.fixture
+def tokens():
+    """Random log-probs of 3 responses of different lengths on a [3, 6] token grid."""
+    rng = np.random.default_rng(0)
+    log_probs = -rng.uniform(0.1, 3.0, (3, 6))
+    old = log_probs + rng.normal(0, 0.4, (3, 6))  # ratios well inside and outside the clip
+    mask = np.zeros((3, 6))
+    for row, length in enumerate([6, 2, 4]):
+        mask[row, :length] = 1
+    return log_probs, old, mask
+
+
+def t(array):
+    return torch.tensor(np.asarray(array), dtype=torch.float64)
+
+
+def pooled(per_token, mask):
+    return float(per_token.sum() / t(mask).sum())
+
+
+def test_weighted_nll_matches_its_numpy_reference(tokens):
+    log_probs, _, mask = tokens
+    weights = np.array([1.0, 0.25, 0.5])
+    torch_loss = pooled(objectives.weighted_nll(t(log_probs), t(weights), t(mask)), mask)
+    assert torch_loss == pytest.approx(ref.weighted_nll(log_probs, weights, mask), rel=1e-12)
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_clipped_ratio_loss_and_its_statistics_match_the_numpy_reference(tokens, dual_clip):
+    log_probs, old, mask = tokens
+    advantages = np.array([1.0, -0.8, -2.0])
+    loss, ratio, clipped = objectives.clipped_ratio_loss(
+        t(log_probs), t(old), t(advantages), t(mask), clip_eps=0.2, dual_clip=dual_clip)
+    expected = ref.clipped_ratio_loss(log_probs, old, advantages, mask, 0.2, dual_clip)
+    real = t(mask).bool()
+    assert pooled(loss, mask) == pytest.approx(expected["loss"], rel=1e-12)
+    assert float(clipped[real].double().mean()) == pytest.approx(expected["clip_fraction"])
+    assert float(ratio[real].mean()) == pytest.approx(expected["ratio_mean"], rel=1e-12)
+    assert float(ratio[real].max()) == pytest.approx(expected["ratio_max"], rel=1e-12)
+    assert 0 < expected["clip_fraction"] < 1  # the fixture exercises both branches
+
+
+def test_dual_clip_bounds_the_loss_of_a_negative_advantage():
+    # rho = e^3 ~ 20 on a response with A = -1: PPO's loss 20, dual clip caps it at c * |A| = 3.
+    out = ref.clipped_ratio_loss(np.array([[0.0]]), np.array([[-3.0]]), np.array([-1.0]),
+                                 np.ones((1, 1)), 0.2, dual_clip=3.0)
+    assert out["loss"] == pytest.approx(3.0)
+
+
+def test_clipped_ratio_loss_is_minus_the_advantage_when_pi_equals_pi_old(tokens):
+    log_probs, _, mask = tokens
+    out = ref.clipped_ratio_loss(log_probs, log_probs, np.array([1.0, 1.0, 1.0]), mask, 0.2)
+    assert out == {"loss": -1.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0}
+
+
+def test_k3_kl_matches_its_numpy_reference_and_is_zero_at_the_reference(tokens):
+    log_probs, old, mask = tokens
+    assert pooled(objectives.k3_kl(t(log_probs), t(old), t(mask)), mask) == pytest.approx(
+        ref.k3_kl(log_probs, old, mask), rel=1e-12)
+    assert ref.k3_kl(log_probs, old, mask) > 0
+    assert ref.k3_kl(log_probs, log_probs, mask) == 0
+
+
+def test_group_advantages_center_or_standardise_and_drop_uniform_groups():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, np.nan, 0.0, 1.0]])
+    centred, keep = ref.group_advantages(rewards, normalize=False)
+    np.testing.assert_allclose(centred[0], [0.5, -0.5, -0.5, 0.5])
+    np.testing.assert_allclose(centred[2], [0.0, np.nan, -0.5, 0.5])
+    assert keep.tolist() == [True, False, True]
+    standardised, _ = ref.group_advantages(rewards, normalize=True)
+    np.testing.assert_allclose(standardised[0], [1, -1, -1, 1], atol=1e-5)
+
+
+def test_weight_transforms_are_per_prompt():
+    rewards = np.array([[2.0, 4.0, 3.0], [-1.0, -1.0, 5.0]])
+    np.testing.assert_allclose(ref.transform_weights(rewards, "none"), rewards)
+    np.testing.assert_allclose(ref.transform_weights(rewards, "minmax"),
+                               [[0, 1, 0.5], [0, 0, 1]])
+    np.testing.assert_allclose(ref.transform_weights(rewards, "rank"),
+                               [[0, 1, 0.5], [0.25, 0.25, 1]])
+
+
+# The Rank step's hand-over --------------------------------------------------------------------
+
+def stage_table(rewards, log_probs=None):
+    prompts = [SimpleNamespace(id=f"p{i}", token_ids=[5, i]) for i in range(len(rewards))]
+    responses = [[Completion(f"r{p}{j}", [10 + j, 2], "eos", log_probs)
+                  for j in range(len(row))] for p, row in enumerate(rewards)]
+    return prompts, responses, np.array(rewards, dtype=float)
+
+
+def test_raft_plus_plus_trains_the_selected_responses_with_advantage_one():
+    prompts, responses, rewards = stage_table([[0.0, 1.0], [1.0, 0.0]])
+    mask = np.array([[False, True], [False, False]])
+    examples, stats = objectives.training_examples(
+        prompts, responses, rewards, Selection(mask), TrainingConfig(objective="raft++"), 1)
+    assert [(e.prompt_ids, e.response_ids, e.weight) for e in examples] == [([5, 0], [11, 2], 1.0)]
+    assert stats["train/groups_dropped"] == 0
+
+
+def test_grpo_trains_all_k_of_groups_with_a_reward_spread():
+    prompts, responses, rewards = stage_table([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    none = np.zeros_like(rewards, dtype=bool)
+    examples, stats = objectives.training_examples(
+        prompts, responses, rewards, Selection(none), TrainingConfig(objective="grpo"), 1)
+    assert [e.prompt_ids for e in examples] == [[5, 0]] * 4
+    np.testing.assert_allclose([e.weight for e in examples], [-1, 1, 1, -1], atol=1e-5)
+    assert stats["train/groups_dropped"] == 1
+
+
+def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
+    prompts, responses, rewards = stage_table([[0.5, 1.0], [-0.5, 0.2]])
+    mask = np.ones_like(rewards, dtype=bool)
+    config = TrainingConfig(objective="reward_weighted")
+    with pytest.raises(ValueError, match="stage 3, prompt p1: reward -0.5 .*weight_transform"):
+        objectives.training_examples(prompts, responses, rewards, Selection(mask), config, 3)
+    config.weight_transform = "minmax"
+    examples, _ = objectives.training_examples(prompts, responses, rewards, Selection(mask),
+                                               config, 3)
+    assert [e.weight for e in examples] == [1.0, 1.0]  # weight-0 responses are left out
+
+
+def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():
+    prompts, responses, rewards = stage_table([[0.0, 1.0]], log_probs=[-0.5, -1.5])
+    mask = np.array([[False, True]])
+    examples, stats = objectives.training_examples(
+        prompts, responses, rewards, Selection(mask), TrainingConfig(objective="raft++"), 1)
+    assert examples[0].old_log_probs == [-0.5, -1.5]
+    assert stats["train/entropy"] == pytest.approx(1.0)
+
+
+def test_entropy_is_absent_when_the_sampler_recorded_no_log_probs():
+    prompts, responses, rewards = stage_table([[0.0, 1.0]])
+    _, stats = objectives.training_examples(
+        prompts, responses, rewards, Selection(np.array([[False, True]])), TrainingConfig(), 1)
+    assert stats["train/entropy"] is None
+
+
+# The trainer ----------------------------------------------------------------------------------
+
+EXAMPLES = [Example([5, 6], [8, 9, 10]), Example([7], [11, 12]), Example([5], [9])]
+
+
+def test_sft_objective_takes_exactly_the_step_raftlm_always_took():
+    """The pre-objectives step, written out: the stage's seeded shuffle, token-pooled NLL,
+    clipping, AdamW; the weights must come out bit for bit the same."""
+    model = tiny_causal_lm(seed=4)
+    trainer = SFTTrainer(model, TrainingConfig(learning_rate=1e-2, micro_batch_size=4), 10,
+                         Accelerator(cpu=True), pad_id=2, seed=0)
+    stats = trainer.train(EXAMPLES, stage=1)
+
+    by_hand = tiny_causal_lm(seed=4).train()
+    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-2, weight_decay=0.0)
+    order = list(EXAMPLES)
+    random.Random("0:1:0").shuffle(order)  # seed 0, stage 1, epoch 0
+    nll = token_nll(by_hand, collate(order, pad_id=2))
+    (nll.sum() * (1 / 6)).backward()
+    torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
+    optimizer.step()
+    assert stats["train/loss"] == pytest.approx(float(nll.detach().sum()) / 6, rel=1e-6)
+    for mine, theirs in zip(model.parameters(), by_hand.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_reward_weighted_with_unit_weights_is_the_sft_loss():
+    model = tiny_causal_lm(seed=1)
+    batch = collate(EXAMPLES, pad_id=2)
+    nll = token_nll(model, batch)
+    mask = (batch["labels"][:, 1:] != IGNORE).float()
+    tensors = objectives.token_tensors(EXAMPLES, nll.shape[1])
+    config = TrainingConfig(objective="reward_weighted")
+    loss, _ = objectives.token_loss(config, -nll, {**tensors, "mask": mask})
+    assert float(loss.detach().sum()) == pytest.approx(float(nll.detach().sum()), rel=1e-6)
+
+
+def test_ratio_objective_starts_at_ratio_one_from_a_forward_pass_of_pi_old():
+    model = tiny_causal_lm(seed=2)
+    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    config = TrainingConfig(objective="raft++", learning_rate=1e-2, micro_batch_size=4)
+    trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+    stats = trainer.train(examples, stage=1)
+    assert stats["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["train/clip_fraction"] == 0.0
+    assert all(len(e.old_log_probs) == len(e.response_ids) for e in examples)
+
+
+def test_several_passes_move_the_ratio_and_clip_it():
+    model = tiny_causal_lm(seed=2)
+    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    config = TrainingConfig(objective="raft++", learning_rate=5e-2, micro_batch_size=4,
+                            epochs=6)
+    stats = SFTTrainer(model, config, 10, Accelerator(cpu=True), 2, 0).train(examples, 1)
+    assert stats["train/ratio_max"] > 1.2
+    assert stats["train/clip_fraction"] > 0
+
+
+# Seed 000 on a real model ---------------------------------------------------------------------
+
+def test_reward_weighted_moves_log_probs_like_the_bandit_reference():
+    """One prompt, one-token responses: raft_iteration adds lr * reward to the logit of each
+    kept token; a gradient step of the reward-weighted objective on a tiny Llama (uniform
+    output at the start) changes the log-probs in the same direction and proportion."""
+    vocab, k, lr, rng_seed = 16, 8, 1e-5, 0  # small steps: compare first-order moves
+    zero_logits = np.zeros((1, vocab))
+    reward = lambda prompt, token: float(token % 5) / 4  # noqa: E731
+    out = raftlm.raft_iteration(zero_logits, ["p"], reward, n_candidates=k, top_fraction=0.5,
+                                lr=lr, rng=np.random.default_rng(rng_seed))
+    bandit = torch.log_softmax(torch.tensor(out["updated_logits"][0]), -1) + np.log(vocab)
+
+    # The same draws and the same kept set, as training examples weighted by their reward.
+    tokens = np.random.default_rng(rng_seed).choice(vocab, size=k, p=np.full(vocab, 1 / vocab))
+    rewards = [reward("p", int(tok)) for tok in tokens]
+    kept = np.argsort(rewards)[-k // 2:]
+    examples = [objectives.TrainingExample([1, 3], [int(tokens[i])], rewards[i]) for i in kept]
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab, tie_word_embeddings=False)).double()
+    torch.nn.init.zeros_(model.lm_head.weight)  # uniform policy, as the zero logits
+    batch = collate(examples, pad_id=2)
+    nll = token_nll(model, batch)
+    mask = (batch["labels"][:, 1:] != IGNORE).double()
+    weights = objectives.token_tensors(examples, nll.shape[1])["weights"].double()
+    loss = objectives.weighted_nll(-nll, weights, mask).sum() / mask.sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-4 * p.grad
+        moved = torch.log_softmax(model(torch.tensor([[1, 3]])).logits[0, -1], -1)
+    moved = moved + np.log(vocab)
+    ratio = moved[bandit.abs() > 1e-9] / bandit[bandit.abs() > 1e-9]
+    assert float(ratio.min()) > 0  # same direction for every token
+    assert float(ratio.std() / ratio.mean()) < 1e-3  # same proportion
+
+
+# Config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, message", [
+    ("training.objective=ppo", "training.objective: expected sft, reward_weighted"),
+    ("training.clip_eps=0", "training.clip_eps: expected > 0"),
+    ("training.kl_coef=-0.1", "training.kl_coef: expected >= 0"),
+    ("training.dual_clip=0.5", "training.dual_clip: expected > 1"),
+    ("training.weight_transform=softmax", "training.weight_transform"),
+])
+def test_bad_objective_settings_fail_at_load_naming_the_field(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        RaftConfig.from_dict({"data": {"task": "arithmetic"}}, [setting])
+
+
+@pytest.mark.parametrize("objective", ["grpo", "reinforce_rej"])
+def test_group_objectives_refuse_one_sample_per_prompt(objective):
+    with pytest.raises(ConfigError, match=f"raft.samples_per_prompt: expected >= 2 .*{objective}"):
+        RaftConfig.from_dict({"data": {"task": "arithmetic"}},
+                             [f"training.objective={objective}", "raft.samples_per_prompt=1"])
+
+
+def test_kl_penalty_without_lora_is_refused():
+    with pytest.raises(ConfigError, match="training.kl_coef: expected 0 without LoRA"):
+        RaftConfig.from_dict({"data": {"task": "arithmetic"}},
+                             ["training.kl_coef=0.1", "model.lora.enabled=false"])
+
+
+def test_sft_is_the_default_objective():
+    assert RaftConfig.from_dict({"data": {"task": "arithmetic"}}).training.objective == "sft"
+
+
+# End to end through raftlm.train --------------------------------------------------------------
+
+DIGITS = """
+def digits(prompts, completions, **columns):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("objectives")
+    save_tiny_model(root / "model")
+    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (root / "rewards.py").write_text(DIGITS)
+    return root
+
+
+def run_config(root, objective, name, stages, **training) -> dict:
+    return {
+        "run": {"output_dir": str(root / name), "seed": 1},
+        "model": {"path": str(root / "model"), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},
+        "data": {"train_file": str(root / "train.jsonl"), "eval_file": str(root / "eval.jsonl")},
+        "raft": {"stages": stages, "prompts_per_stage": 5, "samples_per_prompt": 3},
+        "generation": {"max_new_tokens": 6, "batch_size": 8},
+        "reward": {"terms": [f"{root / 'rewards.py'}:digits"]},
+        "selection": {"strategy": "top_fraction", "top_fraction": 0.34},
+        "training": {"learning_rate": 1e-2, "micro_batch_size": 2, "epochs": 2,
+                     "gradient_accumulation_steps": 2, "objective": objective, **training},
+        "evaluation": {"sampled": True, "samples_per_prompt": 1},
+        "tracking": {"report": False},
+    }
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_trains_and_resumes_end_to_end(workspace, objective):
+    raw = run_config(workspace, objective, objective, stages=1, kl_coef=0.05)
+    train(RaftConfig.from_dict(raw))
+    result = train(RaftConfig.from_dict(raw, ["raft.stages=2"]), resume=True)
+    assert [m["stage"] for m in result.metrics] == [0, 1, 2]
+    last = result.metrics[2]
+    assert last["train/optimizer_steps"] > result.metrics[1]["train/optimizer_steps"]
+    assert last["train/kl_penalty"] >= 0 and "eval/kl_to_initial" in last
+    assert ("train/clip_fraction" in last) == (objective in objectives.RATIO_OBJECTIVES)
+    assert last["train/n_examples"] == (15 - 3 * last["train/groups_dropped"]
+                                        if objective in objectives.GROUP_OBJECTIVES
+                                        else last["train/n_selected"])
+
+
+def test_two_processes_train_grpo_with_kl_and_dual_clip_like_one(workspace):
+    settings = {"kl_coef": 0.05, "dual_clip": 3.0}
+    one = train(RaftConfig.from_dict(run_config(workspace, "grpo", "one", 2, **settings)))
+    config_path = workspace / "two.yaml"
+    raw = run_config(workspace, "grpo", "two", 1, **settings)
+    config_path.write_text(RaftConfig.from_dict(raw).to_yaml())
+    accelerate_launch(workspace, "--config", str(config_path))
+    accelerate_launch(workspace, "--config", str(config_path), "--resume",
+                      str(workspace / "two"), "--set", "raft.stages=2")
+    two = [json.loads(line) for line in (workspace / "two/metrics.jsonl").open()]
+    for key in ("train/loss", "train/clip_fraction", "train/ratio_mean", "train/ratio_max",
+                "train/kl_penalty", "train/grad_norm"):
+        assert two[2][key] == pytest.approx(one.metrics[2][key], rel=1e-4, abs=1e-6), key
+    for key in ("train/n_examples", "train/groups_dropped", "train/optimizer_steps"):
+        assert two[2][key] == one.metrics[2][key], key
+
+
+def test_larger_task_asks_for_the_larger_of_two_distinct_numbers_with_disjoint_splits():
+    from raftlm.data.tasks import builtin_task_rows
+
+    train_rows = builtin_task_rows("larger", "train", 300, seed=0)
+    eval_rows = builtin_task_rows("larger", "eval", 300, seed=0)
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    row = eval_rows[0]
+    a, b = (int(x) for x in row["prompt"].rstrip("?").split("larger, ")[1].split(" or "))
+    assert a != b and row["answer"] == str(max(a, b))
