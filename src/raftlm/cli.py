@@ -30,6 +30,11 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="No progress bars or progress lines (summaries stay).")
+
+
 def load_config(args: argparse.Namespace) -> RaftConfig:
     return RaftConfig.from_yaml(args.config, args.overrides)
 
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Continue the run in RUN_DIR after its last completed stage.")
     train.add_argument("--overwrite", action="store_true",
                        help="Replace an existing run in run.output_dir.")
+    add_quiet_arg(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser(
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, metavar="FILE",
                           help="Where to write the metrics as JSON "
                                "[default: <checkpoint or run.output_dir>/eval.json].")
+    add_quiet_arg(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser(
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    from raftlm.run.progress import configure_progress
+
+    configure_progress(getattr(args, "quiet", False))
     try:
         return handler(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RewardError) as err:
