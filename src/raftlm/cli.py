@@ -11,6 +11,7 @@ from pathlib import Path
 from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
 from raftlm.rewards.reward import RewardError
+from raftlm.tools.commands import add_tool_commands
 
 
 def config_reference() -> str:
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
     )
     parser.add_argument("--version", action="version", version=f"raftlm {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{train,eval,report}")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{train,eval,report,export,sample,chat}")
 
     train = commands.add_parser(
         "train", help="Run RAFT.", epilog=config_reference(),
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.set_defaults(handler=cmd_report)
+    add_tool_commands(commands)
     return parser
 
 

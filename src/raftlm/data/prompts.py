@@ -115,6 +115,15 @@ def build_prompt_set(
     return PromptSet(records, n_skipped, source)
 
 
+def render_chat(prompt: str | list[dict], tokenizer: Any, system_prompt: str | None = None,
+                ) -> tuple[str, list[int]]:
+    """The text and token ids the model sees for a prompt (text or chat messages), with the
+    same chat template and system prompt as training; `raftlm sample` and `raftlm chat` use it."""
+    prompt = _check_prompt(prompt, "prompt", "prompt")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return _render(prompt, tokenizer, has_template, system_prompt, "prompt")
+
+
 def _check_prompt(value: Any, where: str, field: str) -> str | list[dict]:
     if isinstance(value, np.ndarray):  # parquet readers may hand lists back as arrays
         value = value.tolist()
