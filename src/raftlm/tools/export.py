@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from raftlm.config import EMBEDDED_MODEL
 from raftlm.run.rundir import RunDir
 from raftlm.tools.gguf_file import write_gguf
 from raftlm.tools.target import Target, load_target
 
 FORMATS = ("hf", "gguf")
+EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF file holds
 CARD_METRICS = [
     ("eval/accuracy", "held-out accuracy (greedy)"),
     ("eval/reward_mean", "held-out reward (greedy)"),
@@ -48,6 +50,7 @@ def export(path: str | Path, out: str | Path, fmt: str, stage: int | None = None
         return out
     staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None,
                                     prefix=f".{out.name}-"))
+    staging.chmod(0o755)  # mkdtemp's private 0700 would hide the model from other users
     try:
         write_hf_folder(model, target, staging)
         shutil.move(str(staging), out)  # the folder appears only when complete
@@ -87,6 +90,7 @@ def model_name(target: Target) -> str:
 def model_card(target: Target) -> str:
     """A model card: base model, what the run did, held-out results per stage, its config."""
     config, base = target.config, target.config.model.path
+    base = EMBEDDED_BASE if base == EMBEDDED_MODEL else base
     lines = ["---", yaml.safe_dump({"base_model": base, "library_name": "transformers",
                                     "tags": ["raftlm", "raft"]}).strip(), "---", "",
              f"# {model_name(target)}", ""]

@@ -39,6 +39,7 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16", name: 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
     os.close(fd)
+    os.chmod(staging, 0o644)  # mkstemp's private 0600 would hide the file from other users
     try:
         writer = gguf.GGUFWriter(staging, "llama")
         _write_hyperparameters(writer, config, name, dtype, gguf)
