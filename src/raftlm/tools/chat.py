@@ -99,7 +99,7 @@ def chat(target: Target, generation: GenerationConfig, read_line: Callable[[str]
     while True:
         try:
             line = read_line("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt
             write("\n")
             break
         if line.strip() in EXIT_COMMANDS:

@@ -48,8 +48,8 @@ def export(path: str | Path, out: str | Path, fmt: str, stage: int | None = None
         write_gguf(model, target.tokenizer, out, gguf_dtype,
                    name=model_name(target), base_gguf=_base_gguf(target))
         return out
-    staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None,
-                                    prefix=f".{out.name}-"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     staging.chmod(0o755)  # mkdtemp's private 0700 would hide the model from other users
     try:
         write_hf_folder(model, target, staging)
