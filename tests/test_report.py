@@ -14,6 +14,7 @@ from raftlm.run.report import (
     build_figures,
     headline,
     load_run,
+    prompt_as_chat,
     reward_distribution_figure,
     reward_figure,
     time_figure,
@@ -173,3 +174,27 @@ def test_report_renders_plots_and_table_in_headless_chromium(run_dir, tmp_path):
     # matplotlib's first line colour (#1f77b4) is on screen only if the plots were painted.
     blue = (np.abs(pixels - [0x1F, 0x77, 0xB4]).max(axis=-1) < 12).sum()
     assert blue > 500, f"only {blue} plot-blue pixels in a {pixels.shape[:2]} screenshot"
+
+
+def test_report_shows_a_chatml_prompt_as_roles_and_text():
+    row = {"prompt": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                     "What is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"}
+    assert prompt_as_chat(row) == "system: Be brief.\nuser: What is 12 + 30?"
+
+
+def test_report_shows_the_original_messages_for_other_chat_templates():
+    row = {"prompt": "[INST] What is 12 + 30? [/INST]",
+           "original_prompt": [{"role": "user", "content": "What is 12 + 30?"}]}
+    assert prompt_as_chat(row) == "user: What is 12 + 30?"
+
+
+def test_report_shows_a_prompt_without_chat_template_as_is():
+    assert prompt_as_chat({"prompt": "Q: 1 + 1 =", "original_prompt": "Q: 1 + 1 ="}) == "Q: 1 + 1 ="
+
+
+def test_report_page_holds_the_chat_not_the_special_tokens(run_dir):
+    rows = [{"prompt": "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n",
+             "response": "7", "reward": 1.0, "selected": True}]
+    write_jsonl(run_dir / "stages/001/candidates.jsonl", rows)
+    page = write_report(run_dir).read_text()
+    assert "user: What is 3 + 4?" in page and "im_start" not in page

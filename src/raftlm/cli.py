@@ -14,6 +14,7 @@ from raftlm.config import ConfigError, RaftConfig, field_help
 from raftlm.rewards.reward import RewardError
 from raftlm.run.lock import RunInUseError
 from raftlm.run.signals import Interrupted, stop_on_signals
+from raftlm.tools.commands import add_tool_commands
 
 
 def config_reference() -> str:
@@ -31,6 +32,11 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="Override a config field, e.g. --set raft.stages=4 (repeatable).",
     )
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="No progress bars or progress lines (summaries stay).")
 
 
 def load_config(args: argparse.Namespace) -> RaftConfig:
@@ -139,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
     )
     parser.add_argument("--version", action="version", version=f"raftlm {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{train,eval,report,compare}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="{train,eval,report,compare,export,sample,chat}")
 
     train = commands.add_parser(
         "train", help="Run RAFT.", epilog=config_reference(),
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Continue the run in RUN_DIR after its last completed stage.")
     train.add_argument("--overwrite", action="store_true",
                        help="Replace an existing run in run.output_dir.")
+    add_quiet_arg(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser(
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, metavar="FILE",
                           help="Where to write the metrics as JSON "
                                "[default: <checkpoint or run.output_dir>/eval.json].")
+    add_quiet_arg(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser(
@@ -183,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, metavar="DIR",
                          help="Output folder [default: <parent of the first RUN_DIR>/compare].")
     compare.set_defaults(handler=cmd_compare)
+    add_tool_commands(commands)
     return parser
 
 
@@ -193,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    from raftlm.run.progress import configure_progress
+
+    configure_progress(getattr(args, "quiet", False))
     try:
         return handler(args)
     except (ConfigError, ValueError, RewardError, RunInUseError, OSError) as err:

@@ -67,6 +67,12 @@ class DataConfig:
     max_eval_prompts: int = option(0, "Use at most this many held-out prompts; 0 = all.")
     task_train_size: int = option(2000, "Built-in task: number of training prompts.")
     task_eval_size: int = option(100, "Built-in task: number of held-out prompts.")
+    dataset: str | None = option(
+        None, "HF dataset instead of train_file: a save_to_disk folder or a name in the local "
+              "HF cache (nothing is downloaded).")
+    split: str = option("train", "data.dataset: the split with the training prompts.")
+    eval_split: str | None = option(None, "data.dataset: a held-out split (else eval_file).")
+    dataset_config: str | None = option(None, "data.dataset: the dataset's configuration name.")
 
 
 @dataclass
@@ -246,8 +252,14 @@ class RaftConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
-        if self.data.task is None and not self.data.train_file:
-            raise ConfigError("data: set `task` (built-in) or `train_file`")
+        if self.data.task is None and not self.data.train_file and not self.data.dataset:
+            raise ConfigError("data: set `task` (built-in), `train_file` or `dataset`")
+        if self.data.train_file and self.data.dataset:
+            raise ConfigError("data: set `train_file` or `dataset`, not both")
+        if self.data.eval_split and not self.data.dataset:
+            raise ConfigError("data.eval_split: needs data.dataset")
+        if self.data.eval_split and self.data.eval_file:
+            raise ConfigError("data: set `eval_file` or `eval_split`, not both")
 
     def _objective_checks(self) -> list[tuple[str, bool, str]]:
         t, k = self.training, self.raft.samples_per_prompt

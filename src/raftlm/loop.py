@@ -186,6 +186,7 @@ def write_candidates(run: Run, stage: int, prompts: list, responses: list, rewar
     rows = [
         {
             "prompt_id": prompt.id, "prompt": prompt.text, "sample": j, "response": response.text,
+            "original_prompt": prompt.prompt,  # as in the data: text or chat messages
             "reward": None if np.isnan(rewards[p, j]) else float(rewards[p, j]),
             "selected": bool(mask[p, j]), "finish_reason": response.finish_reason,
             "n_tokens": len(response.token_ids),

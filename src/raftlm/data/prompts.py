@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from raftlm.config import DataConfig, RaftConfig
+from raftlm.data.hf_datasets import load_dataset_rows
 from raftlm.data.tasks import builtin_task_rows
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -63,6 +64,18 @@ def load_prompt_set(path: str | Path, tokenizer: Any, config: DataConfig) -> Pro
     )
 
 
+def dataset_prompt_set(config: DataConfig, split: str, tokenizer: Any,
+                       split_field: str = "data.split") -> PromptSet:
+    """One split of ``data.dataset`` (a save_to_disk folder or the local HF cache) as a
+    PromptSet, with the same prompt field and extra-column rules as prompt files."""
+    rows, source = load_dataset_rows(config.dataset, split, config.dataset_config, split_field)
+    return build_prompt_set(
+        rows, tokenizer, prompt_field=config.prompt_field,
+        max_prompt_tokens=config.max_prompt_tokens, system_prompt=config.system_prompt,
+        source=source,
+    )
+
+
 def build_prompt_set(
     rows: list[dict],
     tokenizer: Any,
@@ -100,6 +113,15 @@ def build_prompt_set(
             f"{max_prompt_tokens}"
         )
     return PromptSet(records, n_skipped, source)
+
+
+def render_chat(prompt: str | list[dict], tokenizer: Any, system_prompt: str | None = None,
+                ) -> tuple[str, list[int]]:
+    """The text and token ids the model sees for a prompt (text or chat messages), with the
+    same chat template and system prompt as training; `raftlm sample` and `raftlm chat` use it."""
+    prompt = _check_prompt(prompt, "prompt", "prompt")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return _render(prompt, tokenizer, has_template, system_prompt, "prompt")
 
 
 def _check_prompt(value: Any, where: str, field: str) -> str | list[dict]:
@@ -290,8 +312,11 @@ def load_prompt_sets(config: RaftConfig, tokenizer: Any) -> tuple[PromptSet, Pro
         train_set = build("train", data.task_train_size)
         eval_set = build("eval", data.task_eval_size)
     else:
-        train_set = load_prompt_set(data.train_file, tokenizer, data)
+        train_set = (dataset_prompt_set(data, data.split, tokenizer) if data.dataset
+                     else load_prompt_set(data.train_file, tokenizer, data))
         eval_set = load_prompt_set(data.eval_file, tokenizer, data) if data.eval_file else None
+        if data.eval_split:
+            eval_set = dataset_prompt_set(data, data.eval_split, tokenizer, "data.eval_split")
     if eval_set is not None and data.max_eval_prompts:
         eval_set.records = eval_set.records[: data.max_eval_prompts]
     return train_set, eval_set

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ HEADLINE = [  # (key, label): held-out numbers first, training reward when there
     ("train/reward_mean", "training candidates' mean reward"),
 ]
 PHASES = ["generate", "reward", "train", "eval"]
+CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 
 
 @dataclass
@@ -246,6 +248,24 @@ def examples(candidates: dict[int, list[dict[str, Any]]]) -> list[tuple[int, str
     return chosen
 
 
+def prompt_as_chat(row: dict[str, Any]) -> str:
+    """A candidate's prompt as the chat it is (``user: What is 12 + 30?``), not the template.
+
+    Reads the rendered ChatML turns of ``prompt`` (system prompts included); for other chat
+    templates, the ``original_prompt`` (text or messages) the loop records; else the raw text.
+    """
+    text = str(row.get("prompt", ""))
+    turns = [(role, content.strip()) for role, content in CHATML_TURN.findall(text)]
+    turns = [(role, content) for role, content in turns if content]  # the generation prompt
+    original = row.get("original_prompt")
+    if not turns and isinstance(original, str) and original != text:  # another template
+        turns = [("user", original)]
+    elif not turns and isinstance(original, list):
+        turns = [(m.get("role", "?"), m.get("content", "")) for m in original
+                 if isinstance(m, dict)]
+    return "\n".join(f"{role}: {content}" for role, content in turns) if turns else text
+
+
 def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
     """The report page; every value is HTML-escaped, every image inlined."""
     e = html.escape
@@ -267,7 +287,7 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
         f'<div class="example {kind.split()[0]}">'
         f'<h4>stage {stage}: {kind} (reward {_fmt(row["reward"])}'
         f'{", selected" if row.get("selected") else ""})</h4>'
-        f'<pre class="prompt">{e(str(row.get("prompt", "")))}</pre>'
+        f'<pre class="prompt">{e(prompt_as_chat(row))}</pre>'
         f'<pre class="response">{e(str(row.get("response", "")))}</pre></div>'
         for stage, kind, row in examples(run.candidates)
     )

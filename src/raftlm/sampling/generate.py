@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from raftlm.config import GenerationConfig
 from raftlm.models.distributed import gather, shard
+from raftlm.run.progress import progress
 from raftlm.sampling.completion import Completion, eos_token_ids, to_completion
 from raftlm.sampling.fast import sample
 from raftlm.sampling.hf import generate_hf
@@ -87,7 +87,7 @@ def generate(
     was_training = model.training
     model.eval()
     per_prompt = num_samples + int(with_greedy)
-    bar = tqdm(total=len(prompts) * per_prompt, desc=desc, unit="seq", leave=False)
+    bar = progress(total=len(prompts) * per_prompt, desc=desc, unit="seq", leave=False)
     try:
         with torch.inference_mode():
             if config.backend == "raftlm":

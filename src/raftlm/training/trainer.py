@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from raftlm.config import TrainingConfig
 from raftlm.models.distributed import shard, shards_optimizer_state
+from raftlm.run.progress import progress
 from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
 from raftlm.training.objectives import RATIO_OBJECTIVES, k3_kl, token_loss, token_tensors
 
@@ -87,7 +87,7 @@ class SFTTrainer:
         per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(examples) / per_step) if examples else 0
         total_nll, total_tokens, norms = 0.0, 0, []
-        bar = tqdm(
+        bar = progress(
             total=steps_per_epoch * cfg.epochs, desc=f"train stage {stage}", unit="step",
             leave=False, disable=not acc.is_main_process,
         )

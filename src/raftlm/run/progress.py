@@ -1,0 +1,102 @@
+"""Progress output that fits where it goes.
+
+In a terminal: tqdm bars. Anywhere else (CI, ``| tee``, a log file) carriage-return bars turn
+into one long garbled line, so a plain line is printed every ``RAFTLM_PROGRESS_SECONDS``
+(default 10) instead. ``set_quiet(True)`` (the CLI's ``--quiet``) silences both; the
+one-line-per-stage summaries are ordinary prints and stay.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tqdm import tqdm as text_tqdm
+from tqdm.auto import tqdm
+
+DEFAULT_SECONDS = 10.0
+PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) every progress bar and progress line of this process."""
+    global _quiet
+    _quiet = quiet
+
+
+def configure_progress(quiet: bool) -> None:
+    """The CLI's setting: ``quiet`` or not, and library bars (transformers' weight loading,
+    datasets) off wherever raftlm's own bars would not be tqdm bars either."""
+    set_quiet(quiet)
+    if quiet or not _is_terminal(sys.stderr):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def progress_seconds() -> float:
+    """Seconds between plain progress lines (``RAFTLM_PROGRESS_SECONDS``)."""
+    value = os.environ.get("RAFTLM_PROGRESS_SECONDS", "")
+    try:
+        seconds = float(value) if value else DEFAULT_SECONDS
+    except ValueError:
+        raise ValueError(f"RAFTLM_PROGRESS_SECONDS: expected seconds, got {value!r}") from None
+    if seconds < 0:
+        raise ValueError(f"RAFTLM_PROGRESS_SECONDS: expected >= 0, got {seconds}")
+    return seconds
+
+
+def progress(*, total: int | None, desc: str, unit: str = "it", disable: bool = False,
+             file: Any = None, **options: Any) -> tqdm:
+    """A progress bar: tqdm in a terminal, timed plain lines elsewhere, nothing when quiet.
+
+    Accepts tqdm's keyword arguments; the object returned has tqdm's interface either way.
+    """
+    stream = file if file is not None else sys.stderr
+    if _quiet or disable:
+        return tqdm(total=total, desc=desc, unit=unit, disable=True)
+    if _is_terminal(stream):
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, **options)
+    return PlainProgress(total=total, desc=desc, unit=unit, file=stream,
+                         interval=progress_seconds())
+
+
+class PlainProgress(text_tqdm):
+    """A tqdm whose display is a full line every ``interval`` seconds, never a ``\\r`` redraw.
+
+    Bars that finish within one interval print nothing; one that printed also prints its
+    final count when it closes.
+    """
+
+    def __init__(self, *, interval: float, **options: Any) -> None:
+        self.interval = interval
+        self.last_line_at: float | None = None
+        self.lines_printed = 0
+        super().__init__(mininterval=interval, bar_format=PLAIN_FORMAT, leave=False, **options)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        closing = msg == ""  # tqdm asks to clear a leave=False bar when it closes
+        now = self._time()
+        since = self.last_line_at or getattr(self, "start_t", now)
+        if closing:
+            if not self.lines_printed:
+                return False
+        elif self.n == 0 or now - since < self.interval:
+            return False
+        self.fp.write(self.__str__() + "\n")
+        self.fp.flush()
+        self.last_line_at = now
+        self.lines_printed += 1
+        return False  # nothing to clear with a carriage return
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
