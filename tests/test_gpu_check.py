@@ -117,7 +117,8 @@ def test_a_sampler_that_misses_the_argmax_fails_the_greedy_checks(monkeypatch, c
 
     def off_by_one(*args, **kwargs):  # each token replaced by the next id in the vocabulary
         rows = sample(*args, **kwargs)
-        return [[([(t + 1) % 100 for t in ids], reason) for ids, reason in row] for row in rows]
+        return [[([(t + 1) % 100 for t in ids], reason, lp) for ids, reason, lp in row]
+                for row in rows]
 
     sample = generate_module.sample
     monkeypatch.setattr(generate_module, "sample", off_by_one)

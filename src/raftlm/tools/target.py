@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def run_checkpoint(run_dir: Path, stage: int | None) -> tuple[int, Path | None]:
     if stage == 0:
         return 0, None
     if stage is None:
-        latest = runs.latest_checkpoint()
+        # The newest checkpoint that passes its manifest (a damaged one is named and skipped).
+        latest = runs.intact_checkpoint(warn=lambda line: print(line, file=sys.stderr))
         if latest is None:
             raise FileNotFoundError(f"{run_dir}: no checkpoints yet (use --stage 0 for the "
                                     "base model)")
