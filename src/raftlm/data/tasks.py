@@ -9,46 +9,37 @@ import numpy as np
 ARITHMETIC_EVAL_SIZE = 1000  # fixed, so a pair's split never depends on the sizes asked for
 
 
-def arithmetic_rows(split: str, n: int, seed: int = 0) -> list[dict]:
-    """Two-digit addition rows ``{"prompt": "What is a + b?", "answer": "a+b"}``.
-
-    All 90 * 90 ordered pairs are shuffled once with ``seed``; the first 1000 are ``eval``,
-    the rest ``train``, so the splits are disjoint whatever ``n`` is. Returns the first ``n``.
-    """
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+def _split_pairs(task: str, pairs: list[tuple[int, int]], split: str, n: int, seed: int
+                 ) -> list[tuple[int, int]]:
+    """The first ``n`` pairs of ``split``: one seeded shuffle of all pairs, whose first
+    ARITHMETIC_EVAL_SIZE are ``eval`` and the rest ``train``, so the splits are disjoint
+    whatever ``n`` is."""
     order = np.random.default_rng(seed).permutation(len(pairs))
     splits = {"eval": order[:ARITHMETIC_EVAL_SIZE], "train": order[ARITHMETIC_EVAL_SIZE:]}
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
     chosen = splits[split]
     if not 0 <= n <= len(chosen):
-        raise ValueError(f"arithmetic {split} split has {len(chosen)} prompts; asked for {n}")
-    rows = []
-    for index in chosen[:n]:
-        a, b = pairs[index]
-        rows.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
-    return rows
+        raise ValueError(f"{task} {split} split has {len(chosen)} prompts; asked for {n}")
+    return [pairs[i] for i in chosen[:n]]
+
+
+def arithmetic_rows(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Two-digit addition rows ``{"prompt": "What is a + b?", "answer": "a+b"}`` over all
+    90 * 90 ordered pairs."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+            for a, b in _split_pairs("arithmetic", pairs, split, n, seed)]
 
 
 def larger_rows(split: str, n: int, seed: int = 0) -> list[dict]:
-    """Comparison rows ``{"prompt": "Which number is larger, a or b?", "answer": "max"}``.
-
-    Ordered pairs of distinct two-digit numbers, split like `arithmetic_rows` (the first 1000
-    of one seeded shuffle are ``eval``). A verifiable task of another kind than addition: the
-    answer is one of the numbers in the prompt, so imitating the format alone is not enough.
-    """
+    """Comparison rows ``{"prompt": "Which number is larger, a or b?", "answer": "max"}`` over
+    ordered pairs of distinct two-digit numbers. A verifiable task of another kind than
+    addition: the answer is one of the numbers in the prompt, so imitating the format alone is
+    not enough."""
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    splits = {"eval": order[:ARITHMETIC_EVAL_SIZE], "train": order[ARITHMETIC_EVAL_SIZE:]}
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
-    chosen = splits[split]
-    if not 0 <= n <= len(chosen):
-        raise ValueError(f"larger {split} split has {len(chosen)} prompts; asked for {n}")
-    return [
-        {"prompt": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b))}
-        for a, b in (pairs[i] for i in chosen[:n])
-    ]
+    return [{"prompt": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b))}
+            for a, b in _split_pairs("larger", pairs, split, n, seed)]
 
 
 TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
