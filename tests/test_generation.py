@@ -174,6 +174,19 @@ def test_same_seeds_give_same_samples_whatever_the_batching(model, tok, prompts,
     assert first[0][0] == full[2][0]
 
 
+def test_prompts_of_one_length_prefilled_together_sample_as_alone(model, tok):
+    # Equal lengths: the sampler prefills these prompts in one forward (fp32).
+    rng = np.random.default_rng(0)
+    same_length = [rng.integers(3, len(tok), size=9).tolist() for _ in range(6)]
+    seeds = list(range(100, 106))
+    together = ids_of(generate(model, tok, same_length, 3, config(batch_size=8), seeds=seeds))
+    alone = [ids_of(generate(model, tok, [p], 3, config(batch_size=8), seeds=[s]))[0]
+             for p, s in zip(same_length, seeds)]
+    assert together == alone
+    greedy = ids_of(generate(model, tok, same_length, 1, config(), greedy=True))
+    assert [row[0] for row in greedy] == [hf_greedy(model, p, 12) for p in same_length]
+
+
 def test_samples_of_one_prompt_differ_and_seeds_matter(model, tok, prompts):
     a = ids_of(generate(model, tok, [prompts[0]], 4, config(), seeds=[1]))[0]
     b = ids_of(generate(model, tok, [prompts[0]], 4, config(), seeds=[2]))[0]

@@ -109,3 +109,22 @@ def test_trainer_state_round_trip_restores_optimizer_and_schedule():
     assert second.step == 1
     assert second.scheduler.get_last_lr() == first.scheduler.get_last_lr()
     assert len(second.optimizer.state_dict()["state"]) > 0
+
+
+def test_bf16_autocast_computes_every_step_with_the_current_weights():
+    """Autocast caches its bf16 copy of each trainable weight while its context is open: a
+    context spanning several optimizer steps would keep the first step's weights. Two steps
+    in one call must equal two calls of one step each (each necessarily on fresh weights)."""
+    example = [Example([5, 6, 7], [8, 9, 10, 11])]
+    weights = {}
+    for name, autocast, calls, epochs in [("one call", True, 1, 2), ("two calls", True, 2, 1),
+                                          ("fp32", False, 2, 1)]:
+        model = tiny_causal_lm(seed=4)
+        config = TrainingConfig(learning_rate=1e-2, epochs=epochs, micro_batch_size=1,
+                                bf16_autocast=autocast)
+        trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+        for stage in range(1, calls + 1):
+            trainer.train(example, stage=stage)
+        weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(weights["one call"], weights["two calls"])
+    assert not torch.equal(weights["two calls"], weights["fp32"])  # bf16 was in use

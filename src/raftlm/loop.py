@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from raftlm.components import Run, exclusive_run_dir, open_journal, prepare_run, save_checkpoint
 from raftlm.config import RaftConfig
@@ -118,9 +117,7 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
         sft_loss = selected_sft_loss(run, prompts, responses, selection.mask)
-        with torch.autocast(run.accelerator.device.type, dtype=torch.bfloat16,
-                            enabled=config.training.bf16_autocast):
-            train_stats = run.trainer.train(examples, stage)
+        train_stats = run.trainer.train(examples, stage)
 
     # 4. Record: candidates, metrics, evaluation, checkpoint.
     write_candidates(run, stage, prompts, responses, rewards, selection.mask)

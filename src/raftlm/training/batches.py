@@ -74,7 +74,11 @@ LOGITS_PER_CHUNK = 2**24  # fp32 logits of one chunk: 64 MB
 
 
 def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    # The head runs in its weights' precision, not autocast's: bf16 logits near 20 are rounded
+    # to steps of 0.125, which blurs the loss and its gradient once the model is confident.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = head(hidden.to(head.weight.dtype))
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def _plain_output_head(model: Any) -> torch.nn.Linear | None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -120,7 +121,7 @@ class SFTTrainer:
         missing = [e for e in examples if getattr(e, "old_log_probs", None) is None]
         if missing:
             model = self.accelerator.unwrap_model(self.model)
-            with self.accelerator.autocast():
+            with self._autocast():
                 computed = response_log_probs(model, missing, self.pad_id,
                                               self.config.micro_batch_size,
                                               self.accelerator.device)
@@ -169,7 +170,7 @@ class SFTTrainer:
             # DeepSpeed steps inside backward unless told the step is not over yet.
             acc.sync_gradients = sync
             with nullcontext() if sync else acc.no_sync(self.model):
-                with acc.autocast():
+                with self._autocast():
                     loss_sum = self._loss(batch, chunk, count=bool(weight))
                 acc.backward(loss_sum * weight)
             step_loss += float(loss_sum.detach()) if weight else 0.0
@@ -182,6 +183,17 @@ class SFTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return step_loss, global_tokens, norm
+
+    @contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """Mixed precision for one forward: accelerate's (`model.dtype`), plus bf16 autocast
+        with `training.bf16_autocast`. Entered per forward, never around several optimizer
+        steps: autocast keeps its bf16 copy of each trainable weight until the context exits,
+        so a longer context would keep computing with the weights of its first forward."""
+        device = self.accelerator.device.type
+        with self.accelerator.autocast(), torch.autocast(
+                device, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
+            yield
 
     def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool
               ) -> torch.Tensor:
