@@ -57,3 +57,27 @@ def test_the_head_sees_response_positions_only_and_chunks_bound_its_output(monke
     response_tokens = sum(len(e.response_ids) for e in EXAMPLES)
     assert sum(s[0] for s in seen if len(s) == 2) == response_tokens
     assert max(s.numel() for s in map(torch.Size, seen)) <= 3 * vocab
+
+
+SYSTEM = [1, 30, 31, 32, 33, 34, 35, 36, 37, 38]  # a 10-token "system prompt" every row shares
+SHARED_PREFIX = [Example(SYSTEM + [5, 6, 7], [8, 9, 10, 11, 12]), Example(SYSTEM + [5], [8, 13]),
+                 Example(SYSTEM + [7, 7], [20, 21, 22])]
+SAME_PROMPT = [Example(SYSTEM + [5, 6], [8, 9, 10]), Example(SYSTEM + [5, 6], [8, 9, 11, 12])]
+
+
+@pytest.mark.parametrize("wrap", [lambda m: m, lora], ids=["full", "lora"])
+@pytest.mark.parametrize("examples, shared", [(SHARED_PREFIX, 10), (SAME_PROMPT, 11)],
+                         ids=["common_system_prompt", "one_prompt_twice"])
+def test_a_shared_prefix_runs_once_with_the_same_loss_and_gradients(wrap, examples, shared):
+    model = wrap(tiny_causal_lm(seed=2))
+    batch = collate(examples, pad_id=2)
+    lengths = []
+    embeddings = model.get_input_embeddings()
+    embeddings.register_forward_hook(lambda m, i, o: lengths.append(tuple(i[0].shape)))
+    nll, grads = nll_and_grads(model, token_nll, batch)
+    width = batch["input_ids"].shape[1]
+    assert lengths == [(1, shared), (len(examples), width - shared)]  # prefix once, then rows
+    ref_nll, ref_grads = nll_and_grads(model, full_logits_nll, batch)
+    torch.testing.assert_close(nll, ref_nll, atol=1e-5, rtol=1e-5)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)

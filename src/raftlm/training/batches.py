@@ -51,11 +51,9 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                ignore_index=IGNORE, reduction="none")  # [B, L-1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=True,
-                logits_to_keep=torch.empty(0, dtype=torch.long, device=targets.device))
     keep = targets != IGNORE
-    hidden = out.hidden_states[-1][:, :-1][keep]  # [N, hidden] at the kept positions
+    shared = _shared_prefix_length(model, batch)
+    hidden = _last_hidden_states(model, batch, shared)[:, :-1][keep[:, shared:]]  # [N, hidden]
     kept_targets = targets[keep]
     per_chunk = max(1, LOGITS_PER_CHUNK // head.out_features)
     pieces = []
@@ -71,6 +69,59 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 LOGITS_PER_CHUNK = 2**24  # fp32 logits of one chunk: 64 MB
+
+
+def _last_hidden_states(model: Any, batch: dict[str, torch.Tensor], shared: int) -> torch.Tensor:
+    """The last layer's hidden states at positions `shared`.. of every row.
+
+    The first `shared` tokens, the same in every row (a system prompt, a repeated prompt), are
+    run once and their keys and values broadcast to all rows: the same loss and gradients
+    (backward sums the rows' contributions through the broadcast) without computing that prefix
+    once per row. It is called on the unwrapped model: the rows' forward, through the wrapper,
+    is the one a DDP step synchronises on.
+    """
+    no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    cache = None
+    if shared:
+        inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+        cache = inner(input_ids=batch["input_ids"][:1, :shared], use_cache=True,
+                      logits_to_keep=no_logits).past_key_values
+        rows = batch["input_ids"].shape[0]
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+    out = model(input_ids=batch["input_ids"][:, shared:], attention_mask=batch["attention_mask"],
+                past_key_values=cache, use_cache=cache is not None, output_hidden_states=True,
+                logits_to_keep=no_logits)
+    return out.hidden_states[-1]
+
+
+def _shared_prefix_length(model: Any, batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens all rows share, up to the first position whose hidden state is
+    needed (that of the token before the first label); 0 where sharing does not apply."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.shape[0] < 2 or not _can_share_prefix(model):
+        return 0
+    same = (ids == ids[:1]).all(dim=0).long().cumprod(dim=0)  # 1 while every row agrees
+    labelled = labels != IGNORE
+    first_label = int(torch.where(labelled.any(dim=1), labelled.long().argmax(dim=1),
+                                  labels.shape[1]).min())
+    shared = min(int(same.sum()), first_label - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+# Below this many shared tokens a second forward costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def _can_share_prefix(model: Any) -> bool:
+    """Full-attention decoders with a cache (gradient checkpointing turns the cache off)."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(inner, "is_gradient_checkpointing", False):
+        return False
+    config = config.get_text_config()
+    return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
 
 
 def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
