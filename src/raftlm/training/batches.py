@@ -77,8 +77,8 @@ def _last_hidden_states(model: Any, batch: dict[str, torch.Tensor], shared: int)
     The first `shared` tokens, the same in every row (a system prompt, a repeated prompt), are
     run once and their keys and values broadcast to all rows: the same loss and gradients
     (backward sums the rows' contributions through the broadcast) without computing that prefix
-    once per row. It is called on the unwrapped model: the rows' forward, through the wrapper,
-    is the one a DDP step synchronises on.
+    once per row. The prefix runs on the unwrapped model; the rows' forward goes through the
+    wrapper, the one call a DDP step prepares its gradient reduction for.
     """
     no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     cache = None
