@@ -151,6 +151,13 @@ def is_lora(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
 
+def attention_kinds(model: Any) -> set[str]:
+    """The attention kinds of the model's layers (`full_attention`, `sliding_attention`, ...);
+    empty when its config does not list them, which means full attention everywhere."""
+    config = model.config.get_text_config()
+    return set(getattr(config, "layer_types", None) or [])
+
+
 @contextmanager
 def merged_adapter(model: Any):
     """Generate with the LoRA update merged into the weights (base-model speed).

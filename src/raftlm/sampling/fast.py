@@ -41,6 +41,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
+from raftlm.models.loading import attention_kinds
 from raftlm.sampling.choice import choose_tokens, pick_tokens, uniform
 from raftlm.sampling.completion import report_progress
 
@@ -220,12 +221,11 @@ def _packed_linear(module: torch.nn.Linear, packed: torch.Tensor, x: torch.Tenso
 
 
 def _check_supported(model: torch.nn.Module) -> None:
-    config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    kinds = attention_kinds(model)
+    if kinds - {"full_attention"}:
         raise NotImplementedError(
             f"generation.backend=raftlm supports full-attention models only (this one has "
-            f"{sorted(set(layer_types))}); use generation.backend=hf"
+            f"{sorted(kinds)}); use generation.backend=hf"
         )
 
 
@@ -245,12 +245,11 @@ class _PromptKV:
         self.model, self.prompts, self.device = model, prompts, device
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer [H, n, D]
         self.left: dict[int, int] = {}  # rows of the prompt not yet admitted
-        waiting: dict[int, deque[int]] = {}  # per prompt length, prompts not yet prefilled
+        self.waiting: dict[int, deque[int]] = {}  # per prompt length, prompts not prefilled
         for i, _ in queue:
             self.left[i] = self.left.get(i, 0) + 1
             if self.left[i] == 1:
-                waiting.setdefault(len(prompts[i]), deque()).append(i)
-        self.waiting = waiting
+                self.waiting.setdefault(len(prompts[i]), deque()).append(i)
         dtype = next(model.parameters()).dtype
         self.together = not (device.type == "cpu" and dtype != torch.float32)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from raftlm.models.loading import attention_kinds
+
 IGNORE = -100
 
 
@@ -117,11 +119,9 @@ MIN_SHARED_PREFIX = 8
 def _can_share_prefix(model: Any) -> bool:
     """Full-attention decoders with a cache (gradient checkpointing turns the cache off)."""
     inner = getattr(model, "module", model)
-    config = getattr(inner, "config", None)
-    if config is None or getattr(inner, "is_gradient_checkpointing", False):
+    if getattr(inner, "config", None) is None or getattr(inner, "is_gradient_checkpointing", False):
         return False
-    config = config.get_text_config()
-    return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
+    return attention_kinds(inner) <= {"full_attention"}
 
 
 def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
