@@ -81,3 +81,18 @@ def test_a_shared_prefix_runs_once_with_the_same_loss_and_gradients(wrap, exampl
     torch.testing.assert_close(nll, ref_nll, atol=1e-5, rtol=1e-5)
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_turns_prefix_sharing_off():
+    # Checkpointed layers keep no cache, so the rows run whole, with the same loss.
+    model = tiny_causal_lm(seed=2)
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = collate(SHARED_PREFIX, pad_id=2)
+    lengths = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: lengths.append(tuple(i[0].shape)))
+    nll, _ = nll_and_grads(model, token_nll, batch)
+    assert lengths == [tuple(batch["input_ids"].shape)]
+    ref_nll, _ = nll_and_grads(model, full_logits_nll, batch)
+    torch.testing.assert_close(nll, ref_nll, atol=1e-5, rtol=1e-5)

@@ -119,9 +119,13 @@ MIN_SHARED_PREFIX = 8
 def _can_share_prefix(model: Any) -> bool:
     """Full-attention decoders with a cache (gradient checkpointing turns the cache off)."""
     inner = getattr(model, "module", model)
-    if getattr(inner, "config", None) is None or getattr(inner, "is_gradient_checkpointing", False):
+    if getattr(inner, "config", None) is None:
         return False
-    return attention_kinds(inner) <= {"full_attention"}
+    # transformers renamed the flag (is_gradient_checkpointing warns from 5.24 on).
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    return not checkpointing and attention_kinds(inner) <= {"full_attention"}
 
 
 def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
