@@ -1,8 +1,20 @@
 """Config: YAML loading, overrides, validation that names the field."""
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import pytest
 
-from raftlm.config import ConfigError, RaftConfig
+from raftlm.config import (
+    OBJECTIVES,
+    ConfigError,
+    GenerationConfig,
+    RaftConfig,
+    field_choices,
+    field_help,
+    option,
+)
+from raftlm.config_schema import build, check_choices
 
 
 def write(tmp_path, text):
@@ -65,3 +77,89 @@ def test_shipped_configs_load(tmp_path):
 
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         RaftConfig.from_yaml(path)
+
+
+# Typed loading: nested sections, lists of sections, choices -------------------------------------
+
+@dataclass
+class Judge:
+    model: str = option("judge/", "Model folder.")
+    retries: int = option(2, "Attempts per call.")
+    mode: str = option("score", "How the judge answers.", choices=("score", "compare"))
+
+
+@dataclass
+class Term:
+    string_form: ClassVar[str] = "name"
+    name: str = option("", "Term name.")
+    judge: Judge | None = option(None, "An optional nested section.")
+
+
+@dataclass
+class Section:
+    b: list[Term] = option([], "A list of sections.")
+    weights: dict[str, float] = option({}, "Named numbers.")
+
+
+@dataclass
+class Root:
+    a: Section = field(default_factory=Section)
+
+
+def test_optional_nested_section_loads_as_its_dataclass():
+    root = build(Root, {"a": {"b": [{"name": "x", "judge": {"retries": 5}}, "y"]}}, "c.yaml")
+    assert root.a.b[0].judge == Judge(retries=5)
+    assert root.a.b[1] == Term(name="y", judge=None)  # the string form fills `name`
+
+
+def test_list_of_sections_and_mapping_of_numbers_load_typed():
+    root = build(Root, {"a": {"b": [{"name": "x"}], "weights": {"x": 1, "y": "0.5"}}}, "c.yaml")
+    assert root.a.b == [Term(name="x")]
+    assert root.a.weights == {"x": 1.0, "y": 0.5} and isinstance(root.a.weights["x"], float)
+
+
+def test_wrong_type_inside_a_list_names_its_place():
+    with pytest.raises(ConfigError, match=r"c.yaml: a.b\[1\].judge.retries must be int, got 'x'"):
+        build(Root, {"a": {"b": ["ok", {"judge": {"retries": "x"}}]}}, "c.yaml")
+
+
+def test_unknown_key_inside_a_list_item_names_its_place():
+    with pytest.raises(ConfigError, match=r"unknown key 'a.b\[0\].judge.retry'; "
+                                          r"did you mean 'a.b\[0\].judge.retries'"):
+        build(Root, {"a": {"b": [{"judge": {"retry": 1}}]}}, "c.yaml")
+
+
+def test_a_mapping_where_text_belongs_is_an_error_not_its_string():
+    with pytest.raises(ConfigError, match=r"a.b\[0\].name must be str, got \{'x': 1\}"):
+        build(Root, {"a": {"b": [{"name": {"x": 1}}]}}, "c.yaml")
+    with pytest.raises(ConfigError, match="model.path must be str"):
+        RaftConfig.from_dict({"data": {"task": "arithmetic"}, "model": {"path": {"x": 1}}})
+
+
+def test_a_choice_in_a_nested_section_is_checked_with_a_suggestion():
+    root = build(Root, {"a": {"b": [{"judge": {"mode": "compar"}}]}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"a.b\[0\].judge.mode: expected score or compare, got "
+                                          r"'compar'; did you mean 'compare'\?"):
+        check_choices(root)
+
+
+def test_bad_choice_names_the_field_the_choices_and_the_closest():
+    with pytest.raises(ConfigError, match="generation.backend: expected raftlm, hf or vllm, got "
+                                          "'vlm'; did you mean 'vllm'"):
+        RaftConfig.from_dict({"data": {"task": "arithmetic"}}, ["generation.backend=vlm"])
+
+
+def test_field_choices_are_the_ones_help_lists():
+    assert field_choices(GenerationConfig, "backend") == ("raftlm", "hf", "vllm")
+    assert field_choices(RaftConfig, "training.objective") == OBJECTIVES
+    assert field_choices(Root, "a.b.judge.mode") == ("score", "compare")
+    assert field_choices(RaftConfig, "raft.stages") == ()
+    rows = {name: text for name, text, _ in field_help()}
+    assert rows["selection.strategy"].endswith(
+        "One of: best_per_prompt, top_fraction, top_k_per_prompt.")
+
+
+def test_help_lists_the_fields_of_optional_and_listed_sections():
+    names = [name for name, _, _ in field_help(Root)]
+    assert names == ["a.b", "a.b[].name", "a.b[].judge", "a.b[].judge.model",
+                     "a.b[].judge.retries", "a.b[].judge.mode", "a.weights"]

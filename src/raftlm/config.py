@@ -7,22 +7,20 @@ Validation happens once, at load, and names the offending field.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar
 
 import yaml
 
+from raftlm.config_schema import ConfigError, build, check_choices, field_choices, option
+from raftlm.config_schema import field_help as _field_help
+from raftlm.core_objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
+
+__all__ = ["ConfigError", "RaftConfig", "field_choices", "field_help", "option"]
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo")
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help line (lists/dicts copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -50,7 +48,8 @@ class LoraConfig:
 class ModelConfig:
     path: str = option(EMBEDDED_MODEL, "HF model folder, a .gguf file, or the embedded model.")
     gguf_file: str | None = option(None, "GGUF file name inside `path`, when path is a folder.")
-    dtype: str = option("auto", "fp32, bf16 or auto (bf16 where the hardware runs it fast).")
+    dtype: str = option("auto", "Weights' precision; auto: bf16 where the hardware runs it fast.",
+                        choices=("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.")
     cache_dir: str = option("~/.cache/raftlm", "Where GGUF models are converted to safetensors.")
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -84,7 +83,8 @@ class RaftStageConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = option("raftlm", "raftlm (fast sampler), hf (model.generate) or vllm.")
+    backend: str = option("raftlm", "Sampler: raftlm's own is fastest; hf calls model.generate.",
+                          choices=("raftlm", "hf", "vllm"))
     max_new_tokens: int = option(64, "Maximum tokens per response.")
     temperature: float = option(1.0, "Sampling temperature (> 0).")
     top_p: float = option(1.0, "Nucleus sampling mass; 1.0 disables.")
@@ -97,10 +97,18 @@ class GenerationConfig:
 
 @dataclass
 class RewardTerm:
+    # A list item written as a plain string fills this field: `- numeric_answer`.
+    string_form: ClassVar[str] = "name"
+    # The keys that say what kind of term this is; a term sets exactly one of them
+    # (`raftlm.rewards.reward.TERM_KINDS` builds each kind).
+    kinds: ClassVar[tuple[str, ...]] = ("name", "model")
+
     name: str = option("", "Built-in (numeric_answer, math_answer), `pkg.mod:fn` or `file.py:fn`.")
     model: str | None = option(None, "Local HF sequence-classification reward model folder.")
     weight: float = option(1.0, "Weight in the summed reward.")
     batch_size: int = option(16, "Reward model: sequences per forward pass.")
+    label: str | None = option(None, "The term's name in metrics (reward/<label>/mean) and "
+                               "candidates.jsonl; default: the function's or folder's name.")
 
 
 @dataclass
@@ -109,12 +117,14 @@ class RewardConfig:
         default_factory=lambda: [RewardTerm(name="numeric_answer")],
         metadata={"help": "Reward terms; the reward is their weighted sum."},
     )
-    on_error: str = option("raise", "raise: stop the run; skip: drop the candidate and count it.")
+    on_error: str = option("raise", "raise: stop the run; skip: drop the candidate and count it.",
+                           choices=("raise", "skip"))
 
 
 @dataclass
 class SelectionConfig:
-    strategy: str = option("best_per_prompt", "best_per_prompt, top_fraction or top_k_per_prompt.")
+    strategy: str = option("best_per_prompt", "Which responses are kept (before the filters).",
+                           choices=("best_per_prompt", "top_fraction", "top_k_per_prompt"))
     top_fraction: float = option(0.25, "top_fraction: share of all candidates kept.")
     top_k: int = option(1, "top_k_per_prompt: responses kept per prompt.")
     min_reward: float | None = option(None, "Drop selected responses below this reward.")
@@ -132,20 +142,42 @@ class TrainingConfig:
     epochs: int = option(1, "E: passes over each stage's selected set.")
     micro_batch_size: int = option(8, "Examples per forward/backward.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
-    lr_scheduler: str = option("constant", "constant, linear or cosine; spans the whole run.")
+    lr_scheduler: str = option("constant", "Learning-rate schedule; spans the whole run.",
+                               choices=("constant", "linear", "cosine"))
     warmup_steps: int = option(0, "Linear warm-up steps at the start of the run.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables.")
     bf16_autocast: bool = option(
         False, "Train under bf16 autocast (fp32 weights kept; sampling keeps model.dtype): "
         "~2x faster steps on CPUs with AVX-512 bf16 and on GPUs.")
-    objective: str = option("sft", "sft, reward_weighted, raft++, reinforce_rej or grpo "
-                            "(docs/objectives.md).")
+    objective: str = option("sft", "Fine-tuning objective (docs/objectives.md).",
+                            choices=OBJECTIVES)
     clip_eps: float = option(0.2, "Ratio objectives: PPO clip range, rho in [1-eps, 1+eps].")
     dual_clip: float | None = option(None, "Ratio objectives: dual-clip constant c > 1 for "
                                      "negative advantages (e.g. 3); None disables.")
-    weight_transform: str = option("none", "reward_weighted: none (raw reward), minmax or rank "
-                                   "per prompt.")
+    weight_transform: str = option("none", "reward_weighted: the weight; none = the raw reward, "
+                                   "minmax or rank per prompt.",
+                                   choices=("none", "minmax", "rank"))
     kl_coef: float = option(0.0, "Weight of the k3 KL penalty to the initial policy (LoRA).")
+    clip_eps_high: float | None = option(
+        None, "Ratio objectives: upper clip, rho <= 1 + clip_eps_high (DAPO's clip-higher, "
+        "e.g. 0.28); None = clip_eps.")
+    loss_aggregation: str = option(
+        "token_mean", "How a step's per-token losses are averaged: over all tokens, over "
+        "responses of their token mean, or over responses of their token sum / "
+        "loss_norm_tokens (Dr. GRPO).", choices=LOSS_AGGREGATIONS)
+    loss_norm_tokens: int = option(0, "seq_mean_token_sum_norm: the constant token divisor; "
+                                   "0 = generation.max_new_tokens.")
+    advantage_scale: str = option(
+        "group", "grpo: divide advantages by the std of the prompt's rewards (group), of all "
+        "the stage's rewards (batch), or not at all (none: then grpo is reinforce_rej).",
+        choices=ADVANTAGE_SCALES)
+    group_std_ddof: int = option(1, "grpo: the std's delta degrees of freedom; 1 = unbiased, as "
+                                 "TRL and verl; 0 = population std.")
+    overlong_buffer: int = option(0, "DAPO's soft overlong penalty: the last N tokens before "
+                                  "generation.max_new_tokens where the reward falls linearly; "
+                                  "0 disables.")
+    overlong_penalty: float = option(1.0, "The overlong penalty at max_new_tokens (subtracted "
+                                     "from the reward before ranking); 0 disables.")
 
 
 @dataclass
@@ -180,7 +212,8 @@ class RaftConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    offload: str = option("none", "none, or phases: policy and reward model never co-resident.")
+    offload: str = option("none", "phases: policy and reward model never co-resident.",
+                          choices=("none", "phases"))
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RaftConfig:
@@ -203,7 +236,7 @@ class RaftConfig:
         raw = _deepcopy(raw)
         for item in overrides or []:
             _apply_override(raw, item)
-        config = _build(cls, raw, where=source, prefix="")
+        config = build(cls, raw, where=source)
         config.validate()
         return config
 
@@ -215,23 +248,17 @@ class RaftConfig:
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the field."""
+        check_choices(self)
         checks = [
-            ("model.dtype", self.model.dtype in {"auto", "fp32", "bf16"}, "auto, fp32 or bf16"),
             ("raft.stages", self.raft.stages >= 1, ">= 1"),
             ("raft.prompts_per_stage", self.raft.prompts_per_stage >= 1, ">= 1"),
             ("raft.samples_per_prompt", self.raft.samples_per_prompt >= 1, ">= 1"),
-            ("generation.backend", self.generation.backend in {"raftlm", "hf", "vllm"},
-             "raftlm, hf or vllm"),
             ("generation.max_new_tokens", self.generation.max_new_tokens >= 1, ">= 1"),
             ("generation.temperature", self.generation.temperature > 0, "> 0"),
             ("generation.top_p", 0 < self.generation.top_p <= 1, "in (0, 1]"),
             ("generation.top_k", self.generation.top_k >= 0, ">= 0"),
             ("generation.batch_size", self.generation.batch_size >= 1, ">= 1"),
             ("reward.terms", len(self.reward.terms) >= 1, "at least one reward term"),
-            ("reward.on_error", self.reward.on_error in {"raise", "skip"}, "raise or skip"),
-            ("selection.strategy",
-             self.selection.strategy in {"best_per_prompt", "top_fraction", "top_k_per_prompt"},
-             "best_per_prompt, top_fraction or top_k_per_prompt"),
             ("selection.top_fraction", 0 < self.selection.top_fraction <= 1, "in (0, 1]"),
             ("selection.top_k", self.selection.top_k >= 1, ">= 1"),
             ("training.learning_rate", self.training.learning_rate > 0, "> 0"),
@@ -239,16 +266,13 @@ class RaftConfig:
             ("training.micro_batch_size", self.training.micro_batch_size >= 1, ">= 1"),
             ("training.gradient_accumulation_steps",
              self.training.gradient_accumulation_steps >= 1, ">= 1"),
-            ("training.lr_scheduler",
-             self.training.lr_scheduler in {"constant", "linear", "cosine"},
-             "constant, linear or cosine"),
-            ("offload", self.offload in {"none", "phases"}, "none or phases"),
             ("evaluation.every", self.evaluation.every >= 1, ">= 1"),
             *self._objective_checks(),
         ]
         for i, term in enumerate(self.reward.terms):
-            checks.append((f"reward.terms[{i}]", bool(term.name) != bool(term.model),
-                           "exactly one of `name` or `model`"))
+            checks.append((f"reward.terms[{i}]",
+                           sum(bool(getattr(term, kind)) for kind in term.kinds) == 1,
+                           "exactly one of " + ", ".join(f"`{k}`" for k in term.kinds)))
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
@@ -262,20 +286,20 @@ class RaftConfig:
             raise ConfigError("data: set `eval_file` or `eval_split`, not both")
 
     def _objective_checks(self) -> list[tuple[str, bool, str]]:
-        t, k = self.training, self.raft.samples_per_prompt
+        t = self.training
         return [
-            ("training.objective", t.objective in OBJECTIVES, ", ".join(OBJECTIVES)),
             ("training.clip_eps", t.clip_eps > 0, "> 0"),
             ("training.dual_clip", t.dual_clip is None or t.dual_clip > 1, "> 1 or null"),
-            ("training.weight_transform", t.weight_transform in {"none", "minmax", "rank"},
-             "none, minmax or rank"),
             ("training.kl_coef", t.kl_coef >= 0, ">= 0"),
             ("training.kl_coef", t.kl_coef == 0 or self.model.lora.enabled,
              "0 without LoRA (the initial policy is the base with the adapter disabled)"),
-            ("raft.samples_per_prompt",
-             k >= 2 or t.objective not in {"reinforce_rej", "grpo"},
-             f">= 2 for training.objective={t.objective} (advantages compare K responses)"),
-        ]
+            ("training.clip_eps_high", t.clip_eps_high is None or t.clip_eps_high > 0,
+             "> 0 or null"),
+            ("training.loss_norm_tokens", t.loss_norm_tokens >= 0, ">= 0"),
+            ("training.group_std_ddof", t.group_std_ddof in (0, 1), "0 or 1"),
+            ("training.overlong_buffer", t.overlong_buffer >= 0, ">= 0"),
+            ("training.overlong_penalty", t.overlong_penalty >= 0, ">= 0"),
+        ]  # settings across sections: raftlm.training.objectives.check_objective_config
 
     def _get(self, dotted: str) -> Any:
         value: Any = self
@@ -284,24 +308,9 @@ class RaftConfig:
         return value
 
 
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names it."""
-
-
-def field_help(cls: type = RaftConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help, default) for every leaf field, for ``--help``."""
-    rows = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += field_help(hints[f.name], name + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
-            default = [dataclasses.asdict(d) for d in default]
-        rows.append((name, f.metadata.get("help", ""), default))
-    return rows
+def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) for every field of ``cls`` (RaftConfig), for ``--help``."""
+    return _field_help(cls or RaftConfig, prefix)
 
 
 def _deepcopy(value: Any) -> Any:
@@ -324,65 +333,3 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-
-
-def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {names}"
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(hints[key], value, where, prefix + key)
-    return cls(**kwargs)
-
-
-def _convert(hint: Any, value: Any, where: str, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value or {}, where, name + ".")
-    text = str(hint)
-    if value is None:
-        if "None" in text:
-            return None
-        raise ConfigError(f"{where}: {name} must not be null")
-    if text.startswith("list[RewardTerm]") or "list[raftlm.config.RewardTerm]" in text:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {name} must be a list of reward terms")
-        return [
-            _build(RewardTerm, {"name": v} if isinstance(v, str) else v, where, f"{name}[{i}].")
-            for i, v in enumerate(value)
-        ]
-    if text.startswith("list"):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {name} must be a list, got {value!r}")
-        return [str(v) for v in value]
-    base = hint if isinstance(hint, type) else _scalar_type(text)
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in {"true", "1", "yes", "on"}:
-                return True
-            if str(value).lower() in {"false", "0", "no", "off"}:
-                return False
-            raise ValueError(value)
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return base(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{where}: {name} must be {base.__name__}, got {value!r}"
-        ) from None
-
-
-def _scalar_type(text: str) -> type:
-    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if name in text:
-            return typ
-    return str
