@@ -10,7 +10,15 @@ import pytest
 from tiny import tiny_reward_model, tiny_tokenizer
 
 from raftlm.config import RewardConfig, RewardTerm
-from raftlm.rewards.reward import ModelReward, Reward, RewardError, build_reward, load_function
+from raftlm.rewards.reward import (
+    TERM_KINDS,
+    ModelReward,
+    Reward,
+    RewardError,
+    build_reward,
+    load_function,
+)
+from raftlm.rewards.terms import TermFailure
 from raftlm.rewards.verifiable import math_answer, numeric_answer
 
 
@@ -128,8 +136,33 @@ def test_build_reward_resolves_builtins_and_specs():
         terms=[RewardTerm(name="numeric_answer"), RewardTerm(name="raftlm.rewards:math_answer")]
     )
     reward = build_reward(config)
-    assert [name for name, _, _ in reward.terms] == ["numeric_answer", "raftlm.rewards:math_answer"]
+    assert [t.fn for t in reward.terms] == [numeric_answer, math_answer]
+    assert [t.name for t in reward.terms] == ["numeric_answer", "math_answer"]  # stable, short
     assert reward.models() == []
+
+
+def test_term_names_are_labels_or_short_and_unique():
+    config = RewardConfig(terms=[RewardTerm(name="numeric_answer"),
+                                 RewardTerm(name="raftlm.rewards:numeric_answer"),
+                                 RewardTerm(name="numeric_answer", label="exact")])
+    assert [t.name for t in build_reward(config).terms] == [
+        "numeric_answer", "numeric_answer#2", "exact"]
+
+
+def test_the_configs_term_kinds_are_the_registrys():
+    assert tuple(TERM_KINDS) == RewardTerm.kinds
+
+
+def test_offload_asks_each_term_what_it_holds():
+    class HoldsTwo:
+        def models(self):
+            return ["encoder", "head"]
+
+        def __call__(self, prompts, completions, **columns):
+            return [0.0] * len(completions)
+
+    reward = Reward([("a", 1.0, HoldsTwo()), ("b", 1.0, numeric_answer)])
+    assert reward.models() == ["encoder", "head"]
 
 
 def test_build_reward_rejects_unknown_names():
@@ -198,6 +231,43 @@ def test_skip_mode_isolates_the_items_a_raising_term_fails_on():
     assert result.scores[0] == 1.0 and result.n_invalid == 1
 
 
+class Outage:
+    """A term whose batch failure is an outage (a server), not one bad candidate."""
+
+    blame_items = False
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, **columns):
+        self.calls.append(len(completions))
+        raise ConnectionError("connection refused")
+
+
+def test_an_outage_is_not_multiplied_by_item_by_item_calls():
+    term = Outage()
+    result = Reward([("remote", 1.0, term)], on_error="skip")(["p"] * 3, COMPLETIONS, {})
+    assert term.calls == [3]
+    assert result.n_invalid == 3
+
+
+def test_an_outage_raises_one_line_naming_the_term():
+    with pytest.raises(RewardError, match="^reward 'remote' raised ConnectionError: connection "
+                                          "refused$"):
+        Reward([("remote", 1.0, Outage())])(["p"] * 3, COMPLETIONS, {})
+
+
+def test_a_partly_failed_batch_keeps_what_was_scored_when_skipping():
+    def half(completions, **columns):
+        raise TermFailure("batch 2/2 failed: HTTP 500", [1.0, 2.0, None])
+
+    result = Reward([("remote", 1.0, half)], on_error="skip")(["p"] * 3, COMPLETIONS, {})
+    assert result.per_term["remote"][:2].tolist() == [1.0, 2.0]
+    assert np.isnan(result.scores[2]) and result.n_invalid == 1
+    with pytest.raises(RewardError, match="^reward 'remote' batch 2/2 failed: HTTP 500$"):
+        Reward([("remote", 1.0, half)])(["p"] * 3, COMPLETIONS, {})
+
+
 # --- reward models ---------------------------------------------------------------------------
 
 
@@ -230,4 +300,4 @@ def test_model_reward_is_listed_for_offload(reward_model_dir):
     reward = build_reward(RewardConfig(terms=[RewardTerm(model=str(reward_model_dir))]))
     (rm,) = reward.models()
     assert rm.to("cpu") is rm and rm.device.type == "cpu"
-    assert reward.terms[0][0] == str(reward_model_dir)
+    assert reward.terms[0].name == reward_model_dir.name

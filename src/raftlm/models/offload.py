@@ -29,7 +29,8 @@ class PhaseOffload:
 
     `policy` is the unwrapped training module (DDP's wrapper holds the same parameters),
     `optimizer` its optimizer (AdamW moments live next to the parameters), `reward_models`
-    anything with `.to(device)` (e.g. `ModelReward`).
+    anything with `.to(device)`: what the reward's terms say they hold (`Reward.models()` asks
+    each term; a reward-model term names itself, a function or a remote term nothing).
     """
 
     def __init__(self, device: torch.device | str, policy: Any, optimizer: Any,

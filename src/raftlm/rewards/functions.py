@@ -1,0 +1,113 @@
+"""Reward terms that are Python functions: built-ins, `pkg.mod:fn` and `file.py:fn`.
+
+Every function follows TRL's reward-function convention::
+
+    fn(prompts=[...], completions=[...], **columns) -> list[float]
+
+It may be `async def` (it then runs concurrently with the other I/O-bound terms), and it may
+declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`) to receive them;
+a function that does not declare one does not get it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raftlm.rewards.verifiable import BUILTIN_REWARDS
+
+if TYPE_CHECKING:
+    from raftlm.config import RewardTerm
+
+# What a term may ask for by declaring it as a parameter, besides prompts, completions and the
+# prompt file's columns: the RAFT stage (1-based), the optimizer step before the stage, and the
+# prompts as the model saw them (chat template applied).
+CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts")
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Load ``package.module:function`` or ``path/to/file.py:function`` (relative to cwd)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(
+            f"reward {spec!r}: expected 'package.module:function' or 'file.py:function'"
+        )
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"reward {spec!r}: file not found: {path}")
+        name = f"raftlm_user_reward_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # so pickling and dataclasses inside the file work
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:
+            raise ValueError(f"reward {spec!r}: importing {path} failed: {err!r}") from err
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ValueError(f"reward {spec!r}: cannot import module '{target}': {err}") from err
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"reward {spec!r}: '{target}' has no attribute '{attr}'")
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: '{attr}' is not callable")
+    return fn
+
+
+def resolve_function(spec: str) -> Callable[..., Any]:
+    """A built-in's name, or a `pkg.mod:fn` / `file.py:fn` spec, as its function."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" in spec:
+        return load_function(spec)
+    raise ValueError(
+        f"unknown reward {spec!r}: use a built-in "
+        f"({', '.join(BUILTIN_REWARDS)}), 'package.module:function' or 'file.py:function'"
+    )
+
+
+def build_function_term(term: RewardTerm) -> Callable[..., Any]:
+    """`name:` a built-in or a user function."""
+    return resolve_function(term.name)
+
+
+def function_label(spec: str) -> str:
+    """A term's short name in metrics: the function's name (`file.py:length` -> `length`)."""
+    return spec.rpartition(":")[2] or spec
+
+
+def is_async(fn: Callable) -> bool:
+    """Whether calling `fn` returns an awaitable (an `async def` function or `__call__`)."""
+    # A callable object's type holds its __call__ (a plain function's is a slot wrapper).
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def declared_keywords(fn: Callable) -> set[str]:
+    """The names `fn` takes by keyword (not those a `**kwargs` would swallow)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some C callables have no signature
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def required_columns(fn: Callable) -> list[str]:
+    """The columns `fn` cannot do without: its parameters without a default."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in {"prompts", "completions", *CONTEXT_KEYWORDS}
+    ]
