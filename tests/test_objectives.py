@@ -16,11 +16,12 @@ from transformers import LlamaForCausalLM
 import raftlm
 from raftlm import RaftConfig, train
 from raftlm import core_objectives as ref
-from raftlm.config import OBJECTIVES, ConfigError, TrainingConfig
+from raftlm.config import ConfigError, TrainingConfig, field_choices
 from raftlm.rewards.selection import Selection
 from raftlm.sampling.completion import Completion
-from raftlm.training import objectives
+from raftlm.training import losses, objectives
 from raftlm.training.batches import IGNORE, Example, collate, token_nll
+from raftlm.training.objectives import OBJECTIVES, check_objective_config
 from raftlm.training.trainer import SFTTrainer
 
 
@@ -47,7 +48,7 @@ def pooled(per_token, mask):
 def test_weighted_nll_matches_its_numpy_reference(tokens):
     log_probs, _, mask = tokens
     weights = np.array([1.0, 0.25, 0.5])
-    torch_loss = pooled(objectives.weighted_nll(t(log_probs), t(weights), t(mask)), mask)
+    torch_loss = pooled(losses.weighted_nll(t(log_probs), t(weights), t(mask)), mask)
     assert torch_loss == pytest.approx(ref.weighted_nll(log_probs, weights, mask), rel=1e-12)
 
 
@@ -55,7 +56,7 @@ def test_weighted_nll_matches_its_numpy_reference(tokens):
 def test_clipped_ratio_loss_and_its_statistics_match_the_numpy_reference(tokens, dual_clip):
     log_probs, old, mask = tokens
     advantages = np.array([1.0, -0.8, -2.0])
-    loss, ratio, clipped = objectives.clipped_ratio_loss(
+    loss, ratio, clipped = losses.clipped_ratio_loss(
         t(log_probs), t(old), t(advantages), t(mask), clip_eps=0.2, dual_clip=dual_clip)
     expected = ref.clipped_ratio_loss(log_probs, old, advantages, mask, 0.2, dual_clip)
     real = t(mask).bool()
@@ -81,7 +82,7 @@ def test_clipped_ratio_loss_is_minus_the_advantage_when_pi_equals_pi_old(tokens)
 
 def test_k3_kl_matches_its_numpy_reference_and_is_zero_at_the_reference(tokens):
     log_probs, old, mask = tokens
-    assert pooled(objectives.k3_kl(t(log_probs), t(old), t(mask)), mask) == pytest.approx(
+    assert pooled(losses.k3_kl(t(log_probs), t(old), t(mask)), mask) == pytest.approx(
         ref.k3_kl(log_probs, old, mask), rel=1e-12)
     assert ref.k3_kl(log_probs, old, mask) > 0
     assert ref.k3_kl(log_probs, log_probs, mask) == 0
@@ -89,12 +90,31 @@ def test_k3_kl_matches_its_numpy_reference_and_is_zero_at_the_reference(tokens):
 
 def test_group_advantages_center_or_standardise_and_drop_uniform_groups():
     rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, np.nan, 0.0, 1.0]])
-    centred, keep = ref.group_advantages(rewards, normalize=False)
+    centred, keep = ref.group_advantages(rewards, scale="none")
     np.testing.assert_allclose(centred[0], [0.5, -0.5, -0.5, 0.5])
     np.testing.assert_allclose(centred[2], [0.0, np.nan, -0.5, 0.5])
     assert keep.tolist() == [True, False, True]
-    standardised, _ = ref.group_advantages(rewards, normalize=True)
-    np.testing.assert_allclose(standardised[0], [1, -1, -1, 1], atol=1e-5)
+    population, _ = ref.group_advantages(rewards, scale="group", ddof=0)
+    np.testing.assert_allclose(population[0], [1, -1, -1, 1], atol=1e-5)
+
+
+def test_grpo_std_is_the_unbiased_one_by_default_as_trl_and_verl():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0]])
+    unbiased, _ = ref.group_advantages(rewards, scale="group")  # ddof=1: std = sqrt(1/3)
+    np.testing.assert_allclose(unbiased[0], np.array([1, -1, -1, 1]) * 0.5 / np.sqrt(1 / 3),
+                               rtol=1e-5)
+    assert TrainingConfig().group_std_ddof == 1
+    torch_std = torch.tensor(rewards[0]).std()  # TRL/verl: torch.std, unbiased
+    assert float(torch_std) == pytest.approx(np.sqrt(1 / 3))
+
+
+def test_batch_scale_divides_by_the_std_of_all_valid_rewards():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [3.0, np.nan, 3.0, 3.0]])
+    scaled, keep = ref.group_advantages(rewards, scale="batch")
+    centred, _ = ref.group_advantages(rewards, scale="none")
+    std = np.std(rewards[~np.isnan(rewards)], ddof=1)
+    np.testing.assert_allclose(scaled, centred / (std + ref.GROUP_STD_EPS))
+    assert keep.tolist() == [True, True, False]
 
 
 def test_weight_transforms_are_per_prompt():
@@ -103,7 +123,14 @@ def test_weight_transforms_are_per_prompt():
     np.testing.assert_allclose(ref.transform_weights(rewards, "minmax"),
                                [[0, 1, 0.5], [0, 0, 1]])
     np.testing.assert_allclose(ref.transform_weights(rewards, "rank"),
-                               [[0, 1, 0.5], [0.25, 0.25, 1]])
+                               [[0, 1, 0.5], [0, 0, 1]])
+
+
+def test_rank_weights_give_zero_to_all_equal_groups_and_to_the_worst_answer():
+    # Before: 0.5 for a prompt whose rewards are all equal, 1/3 for each wrong 0/1 answer.
+    rewards = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, np.nan, np.nan]])
+    np.testing.assert_allclose(ref.transform_weights(rewards, "rank"),
+                               [[0, 0, 0], [0, 0, 1], [0, np.nan, np.nan]])
 
 
 # The Rank step's hand-over --------------------------------------------------------------------
@@ -115,11 +142,17 @@ def stage_table(rewards, log_probs=None):
     return prompts, responses, np.array(rewards, dtype=float)
 
 
+def chosen(mask, eligible=None):
+    """A Selection keeping `mask`, every candidate eligible unless said otherwise."""
+    mask = np.asarray(mask, dtype=bool)
+    return Selection(mask, np.ones_like(mask) if eligible is None else np.asarray(eligible))
+
+
 def test_raft_plus_plus_trains_the_selected_responses_with_advantage_one():
     prompts, responses, rewards = stage_table([[0.0, 1.0], [1.0, 0.0]])
     mask = np.array([[False, True], [False, False]])
     examples, stats = objectives.training_examples(
-        prompts, responses, rewards, Selection(mask), TrainingConfig(objective="raft++"), 1)
+        prompts, responses, rewards, chosen(mask), TrainingConfig(objective="raft++"), 1)
     assert [(e.prompt_ids, e.response_ids, e.weight) for e in examples] == [([5, 0], [11, 2], 1.0)]
     assert stats["train/groups_dropped"] == 0
 
@@ -128,10 +161,30 @@ def test_grpo_trains_all_k_of_groups_with_a_reward_spread():
     prompts, responses, rewards = stage_table([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     none = np.zeros_like(rewards, dtype=bool)
     examples, stats = objectives.training_examples(
-        prompts, responses, rewards, Selection(none), TrainingConfig(objective="grpo"), 1)
+        prompts, responses, rewards, chosen(none), TrainingConfig(objective="grpo"), 1)
     assert [e.prompt_ids for e in examples] == [[5, 0]] * 4
-    np.testing.assert_allclose([e.weight for e in examples], [-1, 1, 1, -1], atol=1e-5)
+    unbiased = 0.5 / np.sqrt(1 / 3)  # (r - mean) / std with ddof=1
+    np.testing.assert_allclose([e.weight for e in examples], np.array([-1, 1, 1, -1]) * unbiased,
+                               atol=1e-5)
     assert stats["train/groups_dropped"] == 1
+
+
+@pytest.mark.parametrize("objective", ["grpo", "reinforce_rej"])
+def test_group_objectives_leave_out_candidates_that_failed_the_response_filters(objective):
+    """A truncated (or too short, or rejected) response is neither trained on nor part of its
+    group's mean and std; before, every valid reward counted."""
+    prompts, responses, rewards = stage_table([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    eligible = np.array([[True, True, True, False], [True, False, False, False]])
+    examples, stats = objectives.training_examples(
+        prompts, responses, rewards, chosen(np.zeros((2, 4)), eligible),
+        TrainingConfig(objective=objective), 1)
+    assert [(e.prompt_ids, e.response_ids[0] - 10) for e in examples] == [
+        ([5, 0], 0), ([5, 0], 1), ([5, 0], 2)]
+    weights = np.array([e.weight for e in examples])
+    centred = np.array([1, -2, 1]) / 3  # mean of the three eligible rewards: 2/3
+    expected = centred / np.std([1, 0, 1], ddof=1) if objective == "grpo" else centred
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+    assert stats["train/groups_dropped"] == 1  # prompt 1: one eligible response left
 
 
 def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
@@ -139,9 +192,9 @@ def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
     mask = np.ones_like(rewards, dtype=bool)
     config = TrainingConfig(objective="reward_weighted")
     with pytest.raises(ValueError, match="stage 3, prompt p1: reward -0.5 .*weight_transform"):
-        objectives.training_examples(prompts, responses, rewards, Selection(mask), config, 3)
+        objectives.training_examples(prompts, responses, rewards, chosen(mask), config, 3)
     config.weight_transform = "minmax"
-    examples, _ = objectives.training_examples(prompts, responses, rewards, Selection(mask),
+    examples, _ = objectives.training_examples(prompts, responses, rewards, chosen(mask),
                                                config, 3)
     assert [e.weight for e in examples] == [1.0, 1.0]  # weight-0 responses are left out
 
@@ -150,7 +203,7 @@ def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():
     prompts, responses, rewards = stage_table([[0.0, 1.0]], log_probs=[-0.5, -1.5])
     mask = np.array([[False, True]])
     examples, stats = objectives.training_examples(
-        prompts, responses, rewards, Selection(mask), TrainingConfig(objective="raft++"), 1)
+        prompts, responses, rewards, chosen(mask), TrainingConfig(objective="raft++"), 1)
     assert examples[0].old_log_probs == [-0.5, -1.5]
     assert stats["train/entropy"] == pytest.approx(1.0)
 
@@ -158,7 +211,7 @@ def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():
 def test_entropy_is_absent_when_the_sampler_recorded_no_log_probs():
     prompts, responses, rewards = stage_table([[0.0, 1.0]])
     _, stats = objectives.training_examples(
-        prompts, responses, rewards, Selection(np.array([[False, True]])), TrainingConfig(), 1)
+        prompts, responses, rewards, chosen(np.array([[False, True]])), TrainingConfig(), 1)
     assert stats["train/entropy"] is None
 
 
@@ -195,8 +248,28 @@ def test_reward_weighted_with_unit_weights_is_the_sft_loss():
     mask = (batch["labels"][:, 1:] != IGNORE).float()
     tensors = objectives.token_tensors(EXAMPLES, nll.shape[1])
     config = TrainingConfig(objective="reward_weighted")
-    loss, _ = objectives.token_loss(config, -nll, {**tensors, "mask": mask})
+    loss, stats = objectives.token_loss(config, -nll, {**tensors, "mask": mask})
     assert float(loss.detach().sum()) == pytest.approx(float(nll.detach().sum()), rel=1e-6)
+    assert stats == {"tokens": 6.0}
+
+
+def test_token_loss_returns_its_ratio_and_kl_statistics_as_sums():
+    log_probs = torch.tensor([[-1.0, -2.0, 0.0]])
+    batch = {"mask": torch.tensor([[1.0, 1.0, 0.0]]), "weights": torch.tensor([1.0]),
+             "old_log_probs": torch.tensor([[-1.0, -1.0, 0.0]]),
+             "ref_log_probs": torch.tensor([[-1.0, -2.0, 0.0]])}
+    config = TrainingConfig(objective="raft++", kl_coef=0.1)
+    _, stats = objectives.token_loss(config, log_probs, batch)
+    assert stats == pytest.approx({"tokens": 2.0, "kl": 0.0, "clipped": 0.0,
+                                   "ratio_sum": 1 + np.exp(-1), "ratio_max": 1.0})
+
+
+def test_config_objective_choices_are_the_registrys_keys():
+    assert set(field_choices(TrainingConfig, "objective")) == set(OBJECTIVES)
+    assert {n for n, o in OBJECTIVES.items() if o.uses_ratio} == {"raft++", "reinforce_rej",
+                                                                  "grpo"}
+    assert {n for n, o in OBJECTIVES.items() if o.trains_on_all_samples} == {"reinforce_rej",
+                                                                             "grpo"}
 
 
 def test_ratio_objective_starts_at_ratio_one_from_a_forward_pass_of_pi_old():
@@ -275,9 +348,12 @@ def test_bad_objective_settings_fail_at_load_naming_the_field(setting, message):
 
 @pytest.mark.parametrize("objective", ["grpo", "reinforce_rej"])
 def test_group_objectives_refuse_one_sample_per_prompt(objective):
+    config = RaftConfig.from_dict({"data": {"task": "arithmetic"}},
+                                  [f"training.objective={objective}", "raft.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match=f"raft.samples_per_prompt: expected >= 2 .*{objective}"):
-        RaftConfig.from_dict({"data": {"task": "arithmetic"}},
-                             [f"training.objective={objective}", "raft.samples_per_prompt=1"])
+        check_objective_config(config)
+    config.training.objective = "raft++"
+    check_objective_config(config)
 
 
 def test_kl_penalty_without_lora_is_refused():
@@ -325,7 +401,7 @@ def run_config(root, objective, name, stages, **training) -> dict:
     }
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_every_objective_trains_and_resumes_end_to_end(workspace, objective):
     raw = run_config(workspace, objective, objective, stages=1, kl_coef=0.05)
     train(RaftConfig.from_dict(raw))
@@ -334,9 +410,9 @@ def test_every_objective_trains_and_resumes_end_to_end(workspace, objective):
     last = result.metrics[2]
     assert last["train/optimizer_steps"] > result.metrics[1]["train/optimizer_steps"]
     assert last["train/kl_penalty"] >= 0 and "eval/kl_to_initial" in last
-    assert ("train/clip_fraction" in last) == (objective in objectives.RATIO_OBJECTIVES)
+    assert ("train/clip_fraction" in last) == OBJECTIVES[objective].uses_ratio
     assert last["train/n_examples"] == (15 - 3 * last["train/groups_dropped"]
-                                        if objective in objectives.GROUP_OBJECTIVES
+                                        if OBJECTIVES[objective].trains_on_all_samples
                                         else last["train/n_selected"])
 
 

@@ -1,15 +1,18 @@
 """NumPy references of the training objectives (`raftlm.training.objectives` is the torch twin).
 
 Token arrays are [N, L] (N responses, L token positions) with a 0/1 `mask` of real response
-tokens; every loss is token-pooled: the sum over all masked tokens divided by their count, as
-`raftlm.core.token_pooled_nll`. Per-response values (weights, advantages) are vectors [N].
-Reward tables are [P, K] (K responses per prompt), NaN = invalid or filtered.
+tokens. By default every loss is token-pooled: the sum over all masked tokens divided by their
+count, as `raftlm.core.token_pooled_nll` (`aggregate_loss` gives the other aggregations).
+Per-response values (weights, advantages) are vectors [N]. Reward tables are [P, K] (K responses
+per prompt), NaN = invalid or filtered.
 
 - sft:             mean over tokens of -log pi
 - reward_weighted: -sum_i w_i sum_t log pi(y_it) / sum_i |y_i|
-- clipped ratio:   -mean over tokens of min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old,
-                   and with a dual clip c (for A < 0) max(that, c A) (Ye et al. 2020)
-- k3 KL:           exp(ref - logp) - (ref - logp) - 1 per token (Schulman's k3 estimator)
+- clipped ratio:   -mean over tokens of min(rho A, clip(rho, 1-eps, 1+eps_high) A),
+                   rho = pi/pi_old, and with a dual clip c (for A < 0) max(that, c A)
+                   (Ye et al. 2020); the log-ratio is clamped to [-20, 20] first (as verl)
+- k3 KL:           exp(ref - logp) - (ref - logp) - 1 per token (Schulman's k3 estimator),
+                   ref - logp clamped to [-20, 20] and the term to [-10, 10] (as verl)
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 GROUP_STD_EPS = 1e-6  # GRPO's (r - mean) / (std + eps): a constant group gets advantage 0
+LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| cap before exp: e^20 is finite in fp16/bf16/fp32
+K3_CLAMP = 10.0  # cap of the per-token k3 value (verl's low_var_kl)
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+ADVANTAGE_SCALES = ("group", "batch", "none")
 
 
 def weighted_nll(log_probs: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> float:
@@ -33,13 +40,20 @@ def clipped_ratio_loss(
     mask: np.ndarray,
     clip_eps: float,
     dual_clip: float | None = None,
+    clip_eps_high: float | None = None,
 ) -> dict[str, float]:
-    """PPO's clipped surrogate, token-pooled; also the clip fraction and ratio mean/max."""
+    """PPO's clipped surrogate, token-pooled; also the clip fraction and ratio mean/max.
+
+    rho is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher; clip_eps_high
+    defaults to clip_eps).
+    """
     mask = np.asarray(mask, dtype=bool)
-    ratio = np.exp(np.asarray(log_probs, np.float64) - np.asarray(old_log_probs, np.float64))
+    log_ratio = np.asarray(log_probs, np.float64) - np.asarray(old_log_probs, np.float64)
+    ratio = np.exp(np.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     adv = np.broadcast_to(np.asarray(advantages, np.float64)[:, None], ratio.shape)
     unclipped = -ratio * adv
-    clipped = -np.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    clipped = -np.clip(ratio, 1 - clip_eps, 1 + high) * adv
     loss = np.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = np.where(adv < 0, np.minimum(loss, -dual_clip * adv), loss)
@@ -51,16 +65,47 @@ def clipped_ratio_loss(
     }
 
 
+def k3_terms(log_probs: np.ndarray, ref_log_probs: np.ndarray) -> np.ndarray:
+    """Per-token k3 values exp(d) - d - 1, d = ref - logp clamped as verl does."""
+    delta = np.clip(np.asarray(ref_log_probs, np.float64) - np.asarray(log_probs, np.float64),
+                    -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return np.clip(np.exp(delta) - delta - 1, -K3_CLAMP, K3_CLAMP)
+
+
 def k3_kl(log_probs: np.ndarray, ref_log_probs: np.ndarray, mask: np.ndarray) -> float:
-    """Token-pooled k3 estimate of KL(pi || pi_ref) on responses sampled from pi."""
-    delta = np.asarray(ref_log_probs, np.float64) - np.asarray(log_probs, np.float64)
-    return float((np.exp(delta) - delta - 1)[np.asarray(mask, dtype=bool)].mean())
+    """Token-pooled k3 value on responses sampled from pi. Its expectation under pi is
+    KL(pi || pi_ref), but its gradient (what the penalty trains) is that of KL(pi_ref || pi),
+    as in GRPO, TRL and verl."""
+    return float(k3_terms(log_probs, ref_log_probs)[np.asarray(mask, dtype=bool)].mean())
 
 
-def group_advantages(rewards: np.ndarray, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+def aggregate_loss(per_token: np.ndarray, mask: np.ndarray, mode: str = "token_mean",
+                   norm_tokens: int = 1) -> float:
+    """One optimizer step's loss from per-token losses [N, L] (`training.loss_aggregation`).
+
+    token_mean: sum over all tokens / their count (every token weighs the same);
+    seq_mean_token_mean: mean over responses of each one's token mean (every response weighs
+    the same); seq_mean_token_sum_norm: sum over all tokens / (N * norm_tokens) (Dr. GRPO: a
+    constant divisor, so no length bias).
+    """
+    mask = np.asarray(mask, dtype=np.float64)
+    values = np.asarray(per_token, dtype=np.float64) * mask
+    if mode == "token_mean":
+        return float(values.sum() / mask.sum())
+    if mode == "seq_mean_token_mean":
+        return float(np.mean(values.sum(axis=1) / np.maximum(mask.sum(axis=1), 1)))
+    if mode == "seq_mean_token_sum_norm":
+        return float(values.sum() / (len(values) * norm_tokens))
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def group_advantages(rewards: np.ndarray, scale: str = "none", ddof: int = 1
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt advantages of a [P, K] reward table and which prompts to keep.
 
-    A = r - mean(group) (Reinforce-Rej), or with `normalize` (r - mean) / (std + eps) (GRPO).
+    A = r - mean(group) (Reinforce-Rej, `scale="none"`), divided by std + eps with
+    `scale="group"` (GRPO: the prompt's std) or `scale="batch"` (the std of all valid rewards
+    of the table, as TRL's scale_rewards="batch"). `ddof` 1 is the unbiased std (TRL, verl).
     Prompts whose valid rewards are all equal (or fewer than two) carry no signal and are
     dropped (keep = False); NaN rewards get a NaN advantage.
     """
@@ -68,20 +113,37 @@ def group_advantages(rewards: np.ndarray, normalize: bool) -> tuple[np.ndarray, 
     valid = ~np.isnan(rewards)
     count = valid.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nanmean(np.where(valid, rewards, np.nan), axis=1)
-        spread = np.nanmax(rewards, axis=1) - np.nanmin(rewards, axis=1)
+        mean = np.where(valid, rewards, 0.0).sum(axis=1) / np.maximum(count, 1)
+        spread = (np.max(rewards, axis=1, initial=-np.inf, where=valid)
+                  - np.min(rewards, axis=1, initial=np.inf, where=valid))
         advantages = rewards - mean[:, None]
-        if normalize:
-            std = np.nanstd(np.where(valid, rewards, np.nan), axis=1)
-            advantages = advantages / (std[:, None] + GROUP_STD_EPS)
+        if scale == "group":
+            advantages = advantages / (_std(rewards, ddof, axis=1)[:, None] + GROUP_STD_EPS)
+        elif scale == "batch":
+            advantages = advantages / (_std(rewards[valid], ddof) + GROUP_STD_EPS)
+        elif scale != "none":
+            raise ValueError(f"unknown advantage scale {scale!r}; expected "
+                             f"{', '.join(ADVANTAGE_SCALES)}")
     keep = (count >= 2) & (spread > 0)
     return advantages, keep
 
 
+def _std(values: np.ndarray, ddof: int, axis: int | None = None) -> np.ndarray:
+    """Std of the valid (non-NaN) values with `ddof`; 0 where there are ddof or fewer."""
+    valid = ~np.isnan(values)
+    count = valid.sum(axis=axis)
+    total = np.where(valid, values, 0.0).sum(axis=axis, keepdims=True)
+    mean = total / np.maximum(valid.sum(axis=axis, keepdims=True), 1)
+    squares = np.where(valid, (values - mean) ** 2, 0.0).sum(axis=axis)
+    return np.sqrt(np.where(count > ddof, squares / np.maximum(count - ddof, 1), 0.0))
+
+
 def transform_weights(rewards: np.ndarray, transform: str) -> np.ndarray:
     """Per-prompt weights from a [P, K] reward table: `none` (the reward itself), `minmax`
-    ((r - min) / (max - min), 0 for a constant prompt) or `rank` (0 for the worst, 1 for the
-    best, ties share their mean rank; 1 for a prompt with one valid response)."""
+    ((r - min) / (max - min)) or `rank` (the dense rank among the prompt's distinct rewards,
+    scaled to [0, 1]: 0 for the worst, 1 for the best, ties share). Under minmax and rank a
+    prompt whose valid rewards are all equal (or who has one) gets 0, and the lowest reward
+    of a prompt always gets 0: a wrong answer of a 0/1 reward is never trained on."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if transform == "none":
         return rewards.copy()
@@ -95,11 +157,22 @@ def transform_weights(rewards: np.ndarray, transform: str) -> np.ndarray:
             span = values.max() - values.min()
             weights[p, valid] = (values - values.min()) / span if span > 0 else 0.0
         elif transform == "rank":
-            below = (values[None, :] < values[:, None]).sum(axis=1)
-            ties = (values[None, :] == values[:, None]).sum(axis=1)
-            mean_rank = below + (ties - 1) / 2
-            weights[p, valid] = mean_rank / (values.size - 1) if values.size > 1 else 1.0
+            distinct = np.unique(values)
+            dense = np.searchsorted(distinct, values)
+            weights[p, valid] = dense / (distinct.size - 1) if distinct.size > 1 else 0.0
         else:
             raise ValueError(f"unknown weight transform {transform!r}; expected none, minmax "
                              "or rank")
     return weights
+
+
+def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int,
+                     factor: float) -> np.ndarray:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_new_tokens - buffer
+    tokens, then falling linearly to -factor at max_new_tokens (and below beyond it). All zeros
+    when `buffer` or `factor` is 0."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if buffer <= 0 or factor == 0:
+        return np.zeros_like(lengths)
+    exceed = lengths - (max_new_tokens - buffer)
+    return np.minimum(-exceed / buffer * factor, 0.0)

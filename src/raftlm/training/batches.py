@@ -37,8 +37,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_nll(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0
+              ) -> torch.Tensor:
     """Negative log-likelihood of every position's next token; 0 where the label is masked.
+
+    With `temperature` T the distribution is softmax(logits / T), the one a sampler at T draws
+    from (the ratio objectives train and compare at the sampling temperature).
 
     Logits are computed only where a label is kept (response tokens), in chunks of at most
     `LOGITS_PER_CHUNK` values, each recomputed in backward rather than stored: peak memory does
@@ -51,8 +55,8 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     head = _plain_output_head(model)
     if head is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                               ignore_index=IGNORE, reduction="none")  # [B, L-1]
+        return F.cross_entropy(_tempered(logits[:, :-1].float(), temperature).transpose(1, 2),
+                               targets, ignore_index=IGNORE, reduction="none")  # [B, L-1]
     keep = targets != IGNORE
     shared = _shared_prefix_length(model, batch)
     hidden = _last_hidden_states(model, batch, shared)[:, :-1][keep[:, shared:]]  # [N, hidden]
@@ -60,7 +64,8 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     per_chunk = max(1, LOGITS_PER_CHUNK // head.out_features)
     pieces = []
     for start in range(0, hidden.shape[0], per_chunk):
-        args = (head, hidden[start : start + per_chunk], kept_targets[start : start + per_chunk])
+        args = (head, hidden[start : start + per_chunk], kept_targets[start : start + per_chunk],
+                temperature)
         if torch.is_grad_enabled() and hidden.shape[0] > per_chunk:
             pieces.append(checkpoint(_head_nll, *args, use_reentrant=False))
         else:
@@ -128,12 +133,18 @@ def _can_share_prefix(model: Any) -> bool:
     return not checkpointing and attention_kinds(inner) <= {"full_attention"}
 
 
-def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+              temperature: float = 1.0) -> torch.Tensor:
     # The head runs in its weights' precision, not autocast's: bf16 logits near 20 are rounded
     # to steps of 0.125, which blurs the loss and its gradient once the model is confident.
     with torch.autocast(hidden.device.type, enabled=False):
         logits = head(hidden.to(head.weight.dtype))
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    return F.cross_entropy(_tempered(logits.float(), temperature), targets, reduction="none")
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # T = 1 leaves the tensor untouched: training at T = 1 stays bit-identical.
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _plain_output_head(model: Any) -> torch.nn.Linear | None:
@@ -161,16 +172,18 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 @torch.inference_mode()
 def response_log_probs(
-    model: Any, examples: list[Example], pad_id: int, batch_size: int, device: torch.device
+    model: Any, examples: list[Example], pad_id: int, batch_size: int, device: torch.device,
+    temperature: float = 1.0,
 ) -> list[np.ndarray]:
-    """Per-token log-probabilities of each example's response under `model`."""
+    """Per-token log-probabilities of each example's response under `model` (eval mode), from
+    softmax(logits / temperature)."""
     was_training = model.training
     model.eval()
     out: list[np.ndarray] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        nll = token_nll(model, batch).cpu().numpy()
+        nll = token_nll(model, batch, temperature).cpu().numpy()
         mask = (batch["labels"][:, 1:] != IGNORE).cpu().numpy()
         out += [-row[m] for row, m in zip(nll, mask)]
     model.train(was_training)

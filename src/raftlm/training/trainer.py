@@ -10,8 +10,12 @@ of optimizer steps (DDP would hang otherwise) and the gradient is the single-pro
 
 `training.objective` chooses the per-token loss (`raftlm.training.objectives`); sft is the
 plain NLL above. The ratio objectives compare with the sampling policy's log-probs, fixed for
-the stage: those the sampler recorded, else one forward pass before the stage's first update.
-`training.kl_coef` adds a k3 penalty to the initial policy, the LoRA base with its adapter off.
+the stage: those the sampler recorded, else one forward pass before the stage's first update;
+pi, pi_old and (for their KL term) pi_0 are all taken at the sampling temperature, and dropout
+is off so that rho = 1 before the first update. `training.kl_coef` adds a k3 penalty to the
+initial policy, the LoRA base with its adapter off. `training.loss_aggregation` chooses what a
+step's summed loss is divided by. A non-finite loss or gradient stops the run before the
+optimizer step (`NonFiniteLossError`): no NaN reaches the weights or a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,11 +31,32 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from raftlm.config import TrainingConfig
+from raftlm.config import GenerationConfig, TrainingConfig
 from raftlm.models.distributed import shard, shards_optimizer_state
 from raftlm.run.progress import progress
 from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
-from raftlm.training.objectives import RATIO_OBJECTIVES, k3_kl, token_loss, token_tensors
+from raftlm.training.losses import aggregate, step_denominator
+from raftlm.training.objectives import (
+    OBJECTIVES,
+    sampling_mismatch,
+    token_loss,
+    token_tensors,
+    training_temperature,
+)
+
+
+class NonFiniteLossError(ValueError):
+    """A training step's loss or gradient is inf or NaN; the step was not applied."""
+
+
+def disable_dropout(model: Any) -> None:
+    """Dropout off in every module (TRL's disable_dropout): train-mode log-probs then equal the
+    eval-mode ones pi_old was computed with, so rho = 1 before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # HF attention passes it to the attention kernel
 
 
 def planned_optimizer_steps(examples_per_stage: int, stages: int, config: TrainingConfig) -> int:
@@ -51,11 +76,23 @@ class SFTTrainer:
         accelerator: Accelerator,
         pad_id: int,
         seed: int,
+        generation: GenerationConfig | None = None,
     ):
         self.config = config
         self.accelerator = accelerator
         self.pad_id = pad_id
         self.seed = seed
+        generation = generation or GenerationConfig()
+        self.objective = OBJECTIVES[config.objective]
+        # pi (and pi_0 in the KL term) at the temperature pi_old was recorded at.
+        self.temperature = training_temperature(config, generation.temperature)
+        self.norm_tokens = config.loss_norm_tokens or generation.max_new_tokens
+        if self.objective.uses_ratio or config.kl_coef > 0:
+            disable_dropout(model)
+            warning = sampling_mismatch(config, generation.temperature, generation.top_p,
+                                        generation.top_k)
+            if warning and accelerator.is_main_process:
+                print(f"warning: {warning}", flush=True)
         deepspeed = accelerator.state.deepspeed_plugin
         if deepspeed is not None:
             # DeepSpeed insists on a micro-batch size; raftlm feeds it no dataloader to infer it.
@@ -75,19 +112,21 @@ class SFTTrainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self._stats: dict[str, float] = {}
+        self._stage = 0
 
     def train(self, examples: list[Example], stage: int) -> dict[str, float]:
         """E epochs over the stage's examples (identical on every process, each taking its share
         of every optimizer step); returns stage statistics."""
         cfg, acc = self.config, self.accelerator
-        if cfg.objective in RATIO_OBJECTIVES:
+        if self.objective.uses_ratio:
             examples = self._with_old_log_probs(examples)
         self._stats = {"clipped": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0.0,
                        "kl": 0.0}
+        self._stage = stage
         self.model.train()
         per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(examples) / per_step) if examples else 0
-        total_nll, total_tokens, norms = 0.0, 0, []
+        total_nll, total_tokens, total_denominator, norms = 0.0, 0, 0, []
         bar = progress(
             total=steps_per_epoch * cfg.epochs, desc=f"train stage {stage}", unit="step",
             leave=False, disable=not acc.is_main_process,
@@ -97,16 +136,17 @@ class SFTTrainer:
             random.Random(f"{self.seed}:{stage}:{epoch}").shuffle(order)
             for start in range(0, len(order), per_step):
                 step_examples = order[start : start + per_step]
-                nll, tokens, norm = self._optimizer_step(step_examples)
+                nll, tokens, denominator, norm = self._optimizer_step(step_examples)
                 total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+                total_denominator += denominator
                 norms.append(norm)
                 bar.update(1)
-                bar.set_postfix(loss=f"{nll / max(tokens, 1):.4f}")
+                bar.set_postfix(loss=f"{nll / max(denominator, 1):.4f}")
         bar.close()
         # Each process summed the NLL of its own share; the loss is over the whole set.
         total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
         return {
-            "train/loss": total_nll / max(total_tokens, 1),
+            "train/loss": total_nll / max(total_denominator, 1),
             "train/optimizer_steps": self.step,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": float(np.mean(norms)) if norms else 0.0,
@@ -124,7 +164,7 @@ class SFTTrainer:
             with self._autocast():
                 computed = response_log_probs(model, missing, self.pad_id,
                                               self.config.micro_batch_size,
-                                              self.accelerator.device)
+                                              self.accelerator.device, self.temperature)
             for example, log_probs in zip(missing, computed):
                 example.old_log_probs = log_probs.tolist()
         return examples
@@ -136,7 +176,7 @@ class SFTTrainer:
                                        device=acc.device), "sum").tolist()
         clipped, ratio_sum, tokens, kl = sums
         stats = {}
-        if cfg.objective in RATIO_OBJECTIVES and tokens:
+        if self.objective.uses_ratio and tokens:
             ratio_max = float(acc.gather(torch.tensor([s["ratio_max"]], device=acc.device)).max())
             stats.update({"train/clip_fraction": clipped / tokens,
                           "train/ratio_mean": ratio_sum / tokens, "train/ratio_max": ratio_max})
@@ -144,17 +184,18 @@ class SFTTrainer:
             stats["train/kl_penalty"] = kl / tokens
         return stats
 
-    def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, float]:
+    def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, int, float]:
         """One optimizer step on `step_examples` (the whole step's batch, identical on every
-        process); returns this process's loss sum (the NLL for sft), the step's token count and
-        the grad norm."""
+        process); returns this process's loss sum (the NLL for sft), the step's token count,
+        what the loss sum is divided by (tokens or responses) and the grad norm."""
         cfg, acc = self.config, self.accelerator
         mine = shard(step_examples)
         local_tokens = sum(len(e.response_ids) for e in mine)
         # Normalise by the step's token count over all processes so the gradient is that of
         # the token-pooled mean; DDP averages over processes, hence the num_processes factor.
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
-        scale = acc.num_processes / max(global_tokens, 1)
+        denominator = step_denominator(cfg.loss_aggregation, global_tokens, len(step_examples))
+        scale = acc.num_processes / max(denominator, 1)
         # Every process runs as many micro-batches as the largest share needs: DDP (buffer
         # broadcast) and FSDP (all-gathers) join collectives in each forward. A process short
         # of examples fills its slots with zero-weighted passes over a stand-in example.
@@ -174,15 +215,31 @@ class SFTTrainer:
                     loss_sum = self._loss(batch, chunk, count=bool(weight))
                 acc.backward(loss_sum * weight)
             step_loss += float(loss_sum.detach()) if weight else 0.0
-        norm = 0.0
-        if cfg.max_grad_norm > 0:
-            # Under DeepSpeed the clipping is its own (`gradient_clipping`); this reads the norm.
-            norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) or 0.0)
+        # max_norm = inf measures without clipping (the norm is over all processes' shards).
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        # Under DeepSpeed the clipping is its own (`gradient_clipping`); this reads the norm.
+        norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm) or 0.0)
+        self._check_finite(step_loss, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_loss, global_tokens, norm
+        return step_loss, global_tokens, denominator, norm if cfg.max_grad_norm > 0 else 0.0
+
+    def _check_finite(self, step_loss: float, norm: float) -> None:
+        """Stop before the optimizer step when any process's loss or the gradient is not
+        finite (every process reaches the same verdict, so none waits in a collective)."""
+        acc = self.accelerator
+        bad = torch.tensor([not math.isfinite(step_loss), not math.isfinite(norm)],
+                           dtype=torch.float32, device=acc.device)
+        bad_loss, bad_grad = (bool(v) for v in acc.reduce(bad, "sum").tolist())
+        if bad_loss or bad_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if bad_loss else "gradient"
+            raise NonFiniteLossError(
+                f"stage {self._stage}: the training {what} is not finite at optimizer step "
+                f"{self.step + 1} (training.objective={self.config.objective}); stopped "
+                "before the update, the weights and checkpoints are unchanged")
 
     @contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -197,40 +254,37 @@ class SFTTrainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool
               ) -> torch.Tensor:
-        """Summed per-token loss of the objective on one micro-batch; with `count`, its ratio
-        and KL statistics are added to the stage's."""
+        """The objective's loss on one micro-batch, aggregated as `training.loss_aggregation`
+        says (the step divides it by `step_denominator`); with `count`, its ratio and KL
+        statistics are added to the stage's."""
         cfg = self.config
-        nll = token_nll(self.model, batch)
-        if cfg.objective == "sft" and cfg.kl_coef == 0:
-            return nll.sum()  # exactly the SFT loss raftlm always had
-        width = nll.shape[1]
-        tensors = {k: v.to(nll.device) for k, v in token_tensors(chunk, width).items()}
+        nll = token_nll(self.model, batch, self.temperature)
         mask = (batch["labels"][:, 1:] != IGNORE).float()
-        log_probs = -nll
-        loss, stats = token_loss(cfg, log_probs, {**tensors, "mask": mask})
-        if cfg.kl_coef > 0:
-            kl = k3_kl(log_probs, self._reference_log_probs(batch), mask)
-            loss = loss + cfg.kl_coef * kl
+        if cfg.objective == "sft" and cfg.kl_coef == 0 and cfg.loss_aggregation == "token_mean":
             if count:
-                self._stats["kl"] += float(kl.detach().sum())
+                self._stats["tokens"] += float(mask.sum())
+            return nll.sum()  # exactly the SFT loss raftlm always had
+        tensors = {k: v.to(nll.device) for k, v in token_tensors(chunk, nll.shape[1]).items()}
+        tensors["mask"] = mask
+        if cfg.kl_coef > 0:
+            tensors["ref_log_probs"] = self._reference_log_probs(batch)
+        loss, stats = token_loss(cfg, -nll, tensors)
         if count:
-            real = mask.bool()
-            self._stats["tokens"] += float(mask.sum())
-            if "ratio" in stats:
-                ratio = stats["ratio"][real]
-                self._stats["clipped"] += float(stats["clipped"][real].sum())
-                self._stats["ratio_sum"] += float(ratio.sum())
-                if ratio.numel():
-                    self._stats["ratio_max"] = max(self._stats["ratio_max"], float(ratio.max()))
-        return loss.sum()
+            for key, value in stats.items():
+                if key == "ratio_max":
+                    self._stats[key] = max(self._stats[key], value)
+                else:
+                    self._stats[key] += value
+        return aggregate(loss, mask, cfg.loss_aggregation, self.norm_tokens)
 
     @torch.no_grad()
     def _reference_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log pi_0 of every next token: the same model with its LoRA adapter disabled (config
-        validation refuses kl_coef > 0 without LoRA, so no second copy of the weights)."""
+        """log pi_0 of every next token (at the training temperature): the same model with its
+        LoRA adapter disabled (config validation refuses kl_coef > 0 without LoRA, so no second
+        copy of the weights)."""
         model = self.accelerator.unwrap_model(self.model)
         with model.disable_adapter():
-            return -token_nll(model, batch)
+            return -token_nll(model, batch, self.temperature)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule and step. A collective under FSDP (all processes call it)."""
