@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raftlm.config import ConfigError
 from raftlm.rewards.verifiable import BUILTIN_REWARDS
 
 if TYPE_CHECKING:
@@ -34,13 +35,13 @@ def load_function(spec: str) -> Callable[..., Any]:
     """Load ``package.module:function`` or ``path/to/file.py:function`` (relative to cwd)."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ValueError(
+        raise ConfigError(
             f"reward {spec!r}: expected 'package.module:function' or 'file.py:function'"
         )
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser().resolve()
         if not path.is_file():
-            raise ValueError(f"reward {spec!r}: file not found: {path}")
+            raise ConfigError(f"reward {spec!r}: file not found: {path}")
         name = f"raftlm_user_reward_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
@@ -48,17 +49,17 @@ def load_function(spec: str) -> Callable[..., Any]:
         try:
             module_spec.loader.exec_module(module)
         except Exception as err:
-            raise ValueError(f"reward {spec!r}: importing {path} failed: {err!r}") from err
+            raise ConfigError(f"reward {spec!r}: importing {path} failed: {err!r}") from err
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
-            raise ValueError(f"reward {spec!r}: cannot import module '{target}': {err}") from err
+            raise ConfigError(f"reward {spec!r}: cannot import module '{target}': {err}") from err
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ValueError(f"reward {spec!r}: '{target}' has no attribute '{attr}'")
+        raise ConfigError(f"reward {spec!r}: '{target}' has no attribute '{attr}'")
     if not callable(fn):
-        raise ValueError(f"reward {spec!r}: '{attr}' is not callable")
+        raise ConfigError(f"reward {spec!r}: '{attr}' is not callable")
     return fn
 
 
@@ -68,7 +69,7 @@ def resolve_function(spec: str) -> Callable[..., Any]:
         return BUILTIN_REWARDS[spec]
     if ":" in spec:
         return load_function(spec)
-    raise ValueError(
+    raise ConfigError(
         f"unknown reward {spec!r}: use a built-in "
         f"({', '.join(BUILTIN_REWARDS)}), 'package.module:function' or 'file.py:function'"
     )

@@ -7,18 +7,18 @@ Every term follows TRL's reward-function convention (`rewards.terms`)::
 ``prompts`` are the original prompt values (text or chat messages), ``columns`` the other
 prompt-file columns as lists aligned with them (a reference ``answer``, say). Terms are called
 with keywords, as TRL does, so ``def f(completions, **kwargs)`` works too. A term's kind is the
-config key that names it (`TERM_KINDS`): ``name`` (a built-in or a function), ``model``.
-CPU-bound terms run one after the other in the calling thread; `async def` terms run
-concurrently with them and with each other, in one background event loop.
+config key that names it (`TERM_KINDS`): ``name`` (a built-in or a function), ``model`` (a
+reward-model folder), ``url`` (a reward server), ``judge`` (an LLM judge).
+CPU-bound terms run one after the other in the calling thread; I/O-bound ones (`async def`
+functions, servers, judges) run concurrently with them and with each other, in one background
+event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import numbers
-import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +34,17 @@ from raftlm.rewards.functions import (
     load_function,
     required_columns,
 )
+from raftlm.rewards.judge import build_judge_term, judge_label
 from raftlm.rewards.model import ModelReward, build_model_term, model_label
-from raftlm.rewards.terms import RewardError, TermFailure, one_line
+from raftlm.rewards.remote import build_remote_term, remote_label
+from raftlm.rewards.terms import (
+    BackgroundLoop,
+    RewardError,
+    TermFailure,
+    as_list,
+    invalid,
+    one_line,
+)
 
 if TYPE_CHECKING:
     from raftlm.data.prompts import PromptRecord
@@ -49,6 +58,8 @@ __all__ = ["TERM_KINDS", "ModelReward", "Reward", "RewardError", "RewardResult",
 TERM_KINDS: dict[str, tuple[Callable[[RewardTerm], Callable], Callable[[str], str]]] = {
     "name": (build_function_term, function_label),
     "model": (build_model_term, model_label),
+    "url": (build_remote_term, remote_label),
+    "judge": (build_judge_term, judge_label),
 }
 
 
@@ -134,7 +145,8 @@ class Reward:
                                   f"rows have {sorted(columns)}")
         batch = (prompts, completions, columns, context)
         concurrent = [t for t in self.terms if t.is_async]
-        background = _Background(self._score_async_terms(concurrent, batch)) if concurrent else None
+        background = (BackgroundLoop(self._score_async_terms(concurrent, batch))
+                      if concurrent else None)
         per_term: dict[str, np.ndarray] = {}
         try:
             for term in self.terms:
@@ -202,7 +214,7 @@ class Reward:
     def _checked(self, term: Term, output: Any, completions: list[str],
                  failed: set[int] | None = None) -> np.ndarray:
         n = len(completions)
-        values = _as_list(output)
+        values = as_list(output)
         if values is None or len(values) != n:
             got = len(values) if values is not None else type(output).__name__
             raise RewardError(f"reward '{term.name}' returned {got} scores for {n} completions")
@@ -210,7 +222,7 @@ class Reward:
         for i, value in enumerate(values):
             if failed and i in failed:
                 continue
-            problem = _invalid(value)
+            problem = invalid(value)
             if problem is None:
                 scores[i] = float(value)
             elif self.on_error == "raise":
@@ -236,8 +248,8 @@ class Reward:
                 what = f"raised {type(values).__name__}: {values}"
                 raise RewardError(_item_message(term.name, what, i, completion)) from values
             return math.nan
-        values = _as_list(values)
-        problem = "no score" if not values or len(values) != 1 else _invalid(values[0])
+        values = as_list(values)
+        problem = "no score" if not values or len(values) != 1 else invalid(values[0])
         if problem is None:
             return float(values[0])
         if self.on_error == "raise":
@@ -272,62 +284,6 @@ def _describe(err: Exception) -> str:
     if isinstance(err, TimeoutError):
         return "timed out"
     return f"raised {type(err).__name__}: {one_line(err)}"
-
-
-class _Background:
-    """Runs one coroutine in its own thread and event loop while the caller works, so that
-    I/O-bound terms overlap the CPU-bound ones (which stay in the calling thread)."""
-
-    def __init__(self, coroutine: Awaitable[Any]):
-        self._coroutine = coroutine
-        self._ready = threading.Event()
-        self._outcome: tuple[bool, Any] = (False, None)
-        self._thread = threading.Thread(target=self._run, name="raftlm-reward", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-
-    def _run(self) -> None:
-        async def main() -> Any:
-            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
-            self._ready.set()
-            return await self._coroutine
-
-        try:
-            self._outcome = (True, asyncio.run(main()))
-        except BaseException as err:  # handed to the caller's thread by result()
-            self._outcome = (False, err)
-        finally:
-            self._ready.set()
-
-    def cancel(self) -> None:
-        """Stop early (another term failed); waits until the coroutine has cleaned up."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._outcome
-        if not ok:
-            raise value
-        return value
-
-
-def _as_list(output: Any) -> list | None:
-    if hasattr(output, "tolist") and not isinstance(output, (str, bytes)):
-        output = output.tolist()  # numpy arrays and torch tensors
-    if isinstance(output, (list, tuple)):
-        return list(output)
-    return None
-
-
-def _invalid(value: Any) -> str | None:
-    """Why a score is unusable, or None when it is a finite number."""
-    if not isinstance(value, numbers.Real):
-        return f"a non-number ({type(value).__name__}: {value!r:.40})"
-    if not math.isfinite(float(value)):
-        return str(float(value))
-    return None
 
 
 def _item_message(name: str, what: str, index: int, completion: str) -> str:
@@ -407,6 +363,8 @@ def build_reward(config: RewardConfig) -> Reward:
     for term in config.terms:
         kind = term_kind(term)
         build, label = TERM_KINDS[kind]
-        name = getattr(term, "label", None) or label(getattr(term, kind))
-        terms.append(Term(name, term.weight, build(term), getattr(term, "timeout_s", None)))
+        name = term.label or label(getattr(term, kind))
+        # Servers and judges time each request themselves; a function's call is timed whole.
+        timeout = term.timeout_s if kind == "name" else None
+        terms.append(Term(name, term.weight, build(term), timeout))
     return Reward(terms, on_error=config.on_error)

@@ -2,8 +2,8 @@
 
 A term is any callable with TRL's reward-function convention,
 ``fn(prompts=[...], completions=[...], **columns) -> list[float]``, plain or `async def`.
-The weighted sum (`reward.Reward`) asks a term about itself through optional attributes,
-never through its class:
+`async def` terms (servers, judges) run concurrently in a `BackgroundLoop`. The weighted sum
+(`reward.Reward`) asks a term about itself through optional attributes, never its class:
 
 - ``blame_items`` (default True): after a failed batch call, call the term item by item to
   find the candidates to blame and keep the others. Terms whose failure is an outage (a
@@ -18,10 +18,17 @@ A term that scored part of a batch raises `TermFailure` with what it did score.
 
 from __future__ import annotations
 
+import asyncio
+import math
+import numbers
+import threading
+from collections.abc import Awaitable
 from typing import Any
 
+from raftlm.errors import UserError
 
-class RewardError(RuntimeError):
+
+class RewardError(UserError, RuntimeError):
     """A reward term failed; the message names the term and, where known, the item."""
 
 
@@ -38,3 +45,62 @@ def one_line(text: Any, limit: int = 200) -> str:
     """`text` on one line, cut to `limit` characters (for error messages)."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class BackgroundLoop:
+    """Runs one coroutine in its own thread and event loop while the caller works, so that
+    I/O-bound terms overlap the CPU-bound ones (which stay in the calling thread)."""
+
+    def __init__(self, coroutine: Awaitable[Any]):
+        self._coroutine = coroutine
+        self._ready = threading.Event()
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, name="raftlm-reward", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        async def main() -> Any:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            self._ready.set()
+            return await self._coroutine
+
+        try:
+            self._outcome = (True, asyncio.run(main()))
+        except BaseException as err:  # handed to the caller's thread by result()
+            self._outcome = (False, err)
+        finally:
+            self._ready.set()
+
+    def cancel(self) -> None:
+        """Stop early (another term failed); waits until the coroutine has cleaned up."""
+        try:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        except (AttributeError, RuntimeError):  # never started, or already finished
+            pass
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def as_list(output: Any) -> list | None:
+    """A term's output as a list (numpy arrays and torch tensors too); None if it is none."""
+    if hasattr(output, "tolist") and not isinstance(output, (str, bytes)):
+        output = output.tolist()  # numpy arrays and torch tensors
+    if isinstance(output, (list, tuple)):
+        return list(output)
+    return None
+
+
+def invalid(value: Any) -> str | None:
+    """Why a score is unusable, or None when it is a finite number."""
+    if not isinstance(value, numbers.Real):
+        return f"a non-number ({type(value).__name__}: {value!r:.40})"
+    if not math.isfinite(float(value)):
+        return str(float(value))
+    return None

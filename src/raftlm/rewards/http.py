@@ -1,0 +1,108 @@
+"""POSTing JSON to a reward or judge server: bounded retries, one-line errors, fail-fast outages.
+
+Connection errors and HTTP 5xx are retried with exponential backoff (0.5 s, doubling, at most
+8 s apart) until `retry_s` seconds have passed since the first attempt; then the endpoint counts
+as down for the rest of the call, so the other requests of a stage fail at once instead of each
+waiting out its own retries (an outage must not become b*K timed-out calls). A request that
+gets no answer within `timeout_s` is not retried and marks the endpoint down too. HTTP 4xx and
+an answer that is not JSON are not retried either: asking again would give the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from raftlm.rewards.terms import one_line
+
+FIRST_DELAY_S, MAX_DELAY_S = 0.5, 8.0
+BODY_BYTES = 120  # how much of an unexpected answer an error message quotes
+
+
+class RequestFailed(Exception):
+    """A request got no usable answer; the message is one line naming URL, status and body."""
+
+
+class Endpoint:
+    """One URL to POST JSON to, shared by the concurrent requests of one scoring call."""
+
+    def __init__(self, url: str, timeout_s: float, retry_s: float,
+                 headers: dict[str, str] | None = None):
+        self.url, self.timeout_s, self.retry_s = url, timeout_s, retry_s
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.down: str | None = None  # why the endpoint gave up, once it has
+
+    def client(self, concurrency: int) -> httpx.AsyncClient:
+        """An HTTP client for one call (an event loop), with `concurrency` connections."""
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s),
+                                 limits=httpx.Limits(max_connections=concurrency))
+
+    async def post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> Any:
+        """POST `payload` as JSON and return the decoded answer, or raise RequestFailed."""
+        content = json.dumps(payload, default=_jsonable).encode()
+        started, delay, attempts = time.monotonic(), FIRST_DELAY_S, 0
+        while True:
+            if self.down is not None:
+                raise RequestFailed(f"POST {self.url}: not sent, the server is down ({self.down})")
+            attempts += 1
+            problem = await self._attempt(client, content)
+            if not isinstance(problem, _Retry):
+                return problem
+            waited = time.monotonic() - started
+            if waited + delay > self.retry_s:
+                tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {waited:.0f} s"
+                self.down = f"{problem} after {tries}"
+                raise RequestFailed(f"POST {self.url}: {problem} (gave up after {tries})")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MAX_DELAY_S)
+
+    async def _attempt(self, client: httpx.AsyncClient, content: bytes) -> Any:
+        """The decoded answer, a _Retry saying what went wrong, or RequestFailed."""
+        try:
+            response = await client.post(self.url, content=content, headers=self.headers)
+        except httpx.ConnectTimeout as err:
+            return _Retry(f"{type(err).__name__}: cannot connect")
+        except httpx.TimeoutException:
+            self.down = f"no answer within timeout_s={self.timeout_s:g} s"
+            raise RequestFailed(f"POST {self.url}: {self.down}") from None
+        except httpx.TransportError as err:  # refused, reset, the server died mid-answer
+            return _Retry(f"{type(err).__name__}: {one_line(err, 80) or 'connection lost'}")
+        status = response.status_code
+        if status >= 500:
+            return _Retry(f"HTTP {status}: {_body(response)}")
+        if status >= 400:
+            raise RequestFailed(f"POST {self.url}: HTTP {status}: {_body(response)}")
+        try:
+            return json.loads(response.content)
+        except ValueError:
+            raise RequestFailed(f"POST {self.url}: HTTP {status} but the answer is not JSON: "
+                                f"{_body(response)}") from None
+
+
+class _Retry(str):
+    """What a retryable attempt ran into."""
+
+
+def _body(response: httpx.Response) -> str:
+    text = response.content[:BODY_BYTES].decode("utf-8", errors="replace")
+    return repr(one_line(text, BODY_BYTES)) if text.strip() else "(empty body)"
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays (e.g. from parquet columns) as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def quote(answer: Any) -> str:
+    """The first bytes of an answer, for an error message."""
+    return repr(one_line(json.dumps(answer, allow_nan=True) if not isinstance(answer, str)
+                         else answer, BODY_BYTES))
+

@@ -1,0 +1,154 @@
+"""`raftlm serve-reward --reward SPEC`: any reward term over HTTP, for `reward.terms[].url`.
+
+SPEC is what a config term names: a built-in (`numeric_answer`), a function (`file.py:fn`,
+`pkg.mod:fn`) or a reward-model folder. The server speaks the protocol of
+`raftlm.rewards.remote` (docs/rewards.md) on uvicorn:
+
+    POST /score   {"prompts", "completions", "columns", "query"?, "stage"?, "step"?}
+                  -> 200 {"rewards": [...]}; 400 for a malformed request; 422 when the reward
+                  raised or returned no list ({"error": "..."}: not retried by the client)
+    GET  /health  -> {"status": "ok", "reward": SPEC}
+
+`async def` rewards run concurrently; plain functions and models run in a worker thread,
+`concurrency` calls at a time (1 by default: a model or a function that is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from raftlm.errors import InvalidInput
+from raftlm.rewards.functions import CONTEXT_KEYWORDS, declared_keywords, is_async, resolve_function
+from raftlm.rewards.model import ModelReward
+from raftlm.rewards.terms import as_list, one_line
+
+
+def load_reward_spec(spec: str, batch_size: int = 16) -> Callable[..., Any]:
+    """A reward-model folder, a built-in's name or a `pkg.mod:fn` / `file.py:fn` spec."""
+    if Path(spec).expanduser().is_dir():
+        return ModelReward(Path(spec).expanduser(), batch_size)
+    return resolve_function(spec)
+
+
+def require_server_libraries() -> None:
+    """Fail in one line when the `serve` extra (uvicorn, starlette) is not installed."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise InvalidInput(f"serving needs uvicorn and starlette ({err.name} is missing): "
+                           "pip install 'raftlm[serve]'") from None
+
+
+def reward_app(fn: Callable[..., Any], name: str, concurrency: int = 1) -> Any:
+    """The ASGI app serving `fn` (Starlette)."""
+    require_server_libraries()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    wants = declared_keywords(fn) & set(CONTEXT_KEYWORDS)
+    slots = asyncio.Semaphore(concurrency) if concurrency else None
+
+    async def score(request: Request) -> Response:
+        try:
+            kwargs = parse_request(json.loads(await request.body()), wants)
+        except ValueError as err:
+            return JSONResponse({"error": f"bad request: {one_line(err)}"}, status_code=400)
+        try:
+            if is_async(fn):
+                output = await fn(**kwargs)
+            else:
+                async with slots:
+                    output = await run_in_threadpool(lambda: fn(**kwargs))
+        except Exception as err:
+            message = f"reward '{name}' raised {type(err).__name__}: {one_line(err)}"
+            return JSONResponse({"error": message}, status_code=422)
+        rewards = as_list(output)
+        if rewards is None:
+            return JSONResponse({"error": f"reward '{name}' returned a "
+                                          f"{type(output).__name__}, not a list"}, status_code=422)
+        # NaN travels as JSON's common extension `NaN`; the client names the item it is for.
+        body = json.dumps({"rewards": rewards}, allow_nan=True, default=_plain)
+        return Response(body, media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "reward": name})
+
+    return Starlette(routes=[Route("/score", score, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])])
+
+
+def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
+    """The reward's keyword arguments from a request body; ValueError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    prompts, completions = data.get("prompts"), data.get("completions")
+    columns = data.get("columns") or {}
+    if not isinstance(completions, list) or not isinstance(prompts, list):
+        raise ValueError("'prompts' and 'completions' must be lists")
+    if not isinstance(columns, dict):
+        raise ValueError("'columns' must be an object of lists")
+    n = len(completions)
+    for key, values in {"prompts": prompts, **columns}.items():
+        if not isinstance(values, list) or len(values) != n:
+            raise ValueError(f"'{key}' must be a list of {n} entries, one per completion")
+    kwargs = {"prompts": prompts, "completions": completions, **columns}
+    query = data.get("query")
+    if "prompt_texts" in wants and isinstance(query, list) and len(query) == n:
+        kwargs["prompt_texts"] = [q[: len(q) - len(c)] if q.endswith(c) else q
+                                  for q, c in zip(query, completions)]
+    for key in ("stage", "step"):
+        if key in wants and data.get(key) is not None:
+            kwargs[key] = data[key]
+    return kwargs
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def serve_forever(app: Any, sock: socket.socket) -> None:
+    """Serve `app` on `sock` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+@contextmanager
+def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` in a background thread for the `with` block; yields http://host:port."""
+    import uvicorn
+
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server did not start")
+            threading.Event().wait(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
