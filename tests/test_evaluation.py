@@ -123,12 +123,14 @@ def sampled_kl(policy, tokenizer, config) -> float:
     return kl_to_initial(policy, tokenizer, prompts.records, completions, config)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_kl_is_zero_for_the_unchanged_policy(workspace, tiny_model_dir, lora):
-    config = make_config(workspace, tiny_model_dir, lora=lora)
+@pytest.mark.parametrize("lora, temperature", [(True, 1.0), (False, 1.0), (True, 0.5)],
+                         ids=["lora", "full", "lora-T0.5"])
+def test_kl_is_zero_for_the_unchanged_policy(workspace, tiny_model_dir, lora, temperature):
+    config = make_config(workspace, tiny_model_dir, lora=lora,
+                         generation={"temperature": temperature})
     policy, tokenizer = load_policy(config.model, CPU, torch.float32)
-    # pi_t's log-probs are recorded while sampling, pi_0's by a forward pass: equal up to
-    # rounding.
+    # pi_t's log-probs are recorded while sampling (at T), pi_0's by a forward pass at the
+    # same T: equal up to rounding.
     assert sampled_kl(policy, tokenizer, config) == pytest.approx(0.0, abs=1e-5)
 
 

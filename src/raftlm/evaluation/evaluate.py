@@ -8,11 +8,13 @@ Sampled (`evaluation.sampled`): K = evaluation.samples_per_prompt responses per 
   eval/distinct_1, eval/distinct_2, eval/sampled_tokens_mean and eval/kl_to_initial.
 Definitions are in `raftlm.evaluation.metrics`. The KL's pi_0 is the LoRA policy with its adapter
 disabled, or, for full fine-tuning, the initial weights reloaded from `model.path` for the
-duration of the estimate (no second copy is held between stages). The log-probs are the
-model's own (temperature 1): with another sampling temperature or top-p/top-k the estimate
-is E_{y ~ sampler}[log pi_t(y) - log pi_0(y)], a proxy for the KL rather than the KL itself.
-pi_t's log-probs are those recorded while sampling (`Completion.token_log_probs`), so the
-estimate costs one forward pass per response (pi_0's), not two. Greedy and sampled responses
+duration of the estimate (no second copy is held between stages). Both sides are taken at the
+sampling temperature T (`generation.temperature`): the estimate is KL(pi_t^T || pi_0^T) of the
+distributions softmax(logits / T) the responses were drawn from, unbiased without top-p/top-k
+(with truncation, the samples come from the truncated pi_t^T: a documented approximation).
+pi_t's log-probs are those recorded while sampling (`Completion.token_log_probs`, log
+softmax(logits / T) of each sampled token), so the estimate costs one forward pass per
+response (pi_0's), not two. Greedy and sampled responses
 are decoded in one pass that shares each prompt's prefill.
 """
 
@@ -127,7 +129,8 @@ def sampled_metrics(prompts: PromptSet, completions: list[list[Completion]], rew
 
 def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
                   completions: list[list[Completion]], config: RaftConfig) -> float | None:
-    """KL(pi_t || pi_0) estimated on the sampled responses (see `metrics.sequence_kl`)."""
+    """KL(pi_t || pi_0) at the sampling temperature, estimated on the sampled responses (see
+    `metrics.sequence_kl`): pi_t's recorded log-probs (or a forward pass) against pi_0's."""
     pairs = [(r, c) for r, row in zip(records, completions) for c in row]
     if config.evaluation.kl_responses:
         # A forward pass per response for pi_0 (pi_t's log-probs come with the samples when
@@ -137,8 +140,10 @@ def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
     device = next(policy.parameters()).device
 
     def log_probs(model: Any) -> list[np.ndarray]:
+        # At the temperature the sampler drew (and recorded pi_t's log-probs) at.
         return response_log_probs(model, examples, tokenizer.pad_token_id,
-                                  config.training.micro_batch_size, device)
+                                  config.training.micro_batch_size, device,
+                                  config.generation.temperature)
 
     recorded = [c.token_log_probs for _, c in pairs]
     if all(lp is not None for lp in recorded):

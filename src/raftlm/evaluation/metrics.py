@@ -66,8 +66,9 @@ def sequence_kl(policy_log_probs: Sequence[np.ndarray],
     """Monte-Carlo KL(pi || pi_0) >= 0: mean over sampled responses of the summed per-token k3
     estimate exp(r) - r - 1, r = log pi_0 - log pi (see the module docstring).
 
-    Each response's per-token log-probs under the policy that sampled it and under pi_0. Unbiased
-    when the responses were sampled from pi itself (temperature 1, no top-p/top-k).
+    Each response's per-token log-probs under the policy that sampled it and under pi_0, both
+    at the sampling temperature. Unbiased when the responses were sampled from pi itself (no
+    top-p/top-k truncation).
     """
     if len(policy_log_probs) != len(reference_log_probs):
         raise ValueError(f"{len(policy_log_probs)} policy vs {len(reference_log_probs)} "
