@@ -1,0 +1,82 @@
+"""The LLM-judge term against a real OpenAI-compatible server: `raftlm serve` answering with
+raftlm's sampler on the tiny model. The grade is parsed from the text that server generated."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from tiny import save_tiny_model
+
+from raftlm.config import JudgeConfig, RewardConfig, RewardTerm
+from raftlm.rewards.judge import JudgeReward
+from raftlm.rewards.reward import Reward, RewardError, build_reward
+from raftlm.tools.serve import openai_app
+from raftlm.tools.serve_reward import serving
+from raftlm.tools.target import load_target
+
+TEMPLATE = "Grade this answer to '{prompt}' (reference {answer}): {completion}"
+FIRST_DIGIT = r"(\d)"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp("judge") / "model")
+    with serving(openai_app(load_target(str(folder)), "tiny-judge")) as url:
+        yield url
+
+
+def judge_config(url: str, **changes) -> JudgeConfig:
+    settings = dict(base_url=url + "/v1", model="tiny-judge", template=TEMPLATE,
+                    parse=FIRST_DIGIT, max_tokens=24, temperature=1.0)
+    return JudgeConfig(**{**settings, **changes})
+
+
+def test_the_server_answers_chat_completions_like_openai(server):
+    models = httpx.get(server + "/v1/models").json()
+    answer = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny-judge", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5, "n": 2}).json()
+    assert models["data"][0]["id"] == "tiny-judge"
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    assert all(c["finish_reason"] in {"stop", "length"} for c in answer["choices"])
+    assert answer["usage"]["completion_tokens"] >= 1
+
+
+def test_the_server_refuses_streaming_in_openais_error_format(server):
+    response = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+    assert response.status_code == 400
+    assert "streaming" in response.json()["error"]["message"]
+
+
+def test_the_judge_grades_from_the_servers_generated_text(server):
+    judge = JudgeReward(judge_config(server), concurrency=2)
+    prompts = ["What is 2 + 2?", [{"role": "user", "content": "Name a colour."}]]
+    completions, answers = ["4", "blue"], ["4", "red"]
+    scores = Reward([("judge", 1.0, judge)])(prompts, completions, {"answer": answers}).scores
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        asked = judge.messages(prompt, completion, {"answer": answers[i]})
+        text = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-judge", "messages": asked, "max_tokens": 24, "temperature": 1.0,
+        }).json()["choices"][0]["message"]["content"]
+        assert scores[i] == float(re.search(FIRST_DIGIT, text).group(1)), text
+    assert asked[0]["content"] == "Grade this answer to 'Name a colour.' (reference red): blue"
+
+
+def test_an_answer_that_does_not_parse_names_term_item_and_answer(server):
+    config = judge_config(server, parse=r"SCORE=(\d+)")
+    with pytest.raises(RewardError, match=r"^reward 'judge' the judge's answer does not parse "
+                                          r"with 'SCORE=\(\\\\d\+\)': '.+' \[item 0\] \(1 more"):
+        Reward([("judge", 1.0, JudgeReward(config))])(["p", "q"], ["a", "b"], {"answer": [1, 2]})
+    skipped = Reward([("judge", 1.0, JudgeReward(config))], on_error="skip")(
+        ["p"], ["a"], {"answer": [1]})
+    assert skipped.n_invalid == 1
+
+
+def test_a_template_column_the_prompts_lack_is_reported_before_asking():
+    reward = build_reward(RewardConfig(terms=[RewardTerm(judge=judge_config("http://127.0.0.1:9"))]))
+    assert reward.terms[0].name == "judge"
+    with pytest.raises(RewardError, match=r"reward 'judge' needs column\(s\) \['answer'\]"):
+        reward(["p"], ["a"], {})
