@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -193,3 +198,61 @@ def test_stage_reaches_only_the_functions_that_declare_it():
     score(Reward([("a", 1.0, with_stage), ("b", 1.0, without)]), records,
           [[Completion("1", [1], "eos")]], stage=4)
     assert got == {"with": 4, "without": ["answer", "prompts"]}  # no stage
+
+
+# --- `raftlm serve-reward` as its own process, and a run against it ---------------------------
+
+SERVED = """
+def digits(prompts, completions, answer, **columns):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+@contextmanager
+def serve_reward_process(spec: str) -> Iterator[str]:
+    """`raftlm serve-reward --reward SPEC --port 0` in a subprocess; yields its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raftlm", "serve-reward", "--reward", spec, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"(http://\S+/score)", line)
+        assert match, line + process.stdout.read()
+        yield match.group(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_run_against_serve_reward_equals_the_run_in_process(tmp_path):
+    from tiny import save_tiny_model
+
+    from raftlm import RaftConfig, train
+
+    model = save_tiny_model(tmp_path / "model")
+    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "served.py").write_text(SERVED)
+
+    def run(name: str, term: dict) -> list[dict]:
+        config = RaftConfig.from_dict({
+            "run": {"output_dir": str(tmp_path / name), "seed": 3},
+            "model": {"path": str(model), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},
+            "data": {"train_file": str(tmp_path / "train.jsonl")},
+            "raft": {"stages": 1, "prompts_per_stage": 3, "samples_per_prompt": 3},
+            "generation": {"max_new_tokens": 6},
+            "reward": {"terms": [{**term, "label": "digits"}]},
+            "training": {"learning_rate": 1e-2, "micro_batch_size": 2},
+            "evaluation": {"enabled": False}, "tracking": {"report": False},
+        })
+        train(config)
+        return [json.loads(line) for stage in (1,) for line in
+                (tmp_path / name / f"stages/{stage:03d}/candidates.jsonl").read_text().splitlines()]
+
+    local = run("local", {"name": f"{tmp_path / 'served.py'}:digits"})
+    with serve_reward_process(f"{tmp_path / 'served.py'}:digits") as url:
+        served = run("served", {"url": url, "batch_size": 4})
+    keys = ("prompt_id", "sample", "response", "reward", "selected")
+    assert [{k: r[k] for k in keys} for r in served] == [{k: r[k] for k in keys} for r in local]
+    assert len({r["reward"] for r in local}) > 1  # the rewards really differ between responses
