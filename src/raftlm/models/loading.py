@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -75,8 +78,10 @@ def materialize_model(config: ModelConfig) -> Path:
     if (target / "config.json").is_file():
         return target
     print(f"Converting {gguf_path.name} to safetensors in {target} (once)...")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    with _gguf_reader_bar_follows_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
+                                                     dtype=torch.float32)
     # A GGUF-loaded model refuses to serialise while it still believes it is quantized;
     # the weights are already dequantized to fp32, so these flags are stale.
     model.hf_quantizer = None
@@ -92,6 +97,27 @@ def materialize_model(config: ModelConfig) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _gguf_reader_bar_follows_transformers():
+    """transformers' GGUF reader draws a tqdm bar of its own, which ignores transformers'
+    progress-bar switch: while that switch is off (a raftlm command), so is this bar."""
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if bar is None or transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -156,6 +182,28 @@ def attention_kinds(model: Any) -> set[str]:
     empty when its config does not list them, which means full attention everywhere."""
     config = model.config.get_text_config()
     return set(getattr(config, "layer_types", None) or [])
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's keyword for a KV cache: ``cache`` where the installed transformers renamed
+    it (5.24), else ``past_key_values`` (the GPU machines' 5.17); the old name warns in 5.24."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    if is_lora(inner):
+        inner = inner.get_base_model()
+    return _cache_keyword_of(type(inner))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def forward_cache(output: Any) -> Any:
+    """The KV cache a forward returned, read by the field name the installed transformers
+    uses (reading ``past_key_values`` logs a deprecation from 5.24 on)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    return output.cache if "cache" in fields else output.past_key_values
 
 
 @contextmanager

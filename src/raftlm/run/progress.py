@@ -1,19 +1,29 @@
-"""Progress output that fits where it goes.
+"""Output that is raftlm's own, and progress that fits where it goes.
 
 In a terminal: tqdm bars. Anywhere else (CI, ``| tee``, a log file) carriage-return bars turn
 into one long garbled line, so a plain line is printed every ``RAFTLM_PROGRESS_SECONDS``
 (default 10) instead. ``set_quiet(True)`` (the CLI's ``--quiet``) silences both; the
 one-line-per-stage summaries are ordinary prints and stay.
+
+A command's output is raftlm's: libraries' progress bars (transformers' weight loading and
+saving, the GGUF reader, datasets) are off, and the library warnings listed in
+``HIDDEN_WARNINGS`` / ``HIDDEN_LOG_MESSAGES`` -- each by category and message, with why -- are
+hidden, unless ``--verbose``. Any other warning still shows.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
+import warnings
 from typing import Any
 
 from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
+
+from raftlm.errors import InvalidInput
 
 DEFAULT_SECONDS = 10.0
 PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
@@ -27,15 +37,53 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def configure_progress(quiet: bool) -> None:
-    """The CLI's setting: ``quiet`` or not, and library bars (transformers' weight loading,
-    datasets) off wherever raftlm's own bars would not be tqdm bars either."""
-    set_quiet(quiet)
-    if quiet or not _is_terminal(sys.stderr):
-        from transformers.utils import logging as transformers_logging
+# Library warnings a command hides unless --verbose: (category, message regex, why it is noise
+# to a raftlm user). Matched from the message's start; a warning not listed here still shows.
+HIDDEN_WARNINGS: list[tuple[type[Warning], str, str]] = [
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
+     "peft (0.21) reads transformers' old property name whenever it wraps a model in LoRA"),
+    (FutureWarning, r"`past_key_values` is deprecated and will be removed .* Use `cache`",
+     "transformers 5.24 renamed the KV-cache argument; raftlm passes the name the installed "
+     "version takes (models.loading.cache_keyword) -- this entry covers callers not yet moved"),
+]
+# transformers' own log records (its logger, not the warnings module), hidden the same way.
+HIDDEN_LOG_MESSAGES: list[tuple[str, str]] = [
+    (r"`past_key_values`/`cache_params` are deprecated",
+     "reading a forward's cache under its old name (models.loading.forward_cache reads the new)"),
+]
 
-        transformers_logging.disable_progress_bar()
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+
+def configure_output(quiet: bool = False, verbose: bool = False) -> None:
+    """A command's output settings: progress ``quiet`` or not; unless ``verbose``, libraries'
+    progress bars off and the library warnings listed above hidden."""
+    set_quiet(quiet)
+    if verbose:
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # loading/saving bars, huggingface_hub's too
+    for category, message, _ in HIDDEN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    # On the handlers: a logger's own filters never see its child loggers' records.
+    for handler in transformers_logging.get_logger("transformers").handlers:
+        if not any(isinstance(f, _HiddenMessages) for f in handler.filters):
+            handler.addFilter(_HiddenMessages())
+
+
+def configure_progress(quiet: bool) -> None:
+    """``configure_output(quiet)``: the name cli.py called before ``--verbose`` existed."""
+    configure_output(quiet)
+
+
+class _HiddenMessages(logging.Filter):
+    """Drops the transformers log records listed in ``HIDDEN_LOG_MESSAGES``."""
+
+    patterns = [re.compile(message) for message, _ in HIDDEN_LOG_MESSAGES]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(p.match(text) for p in self.patterns)
 
 
 def progress_seconds() -> float:
@@ -44,9 +92,9 @@ def progress_seconds() -> float:
     try:
         seconds = float(value) if value else DEFAULT_SECONDS
     except ValueError:
-        raise ValueError(f"RAFTLM_PROGRESS_SECONDS: expected seconds, got {value!r}") from None
+        raise InvalidInput(f"RAFTLM_PROGRESS_SECONDS: expected seconds, got {value!r}") from None
     if seconds < 0:
-        raise ValueError(f"RAFTLM_PROGRESS_SECONDS: expected >= 0, got {seconds}")
+        raise InvalidInput(f"RAFTLM_PROGRESS_SECONDS: expected >= 0, got {seconds}")
     return seconds
 
 
