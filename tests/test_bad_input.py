@@ -287,3 +287,71 @@ def test_disk_full_is_one_line_naming_the_resume_command(base, capsys, monkeypat
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "no space left" in errors[0]
     assert f"raftlm train --resume {tmp_path / 'out'}" in errors[0]
+
+
+# --- a reward server's bad answers: one line naming term, URL, status and the body ------------
+
+
+@pytest.fixture(scope="module")
+def bad_reward_server():
+    """A reward server that answers every request in one wrong way per path."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from raftlm.tools.serve_reward import serving
+
+    async def count(request):
+        return len(json.loads(await request.body())["completions"])
+
+    async def not_json(request):
+        return PlainTextResponse("<html>upstream timed out</html>")
+
+    async def wrong_count(request):
+        return JSONResponse({"rewards": [0.5]})
+
+    async def nan(request):
+        return Response(json.dumps({"rewards": [float("nan")] * await count(request)}),
+                        media_type="application/json")
+
+    async def error_500(request):
+        return PlainTextResponse("database exploded", status_code=500)
+
+    async def slow(request):
+        await asyncio.sleep(0.9)  # past the timeout, within the shutdown grace
+        return JSONResponse({"rewards": [0.0] * await count(request)})
+
+    paths = {"/notjson": not_json, "/wrongcount": wrong_count, "/nan": nan,
+             "/error500": error_500, "/slow": slow}
+    app = Starlette(routes=[Route(p, f, methods=["POST"]) for p, f in paths.items()])
+    with serving(app) as url:
+        yield url
+
+
+REMOTE_CASES = [
+    ("answer not JSON", "/notjson", {}, "HTTP 200 but the answer is not JSON: '<html>upstream"),
+    ("wrong number of rewards", "/wrongcount", {}, "answered 1 rewards for 4 completions"),
+    ("NaN reward", "/nan", {}, "answered nan for completion 0"),
+    ("HTTP 500", "/error500", {"retry_s": 0.6}, "HTTP 500: 'database exploded' (gave up after"),
+    ("no answer in time", "/slow", {"timeout_s": 0.3}, "no answer within timeout_s=0.3 s"),
+]
+
+
+@pytest.mark.parametrize("name, path, settings, expected", REMOTE_CASES,
+                         ids=[c[0] for c in REMOTE_CASES])
+def test_a_reward_servers_bad_answer_gets_one_clear_line(base, bad_reward_server, capsys, name,
+                                                         path, settings, expected):
+    before = fingerprint(base / "existing")
+    url = bad_reward_server + path
+    ws = Path(tempfile.mkdtemp(dir=base))
+    term = {"url": url, "label": "scorer", **settings}
+    capsys.readouterr()
+    code = cli_main(train_with(ws, lambda c: c["reward"].update(terms=[term])))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("raftlm ")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"reward 'scorer' POST {url}: " in errors[0] and expected in errors[0], errors[0]
+    assert fingerprint(base / "existing") == before

@@ -18,7 +18,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from raftlm.rewards.http import Endpoint, RequestFailed, quote
-from raftlm.rewards.terms import TermFailure
+from raftlm.rewards.terms import TermFailure, invalid
 
 if TYPE_CHECKING:
     from raftlm.config import RewardTerm
@@ -61,17 +61,23 @@ class RemoteReward:
         async with endpoint.client(self.concurrency) as client:
             outcomes = await asyncio.gather(*(batch(s) for s in starts), return_exceptions=True)
         scores: list[Any] = [None] * len(completions)
-        failures = []
+        failures: list[str] = []  # one line each: what failed, for which completions
         for start, outcome in zip(starts, outcomes):
+            end = min(start + self.batch_size, len(completions))
             if isinstance(outcome, RequestFailed):
-                failures.append((start, outcome))
+                failures.append(f"{outcome} [completions {start}-{end - 1}]")
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                scores[start : start + len(outcome)] = outcome
+                for i, value in enumerate(outcome, start):
+                    if (problem := invalid(value)) is None:
+                        scores[i] = value
+                    else:  # only this completion fails; its batch's others keep their scores
+                        failures.append(f"POST {self.url}: answered {problem} for completion "
+                                        f"{i} ({completions[i][:40]!r})")
         if failures:
-            raise TermFailure(_summary(failures, len(starts), self.batch_size,
-                                       len(completions)), scores)
+            more = f" ({len(failures) - 1} more failures)" if len(failures) > 1 else ""
+            raise TermFailure(failures[0] + more, scores)
         return scores
 
 
@@ -84,15 +90,6 @@ def rewards_of(answer: Any, expected: int, url: str) -> list[Any]:
         raise RequestFailed(f"POST {url}: answered {len(rewards)} rewards for {expected} "
                             f"completions: {quote(rewards)}")
     return rewards
-
-
-def _summary(failures: list[tuple[int, RequestFailed]], n_requests: int, batch_size: int,
-             n: int) -> str:
-    start, first = failures[0]
-    where = f"completions {start}-{min(start + batch_size, n) - 1}"
-    more = f" ({len(failures) - 1} more of {n_requests} requests failed)" if len(failures) > 1 \
-        else ""
-    return f"{first} [{where}]{more}"
 
 
 def build_remote_term(term: RewardTerm) -> RemoteReward:
