@@ -98,6 +98,22 @@ def reward_figure(metrics: list[dict[str, Any]]) -> Figure | None:
     ], "Reward per stage", "mean reward")
 
 
+def term_names(metrics: list[dict[str, Any]]) -> list[str]:
+    """The reward terms a run recorded `reward/<term>/mean` for, in first-seen order."""
+    names: dict[str, None] = {}
+    for m in metrics:
+        for key in m:
+            if key.startswith("reward/") and key.endswith("/mean") and len(key) > 12:
+                names[key[len("reward/"):-len("/mean")]] = None
+    return list(names)
+
+
+def term_reward_figure(metrics: list[dict[str, Any]]) -> Figure | None:
+    """Each reward term's mean over the stage's candidates (its own scale, before weights)."""
+    return _line_figure(metrics, [(f"reward/{name}/mean", name) for name in term_names(metrics)],
+                        "Reward terms per stage", "mean of the term")
+
+
 def accuracy_figure(metrics: list[dict[str, Any]]) -> Figure | None:
     """Held-out accuracy per stage (only for prompts with reference answers)."""
     return _line_figure(metrics, [
@@ -176,6 +192,8 @@ def build_figures(run: RunRecords) -> dict[str, tuple[str, Figure]]:
     figures = {
         "reward": ("Mean reward per stage (stage 0 = before training).",
                    reward_figure(run.metrics)),
+        "reward_terms": ("What each reward term scored: its mean over the stage's training "
+                         "candidates, unweighted.", term_reward_figure(run.metrics)),
         "accuracy": ("Held-out accuracy against the reference answers.",
                      accuracy_figure(run.metrics)),
         "reward_distribution": ("Rewards of all sampled training candidates (grey) and of "
@@ -285,7 +303,7 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
                   [[k] + [m.get(k) for m in run.metrics] for k in every])
     cards = "".join(
         f'<div class="example {kind.split()[0]}">'
-        f'<h4>stage {stage}: {kind} (reward {_fmt(row["reward"])}'
+        f'<h4>stage {stage}: {kind} (reward {_fmt(row["reward"])}{_terms(row)}'
         f'{", selected" if row.get("selected") else ""})</h4>'
         f'<pre class="prompt">{e(prompt_as_chat(row))}</pre>'
         f'<pre class="response">{e(str(row.get("response", "")))}</pre></div>'
@@ -306,6 +324,14 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
 <p class="footer">{e(str(run.root.resolve()))}</p>
 </body></html>
 """
+
+
+def _terms(row: dict[str, Any]) -> str:
+    """`; numeric_answer 1.000, judge 0.700` from a candidate's per-term rewards, if recorded."""
+    terms = row.get("rewards")
+    if not isinstance(terms, dict) or len(terms) < 2:
+        return ""  # one term: the reward says it all
+    return "; " + ", ".join(f"{html.escape(str(k))} {_fmt(v)}" for k, v in terms.items())
 
 
 def _table(table_id: str, columns: list[str], rows: list[list[Any]]) -> str:
