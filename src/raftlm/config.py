@@ -247,6 +247,9 @@ class TrackingConfig:
     wandb: bool = option(False, "Also log to Weights & Biases.")
     wandb_project: str = option("raftlm", "W&B project name.")
     report: bool = option(True, "Write report.html at the end of the run.")
+    log_completions: int = option(0, "Every N stages, a table of the stage's sampled completions "
+                                  "(prompt, response, each term's reward, selected) to W&B and "
+                                  "TensorBoard; 0 = never.")
 
 
 @dataclass
@@ -288,7 +291,10 @@ class RaftConfig:
         for item in overrides or []:
             _apply_override(raw, item)
         config = build(cls, raw, where=source)
-        config.validate()
+        try:
+            config.validate()
+        except ConfigError as err:  # say which file, as the type errors do
+            raise ConfigError(f"{source}: {err}") from None
         return config
 
     def to_dict(self) -> dict:
@@ -318,6 +324,7 @@ class RaftConfig:
             ("training.gradient_accumulation_steps",
              self.training.gradient_accumulation_steps >= 1, ">= 1"),
             ("evaluation.every", self.evaluation.every >= 1, ">= 1"),
+            ("tracking.log_completions", self.tracking.log_completions >= 0, ">= 0"),
             *self._objective_checks(),
         ]
         for i, term in enumerate(self.reward.terms):

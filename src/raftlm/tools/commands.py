@@ -1,4 +1,5 @@
-"""`raftlm export | sample | chat`: their command-line arguments and handlers."""
+"""`raftlm export | sample | chat | serve | serve-reward`: their command-line arguments and
+handlers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
+
+from raftlm.errors import InvalidInput
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def parse_column(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--column: expected KEY=VALUE, got {text!r}")
+        raise InvalidInput(f"--column: expected KEY=VALUE, got {text!r}")
     return key, value
 
 
@@ -56,6 +59,86 @@ def cmd_chat(args: argparse.Namespace) -> int:
     target = load_target(args.target, args.stage)
     chat(target, generation_settings(args, target))
     return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from raftlm.config import ConfigError
+    from raftlm.tools.serve_reward import bind, load_reward_spec, reward_app, serve_forever
+
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency: expected >= 1, got {args.concurrency}")
+    app = reward_app(load_reward_spec(args.reward, args.batch_size), args.reward,
+                     args.concurrency)
+    sock = bind(args.host, args.port)
+    print(f"serving reward {args.reward!r} on http://{args.host}:{sock.getsockname()[1]}/score "
+          "(Ctrl-C stops)", flush=True)
+    serve_forever(app, sock)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raftlm.run.progress import set_quiet
+    from raftlm.tools.serve import openai_app, served_name
+    from raftlm.tools.serve_reward import bind, serve_forever
+    from raftlm.tools.target import load_target
+
+    set_quiet(True)  # a progress bar per request would flood the log
+    target = load_target(args.target, args.stage)
+    name = args.name or served_name(target, args.target)
+    sock = bind(args.host, args.port)
+    print(f"serving model {name!r} on http://{args.host}:{sock.getsockname()[1]}/v1 "
+          "(OpenAI-compatible chat completions; Ctrl-C stops)", flush=True)
+    serve_forever(openai_app(target, name), sock)
+    return 0
+
+
+def add_server_args(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to listen on [default: 127.0.0.1, this machine only].")
+    parser.add_argument("--port", type=int, default=port,
+                        help=f"Port [default: {port}; 0 = a free one, printed at start].")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from raftlm.tools.init import init_task, next_steps
+
+    init_task(args.dir, args.model, args.reward, args.objective)
+    print(next_steps(args.dir, args.reward))
+    return 0
+
+
+def add_init_command(commands: Any) -> None:
+    """`raftlm init DIR`: a new task's folder (config, prompts, reward) that trains as written."""
+    from raftlm.config import EMBEDDED_MODEL, TrainingConfig, field_choices
+    from raftlm.tools.init import REWARD_KINDS
+
+    init = commands.add_parser(
+        "init", help="Write a new task's folder: config, prompts, reward; trains as written.",
+        description="Writes DIR/config.yaml (commented), DIR/prompts.jsonl and "
+                    "DIR/heldout.jsonl (rows with the `answer` column the reward reads) and "
+                    "DIR/reward.py (a reward function in TRL's signature). `raftlm train "
+                    "--config DIR/config.yaml` then trains the model on them as written; edit "
+                    "the prompts and the reward into your task. docs/tutorial.md walks through.",
+    )
+    init.add_argument("dir", type=Path, metavar="DIR", help="A new (or empty) folder.")
+    init.add_argument("--model", default=EMBEDDED_MODEL,
+                      help=f"HF model folder, .gguf file or {EMBEDDED_MODEL} [default].")
+    init.add_argument("--reward", choices=REWARD_KINDS, default="numeric",
+                      help="numeric: the built-in numeric_answer [default]; file: reward.py; "
+                           "model: a reward-model folder; url: reward.py behind `raftlm "
+                           "serve-reward`.")
+    init.add_argument("--objective", choices=field_choices(TrainingConfig, "objective"),
+                      default="sft", help="training.objective [default: sft, i.e. RAFT].")
+    init.set_defaults(handler=cmd_init)
+
+
+def add_verbose_flags(commands: Any) -> None:
+    """Give every `raftlm` sub-command registered so far `--verbose`: libraries' warnings and
+    progress bars, hidden by default (`raftlm.run.progress.configure_output`), shown."""
+    for parser in commands.choices.values():
+        if not any("--verbose" in action.option_strings for action in parser._actions):
+            parser.add_argument("--verbose", action="store_true",
+                                help="Also show libraries' warnings and progress bars.")
 
 
 def add_target_args(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +159,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
 
 
 def add_tool_commands(commands: Any) -> None:
-    """Add `export`, `sample` and `chat` to the `raftlm` sub-command parsers."""
+    """Add `init`, `export`, `sample`, `chat`, `serve-reward` and `serve` to the `raftlm`
+    sub-commands."""
+    add_init_command(commands)
     export = commands.add_parser(
         "export", help="Export a run's policy as an HF folder or a GGUF file.",
         description="hf: a standalone HF folder (LoRA merged, tokenizer, generation config, "
@@ -114,3 +199,30 @@ def add_tool_commands(commands: Any) -> None:
     add_target_args(chat)
     add_sampling_args(chat, 256)
     chat.set_defaults(handler=cmd_chat)
+
+    serve_reward = commands.add_parser(
+        "serve-reward", help="Serve a reward over HTTP (for reward.terms[].url).",
+        description="Serves a reward term (a built-in, file.py:fn, pkg.mod:fn or a reward-model "
+                    "folder) on POST /score with the JSON protocol of docs/rewards.md, so that "
+                    "it can run on another GPU or machine.",
+    )
+    serve_reward.add_argument("--reward", required=True, metavar="SPEC",
+                              help="numeric_answer, file.py:fn, pkg.mod:fn or a model folder.")
+    add_server_args(serve_reward, 8000)
+    serve_reward.add_argument("--concurrency", type=int, default=1,
+                              help="Calls of a plain (not async) function or model at once, each "
+                                   "in a worker thread [default: 1].")
+    serve_reward.add_argument("--batch-size", type=int, default=16,
+                              help="Reward model: sequences per forward pass [default: 16].")
+    serve_reward.set_defaults(handler=cmd_serve_reward)
+
+    serve = commands.add_parser(
+        "serve", help="Serve a run's policy or a model as an OpenAI-compatible API.",
+        description="POST /v1/chat/completions answered by raftlm's sampler with the run's chat "
+                    "template and system prompt (temperature 0 = greedy; no streaming).",
+    )
+    add_target_args(serve)
+    add_server_args(serve, 8001)
+    serve.add_argument("--name", help="The model's name in the API [default: RUN@stageN or the "
+                                      "model path].")
+    serve.set_defaults(handler=cmd_serve)
