@@ -224,7 +224,7 @@ def training_examples(
         negative = chosen & (weights < 0)
         if negative.any():
             p, j = (int(i[0]) for i in np.nonzero(negative))
-            raise ValueError(
+            raise ConfigError(
                 f"stage {stage}, prompt {prompts[p].id}: reward {rewards[p, j]:g} is a "
                 "negative weight for reward_weighted; set training.weight_transform to "
                 "minmax or rank"

@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from raftlm.config import GenerationConfig, TrainingConfig
+from raftlm.errors import UserError
 from raftlm.models.distributed import shard, shards_optimizer_state
 from raftlm.run.progress import progress
 from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
@@ -45,8 +46,9 @@ from raftlm.training.objectives import (
 )
 
 
-class NonFiniteLossError(ValueError):
-    """A training step's loss or gradient is inf or NaN; the step was not applied."""
+class NonFiniteLossError(UserError, ValueError):
+    """A training step's loss or gradient is inf or NaN; the step was not applied (one line on
+    the command line: the run diverged, lower the learning rate or check the rewards)."""
 
 
 def disable_dropout(model: Any) -> None:
