@@ -8,8 +8,10 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 from test_objectives import chosen, stage_table
-from tiny import tiny_causal_lm
+from tiny import tiny_causal_lm, tiny_llama_config
+from transformers import LlamaForCausalLM
 
+import raftlm
 from raftlm import core_objectives as ref
 from raftlm.config import GenerationConfig, TrainingConfig
 from raftlm.training import losses, objectives
@@ -45,6 +47,68 @@ def trainer_for(model, generation=None, **training):
 
 def parameters(model):
     return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+# pi_old, the clip, and seed 000 on a real model -----------------------------------------------
+
+def test_ratio_objective_starts_at_ratio_one_from_a_forward_pass_of_pi_old():
+    model = tiny_causal_lm(seed=2)
+    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    config = TrainingConfig(objective="raft++", learning_rate=1e-2, micro_batch_size=4)
+    trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+    stats = trainer.train(examples, stage=1)
+    assert stats["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["train/clip_fraction"] == 0.0
+    assert all(len(e.old_log_probs) == len(e.response_ids) for e in examples)
+
+
+def test_several_passes_move_the_ratio_and_clip_it():
+    model = tiny_causal_lm(seed=2)
+    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    config = TrainingConfig(objective="raft++", learning_rate=5e-2, micro_batch_size=4,
+                            epochs=6)
+    stats = SFTTrainer(model, config, 10, Accelerator(cpu=True), 2, 0).train(examples, 1)
+    assert stats["train/ratio_max"] > 1.2
+    assert stats["train/clip_fraction"] > 0
+
+
+# Seed 000 on a real model ---------------------------------------------------------------------
+
+def test_reward_weighted_moves_log_probs_like_the_bandit_reference():
+    """One prompt, one-token responses: raft_iteration adds lr * reward to the logit of each
+    kept token; a gradient step of the reward-weighted objective on a tiny Llama (uniform
+    output at the start) changes the log-probs in the same direction and proportion."""
+    vocab, k, lr, rng_seed = 16, 8, 1e-5, 0  # small steps: compare first-order moves
+    zero_logits = np.zeros((1, vocab))
+    reward = lambda prompt, token: float(token % 5) / 4  # noqa: E731
+    out = raftlm.raft_iteration(zero_logits, ["p"], reward, n_candidates=k, top_fraction=0.5,
+                                lr=lr, rng=np.random.default_rng(rng_seed))
+    bandit = torch.log_softmax(torch.tensor(out["updated_logits"][0]), -1) + np.log(vocab)
+
+    # The same draws and the same kept set, as training examples weighted by their reward.
+    tokens = np.random.default_rng(rng_seed).choice(vocab, size=k, p=np.full(vocab, 1 / vocab))
+    rewards = [reward("p", int(tok)) for tok in tokens]
+    kept = np.argsort(rewards)[-k // 2:]
+    examples = [objectives.TrainingExample([1, 3], [int(tokens[i])], rewards[i]) for i in kept]
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab, tie_word_embeddings=False)).double()
+    torch.nn.init.zeros_(model.lm_head.weight)  # uniform policy, as the zero logits
+    batch = collate(examples, pad_id=2)
+    nll = token_nll(model, batch)
+    mask = (batch["labels"][:, 1:] != IGNORE).double()
+    weights = objectives.token_tensors(examples, nll.shape[1])["weights"].double()
+    loss = losses.weighted_nll(-nll, weights, mask).sum() / mask.sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-4 * p.grad
+        moved = torch.log_softmax(model(torch.tensor([[1, 3]])).logits[0, -1], -1)
+    moved = moved + np.log(vocab)
+    ratio = moved[bandit.abs() > 1e-9] / bandit[bandit.abs() > 1e-9]
+    assert float(ratio.min()) > 0  # same direction for every token
+    assert float(ratio.std() / ratio.mean()) < 1e-3  # same proportion
 
 
 # Temperature ----------------------------------------------------------------------------------
