@@ -11,7 +11,9 @@ an answer that is not JSON are not retried either: asking again would give the s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import ssl
 import time
 from typing import Any
 
@@ -38,7 +40,7 @@ class Endpoint:
 
     def client(self, concurrency: int) -> httpx.AsyncClient:
         """An HTTP client for one call (an event loop), with `concurrency` connections."""
-        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s),
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), verify=_tls_context(),
                                  limits=httpx.Limits(max_connections=concurrency))
 
     async def post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> Any:
@@ -81,6 +83,13 @@ class Endpoint:
         except ValueError:
             raise RequestFailed(f"POST {self.url}: HTTP {status} but the answer is not JSON: "
                                 f"{_body(response)}") from None
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default TLS settings, built once: building them (loading the CA bundle) takes
+    ~50 ms, which a client per scoring call would pay every stage and every evaluation."""
+    return httpx.create_ssl_context()
 
 
 class _Retry(str):
