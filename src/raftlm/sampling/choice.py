@@ -13,12 +13,11 @@ import torch
 
 
 def pick_tokens(logits: torch.Tensor, greedy: np.ndarray, seed: np.ndarray,
-                sample_index: np.ndarray, generated: list[list[int]], **filters: Any
-                ) -> torch.Tensor:
-    """Each row's next token: argmax for greedy rows, inverse-CDF sampling for the others."""
+                sample_index: np.ndarray, steps: np.ndarray, **filters: Any) -> torch.Tensor:
+    """Each row's next token: argmax for greedy rows, inverse-CDF sampling for the others at
+    the uniform of (seed, sample index, step: tokens generated so far)."""
     if greedy.all():
         return logits.argmax(dim=-1)
-    steps = np.array([len(g) for g in generated], dtype=np.uint64)
     u = torch.from_numpy(uniform(seed, sample_index, steps)).to(logits.device)
     chosen = choose_tokens(logits, u, **filters)
     if greedy.any():

@@ -35,6 +35,8 @@ import functools
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,89 +86,149 @@ def sample(
     if greedy:
         greedy_first = num_samples
     _check_supported(model)
-    device = next(model.parameters()).device
     queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples)
                   if (i, j) not in skip)
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     if not queue:
-        return results  # type: ignore[return-value]
+        return results
 
+    def new_row(i: int, j: int) -> _Row:
+        return _Row(prompt=i, sample=j, seed=seeds[i], rng_index=max(j - greedy_first, 0),
+                    greedy=j < greedy_first, pos=len(prompts[i]) - 1, token=prompts[i][-1])
+
+    def finish_reason(ids: list[int]) -> str | None:
+        return _finish_reason(ids, eos_ids, list(stop_strings), tokenizer, max_new_tokens)
+
+    device = next(model.parameters()).device
     # Never fewer than two rows: a one-row matmul takes oneDNN's GEMV path, which rounds
     # differently, and a sample would then depend on whether it ran alone.
-    width = max(2, min(batch_size, len(queue)))
+    batch = _Batch(max(2, min(batch_size, len(queue))))
     cache = _SlotCache(model.config.get_text_config().num_hidden_layers,
                        max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
     prompt_kv = _PromptKV(model, prompts, queue, device)
-    owner: list[tuple[int, int] | None] = [None] * width  # (prompt, sample) held by each row
-    generated: list[list[int]] = [[] for _ in range(width)]
-    pos = np.zeros(width, dtype=np.int64)  # tokens cached = position of the row's input token
-    tokens = np.zeros(width, dtype=np.int64)  # the row's next input token
-    row_seed = np.zeros(width, dtype=np.uint64)
-    row_sample = np.zeros(width, dtype=np.uint64)
-    row_greedy = np.zeros(width, dtype=bool)
-    row_log_probs: list[list[float]] = [[] for _ in range(width)]
-    stops = list(stop_strings)
-
+    filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with _packed_linears(model, device):
-        while queue or any(o is not None for o in owner):
-            free = [r for r in range(width) if owner[r] is None]
-            if queue and free:
-                taken = [(r, *queue.popleft()) for r in free[: len(queue)]]
-                prompt_kv.copy_into(cache, taken, width)
-                for r, i, j in taken:
-                    owner[r], generated[r], row_log_probs[r] = (i, j), [], []
-                    pos[r], tokens[r] = len(prompts[i]) - 1, prompts[i][-1]
-                    row_seed[r], row_sample[r] = seeds[i], max(j - greedy_first, 0)
-                    row_greedy[r] = j < greedy_first
-
-            logits = _decode_step(model, cache, torch.from_numpy(tokens).to(device),
-                                  torch.from_numpy(pos).to(device))
-            chosen = pick_tokens(logits, row_greedy, row_seed, row_sample, generated,
-                             temperature=temperature, top_p=top_p, top_k=top_k)
-            # The policy's own log-prob of each chosen token (temperature 1, unfiltered); one
-            # reduction over the vocabulary, no [rows, vocab] output.
-            raw = logits.float()
-            log_probs = raw.gather(-1, chosen[:, None]) - torch.logsumexp(raw, -1, keepdim=True)
-
-            for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs[:, 0].tolist())):
-                if owner[r] is None:
-                    continue
-                ids = generated[r]
-                ids.append(token)
-                row_log_probs[r].append(log_prob)
-                reason = _finish_reason(ids, eos_ids, stops, tokenizer, max_new_tokens)
-                if reason is None:
-                    pos[r] += 1
-                    tokens[r] = token
-                    continue
-                i, j = owner[r]
-                results[i][j] = (ids, reason, row_log_probs[r])
+        while queue or batch.running():
+            admitted = batch.admit(queue, new_row)
+            if admitted:
+                prompt_kv.copy_into(cache, admitted, batch.width)
+            logits = _decode_step(model, cache, *batch.inputs(device))
+            chosen, log_probs = _choose(logits, batch, filters)
+            for row, reason in batch.advance(chosen, log_probs, finish_reason):
+                results[row.prompt][row.sample] = (row.ids, reason, row.log_probs)
                 if on_finish is not None:
-                    on_finish(i, j, results[i][j])
-                owner[r], pos[r], tokens[r] = None, 0, 0
+                    on_finish(row.prompt, row.sample, results[row.prompt][row.sample])
                 if progress is not None:
-                    report_progress(progress, len(ids))
+                    report_progress(progress, len(row.ids))
+            if not queue:
+                # Nothing left to refill with: idle rows still cost compute, so the batch
+                # shrinks to the rows still running.
+                cache.move_rows(batch.shrink(), device)
+    return results
 
-            running = [r for r in range(width) if owner[r] is not None]
-            if not queue and max(len(running), 2) < width:
-                # Nothing left to refill with: idle rows still cost compute, so move the rows
-                # still running into the first slots and shrink the batch.
-                width = max(len(running), 2)
-                moves = list(zip([r for r in running if r >= width],
-                                 [r for r in range(width) if owner[r] is None]))
-                cache.move_rows(moves, device)
-                for src, dst in moves:
-                    owner[dst], generated[dst] = owner[src], generated[src]
-                    row_log_probs[dst] = row_log_probs[src]
-                    pos[dst], tokens[dst] = pos[src], tokens[src]
-                    row_seed[dst], row_sample[dst] = row_seed[src], row_sample[src]
-                    row_greedy[dst] = row_greedy[src]
-                owner, generated = owner[:width], generated[:width]
-                row_log_probs = row_log_probs[:width]
-                pos, tokens = pos[:width], tokens[:width]
-                row_seed, row_sample = row_seed[:width], row_sample[:width]
-                row_greedy = row_greedy[:width]
-    return results  # type: ignore[return-value]
+
+@dataclass
+class _Row:
+    """One (prompt, sample) being decoded: everything a row of the batch carries.
+
+    A row is created whole on admission and moved whole on compaction, so no per-row field can
+    fall out of step with the others.
+    """
+
+    prompt: int  # i
+    sample: int  # j, the sample's index among its prompt's samples
+    seed: int  # the prompt's seed
+    rng_index: int  # the sample index the uniforms are drawn for (greedy ones not counted)
+    greedy: bool
+    pos: int  # tokens cached = position of the next input token
+    token: int  # the next input token
+    ids: list[int] = field(default_factory=list)  # generated so far
+    log_probs: list[float] = field(default_factory=list)  # one per generated id
+
+
+class _Batch:
+    """The rows decoded together, each holding a `_Row` or free (None)."""
+
+    def __init__(self, width: int):
+        self.rows: list[_Row | None] = [None] * width
+
+    @property
+    def width(self) -> int:
+        return len(self.rows)
+
+    def running(self) -> list[int]:
+        return [r for r, row in enumerate(self.rows) if row is not None]
+
+    def admit(self, queue: deque[tuple[int, int]], new_row: Callable[[int, int], _Row]
+              ) -> list[tuple[int, int, int]]:
+        """Fill free rows, lowest first, from the head of ``queue``; returns the
+        (row, prompt, sample) admitted."""
+        free = [r for r, row in enumerate(self.rows) if row is None]
+        admitted = [(r, *queue.popleft()) for r in free[: len(queue)]]
+        for r, i, j in admitted:
+            self.rows[r] = new_row(i, j)
+        return admitted
+
+    def inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's next input token and its position (0 and 0 for a free row)."""
+        tokens = np.array([0 if row is None else row.token for row in self.rows], dtype=np.int64)
+        pos = np.array([0 if row is None else row.pos for row in self.rows], dtype=np.int64)
+        return torch.from_numpy(tokens).to(device), torch.from_numpy(pos).to(device)
+
+    def choice_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: greedy, seed, sample index and step of the uniforms (free rows: greedy)."""
+        rows = [_FREE if row is None else row for row in self.rows]
+        return (np.array([row.greedy for row in rows], dtype=bool),
+                np.array([row.seed for row in rows], dtype=np.uint64),
+                np.array([row.rng_index for row in rows], dtype=np.uint64),
+                np.array([len(row.ids) for row in rows], dtype=np.uint64))
+
+    def advance(self, chosen: torch.Tensor, log_probs: torch.Tensor,
+                finish_reason: Callable[[list[int]], str | None]) -> list[tuple[_Row, str]]:
+        """Append each running row's chosen token; free the rows that finished and return
+        them with their finish reasons."""
+        finished = []
+        for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs.tolist())):
+            row = self.rows[r]
+            if row is None:
+                continue
+            row.ids.append(token)
+            row.log_probs.append(log_prob)
+            reason = finish_reason(row.ids)
+            if reason is None:
+                row.pos, row.token = row.pos + 1, token
+            else:
+                finished.append((row, reason))
+                self.rows[r] = None
+        return finished
+
+    def shrink(self) -> list[tuple[int, int]]:
+        """Move the running rows into the lowest slots and drop the free rows past them (never
+        below two rows); returns the (source, destination) moves the KV cache must follow."""
+        running = self.running()
+        width = max(len(running), 2)
+        if width >= self.width:
+            return []
+        free = [r for r in range(width) if self.rows[r] is None]
+        moves = list(zip([r for r in running if r >= width], free))
+        for src, dst in moves:
+            self.rows[dst] = self.rows[src]
+        del self.rows[width:]
+        return moves
+
+
+# What a free row feeds the token choice: its output is discarded.
+_FREE = _Row(prompt=-1, sample=-1, seed=0, rng_index=0, greedy=True, pos=0, token=0)
+
+
+def _choose(logits: torch.Tensor, batch: _Batch, filters: dict[str, Any]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token and its log-prob under the model (temperature 1, unfiltered)."""
+    chosen = pick_tokens(logits, *batch.choice_inputs(), **filters)
+    # One reduction over the vocabulary, no [rows, vocab] output.
+    raw = logits.float()
+    log_probs = raw.gather(-1, chosen[:, None]) - torch.logsumexp(raw, -1, keepdim=True)
+    return chosen, log_probs[:, 0]
 
 
 def _finish_reason(ids: list[int], eos_ids: set[int], stops: list[str], tokenizer,
