@@ -273,3 +273,21 @@ def test_an_answer_does_not_wait_for_a_delayed_ack():
                                               "columns": {"answer": ["3"]}})
             times.append(time.perf_counter() - start)
     assert statistics.median(times) < 0.025, times
+
+
+def test_a_served_reward_model_scores_like_the_local_one(tmp_path):
+    from tiny import tiny_reward_model, tiny_tokenizer
+
+    from raftlm.rewards.model import ModelReward
+    from raftlm.tools.serve_reward import load_reward_spec
+
+    tokenizer = tiny_tokenizer()
+    tiny_reward_model(seed=0, vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    served_model = load_reward_spec(str(tmp_path), batch_size=2, device="cpu")
+    assert isinstance(served_model, ModelReward)
+    local = ModelReward(tmp_path, batch_size=2)(PROMPTS[:4], COMPLETIONS[:4])
+    with serving(reward_app(served_model, str(tmp_path))) as url:
+        remote_scores = remote(url, batch_size=2)(PROMPTS[:4], COMPLETIONS[:4], {}).scores
+    assert remote_scores.tolist() == pytest.approx(local, abs=1e-6)
+    assert len(set(local)) == 4

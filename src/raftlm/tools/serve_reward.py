@@ -30,10 +30,16 @@ from raftlm.rewards.model import ModelReward
 from raftlm.rewards.terms import as_list, one_line
 
 
-def load_reward_spec(spec: str, batch_size: int = 16) -> Callable[..., Any]:
-    """A reward-model folder, a built-in's name or a `pkg.mod:fn` / `file.py:fn` spec."""
+def load_reward_spec(spec: str, batch_size: int = 16, device: str = "auto"
+                     ) -> Callable[..., Any]:
+    """A reward-model folder (on `device`; auto: the GPU when there is one), a built-in's name
+    or a `pkg.mod:fn` / `file.py:fn` spec."""
     if Path(spec).expanduser().is_dir():
-        return ModelReward(Path(spec).expanduser(), batch_size)
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return ModelReward(Path(spec).expanduser(), batch_size).to(device)
     return resolve_function(spec)
 
 
