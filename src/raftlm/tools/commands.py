@@ -67,7 +67,7 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency: expected >= 1, got {args.concurrency}")
-    app = reward_app(load_reward_spec(args.reward, args.batch_size), args.reward,
+    app = reward_app(load_reward_spec(args.reward, args.batch_size, args.device), args.reward,
                      args.concurrency)
     sock = bind(args.host, args.port)
     print(f"serving reward {args.reward!r} on http://{args.host}:{sock.getsockname()[1]}/score "
@@ -214,6 +214,9 @@ def add_tool_commands(commands: Any) -> None:
                                    "in a worker thread [default: 1].")
     serve_reward.add_argument("--batch-size", type=int, default=16,
                               help="Reward model: sequences per forward pass [default: 16].")
+    serve_reward.add_argument("--device", default="auto",
+                              help="Reward model: torch device [default: auto, the GPU when "
+                                   "there is one].")
     serve_reward.set_defaults(handler=cmd_serve_reward)
 
     serve = commands.add_parser(
