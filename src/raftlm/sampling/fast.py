@@ -62,7 +62,7 @@ def sample(
     model: torch.nn.Module,
     tokenizer,
     prompts: Sequence[Sequence[int]],
-    num_samples: int,
+    num_samples: Sequence[int],
     *,
     seeds: Sequence[int],
     max_new_tokens: int,
@@ -78,28 +78,29 @@ def sample(
     skip: Collection[tuple[int, int]] = (),
     on_finish: Callable[[int, int, Sample], None] | None = None,
 ) -> list[list[Sample | None]]:
-    """Sample ``num_samples`` continuations per prompt; returns (token_ids, finish_reason,
+    """Sample ``num_samples[i]`` continuations of prompt i; returns (token_ids, finish_reason,
     token_log_probs) each.
 
-    ``greedy_first`` > 0 decodes the first ``greedy_first`` of each prompt's ``num_samples`` by
-    argmax and samples the rest as sample indices 0, 1, ... (the same samples as a call without
-    them): greedy and sampled evaluation then share each prompt's prefill and batch. The caller
+    Sample j of prompt i draws its uniforms from (``seeds[i]``, j, step) alone, so a prompt's
+    first n samples are the same whatever its count. ``greedy`` decodes every sample by argmax;
+    ``greedy_first`` > 0 decodes the first ``greedy_first`` of each prompt's samples by argmax
+    and samples the rest as sample indices 0, 1, ... (the same samples as a call without them):
+    greedy and sampled evaluation then share each prompt's prefill and batch. The caller
     sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances as samples
     finish; ``on_finish(i, j, sample)`` is called as each finishes. (prompt, sample) pairs in
     ``skip`` (finished earlier) are not sampled: their slots stay None.
     """
-    if greedy:
-        greedy_first = num_samples
     check_supported(model)
-    queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples)
+    queue = deque((i, j) for i, count in enumerate(num_samples) for j in range(count)
                   if (i, j) not in skip)
-    results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
+    results: list[list[Sample | None]] = [[None] * count for count in num_samples]
     if not queue:
         return results
 
     def new_row(i: int, j: int) -> _Row:
         return _Row(prompt=i, sample=j, seed=seeds[i], rng_index=max(j - greedy_first, 0),
-                    greedy=j < greedy_first, pos=len(prompts[i]) - 1, token=prompts[i][-1])
+                    greedy=greedy or j < greedy_first, pos=len(prompts[i]) - 1,
+                    token=prompts[i][-1])
 
     def finish_reason(ids: list[int]) -> str | None:
         return _finish_reason(ids, eos_ids, list(stop_strings), tokenizer, max_new_tokens)
@@ -109,7 +110,7 @@ def sample(
     # differently, and a sample would then depend on whether it ran alone.
     batch = _Batch(max(2, min(batch_size, len(queue))))
     cache = SlotCache(model.config.get_text_config().num_hidden_layers,
-                       max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
+                      max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
     prompt_kv = PromptKV(model, prompts, queue, device)
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):

@@ -120,7 +120,7 @@ def generate_vllm(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
-    num_samples: int,
+    num_samples: Sequence[int],
     config: GenerationConfig,
     *,
     seeds: Sequence[int],
@@ -128,7 +128,8 @@ def generate_vllm(
     desc: str = "generate",
     max_new_tokens: int | None = None,
 ) -> list[list[Completion]]:
-    """`raftlm.sampling.generate.generate` on vLLM, with the policy's current weights."""
+    """`raftlm.sampling.generate.generate` on vLLM, with the policy's current weights;
+    ``num_samples[i]`` completions of prompt i."""
     check_vllm_available()
     from vllm import SamplingParams
 
@@ -139,20 +140,21 @@ def generate_vllm(
         return []
     eos_ids = eos_token_ids(model, tokenizer)
     max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
+    wanted = [i for i, count in enumerate(num_samples) if count > 0]  # vLLM refuses n=0
     params = [
-        SamplingParams(**sampling_params_kwargs(config, num_samples, seed, greedy=greedy,
+        SamplingParams(**sampling_params_kwargs(config, num_samples[i], seeds[i], greedy=greedy,
                                                 max_new_tokens=max_new, eos_ids=eos_ids))
-        for seed in seeds
+        for i in wanted
     ]
     outputs = engine.llm.generate(
-        [{"prompt_token_ids": list(p)} for p in prompts], params,
+        [{"prompt_token_ids": list(prompts[i])} for i in wanted], params,
         lora_request=lora_request, use_tqdm=_is_main_process(),
-    )
-    results = []
-    for output in outputs:
+    ) if wanted else []
+    results: list[list[Completion]] = [[] for _ in prompts]
+    for i, output in zip(wanted, outputs, strict=True):
         row = [to_completion(tokenizer, c.token_ids, c.finish_reason, c.stop_reason,
                              config.stop_strings, eos_ids) for c in output.outputs]
-        results.append(row * num_samples if greedy else row)
+        results[i] = row * num_samples[i] if greedy else row
     return results
 
 
