@@ -301,3 +301,14 @@ def test_model_reward_is_listed_for_offload(reward_model_dir):
     (rm,) = reward.models()
     assert rm.to("cpu") is rm and rm.device.type == "cpu"
     assert reward.terms[0].name == reward_model_dir.name
+
+
+def test_a_declared_context_keyword_is_none_outside_a_stage():
+    seen = {}
+
+    def curriculum(completions, stage, **columns):
+        seen["stage"] = stage
+        return [0.0] * len(completions)
+
+    Reward([("c", 1.0, curriculum)])(["p"], ["x"], {})
+    assert seen == {"stage": None}

@@ -269,9 +269,10 @@ def _item(batch: tuple, i: int) -> dict[str, Any]:
 
 
 def _context_for(term: Term, context: dict[str, Any], item: int | None = None) -> dict[str, Any]:
-    """The context keywords the term declares (per-item lists cut to item `item`)."""
-    out = {k: v for k, v in context.items() if k in term.context_keys and v is not None}
-    if item is not None and "prompt_texts" in out:
+    """The context keywords the term declares, None where unknown (scoring outside a stage),
+    per-item lists cut to item `item`."""
+    out = {k: context.get(k) for k in term.context_keys}
+    if item is not None and out.get("prompt_texts") is not None:
         out["prompt_texts"] = [out["prompt_texts"][item]]
     return out
 

@@ -110,12 +110,13 @@ def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
             raise ValueError(f"'{key}' must be a list of {n} entries, one per completion")
     kwargs = {"prompts": prompts, "completions": completions, **columns}
     query = data.get("query")
-    if "prompt_texts" in wants and isinstance(query, list) and len(query) == n:
+    if "prompt_texts" in wants:  # the query minus its completion; None when not sent
         kwargs["prompt_texts"] = [q[: len(q) - len(c)] if q.endswith(c) else q
-                                  for q, c in zip(query, completions)]
+                                  for q, c in zip(query, completions)] \
+            if isinstance(query, list) and len(query) == n else None
     for key in ("stage", "step"):
-        if key in wants and data.get(key) is not None:
-            kwargs[key] = data[key]
+        if key in wants:
+            kwargs[key] = data.get(key)
     return kwargs
 
 
