@@ -312,3 +312,13 @@ def test_a_declared_context_keyword_is_none_outside_a_stage():
 
     Reward([("c", 1.0, curriculum)])(["p"], ["x"], {})
     assert seen == {"stage": None}
+
+
+def test_an_async_term_that_raises_is_blamed_item_by_item():
+    async def raises_on_bad_async(completions, **kwargs):
+        return raises_on_bad(completions)
+
+    result = Reward([("x", 1.0, raises_on_bad_async)], on_error="skip")(["p"] * 3, COMPLETIONS, {})
+    assert np.isnan(result.per_term["x"]).tolist() == [False, True, False]
+    with pytest.raises(RewardError, match=r"reward 'x' raised ValueError: cannot score for item 1"):
+        Reward([("x", 1.0, raises_on_bad_async)])(["p"] * 3, COMPLETIONS, {})
