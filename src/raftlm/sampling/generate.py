@@ -1,8 +1,8 @@
 """Sampling responses: one entry point, three backends.
 
 ``generate`` takes tokenized prompts and returns ``num_samples`` completions per prompt (one
-count for all, or one per prompt).
-``config.backend`` picks who decodes:
+count for all, or one per prompt). ``config.backend`` picks who decodes, by name, from
+``GENERATION_BACKENDS``:
 
 - ``raftlm``: the fast sampler in ``raftlm.sampling.fast`` (shared prefill, in-place KV cache,
   continuous batching, counter-based randomness: the same seeds give the same samples however
@@ -13,7 +13,10 @@ count for all, or one per prompt).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,9 +25,12 @@ import torch
 from raftlm.config import GenerationConfig
 from raftlm.models.distributed import gather, shard
 from raftlm.run.progress import progress
+from raftlm.sampling import vllm as vllm_backend
 from raftlm.sampling.completion import Completion, eos_token_ids, to_completion
 from raftlm.sampling.fast import sample
 from raftlm.sampling.hf import generate_hf
+
+OnFinish = Callable[[int, int, Completion], None]
 
 
 def generate(
@@ -40,7 +46,7 @@ def generate(
     max_new_tokens: int | None = None,
     with_greedy: bool = False,
     done: Mapping[tuple[int, int], Completion] | None = None,
-    on_finish: Callable[[int, int, Completion], None] | None = None,
+    on_finish: OnFinish | None = None,
 ) -> list[list[Completion]]:
     """Sample completions for each tokenized prompt (chat template applied): ``num_samples``
     each, or ``num_samples[i]`` for prompt i.
@@ -53,12 +59,12 @@ def generate(
     prompt's list, before its samples (the raftlm backend decodes both in one pass, sharing
     the prefill). Completions carry ``token_log_probs`` (raftlm and hf backends).
     ``on_finish(i, j, completion)`` is called as each sample finishes. ``done[(i, j)]`` are
-    samples finished earlier (a resumed or an extended round): the raftlm backend returns them
-    instead of sampling them again, which gives the same result since its samples depend on
-    nothing else, and samples only the rest (entries past a prompt's count are ignored); the
-    other backends seed per batch, so they sample everything again.
+    samples finished earlier (a resumed or an extended round): a backend that
+    ``keeps_done`` (raftlm) returns them instead of sampling them again, which gives the same
+    result since its samples depend on nothing else, and samples only the rest (entries past
+    a prompt's count are ignored); the other backends seed per batch, so they sample
+    everything again.
     """
-    max_new = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -68,52 +74,139 @@ def generate(
         seeds = [base + i for i in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    if not prompts or not with_greedy and not any(counts):
-        return [[] for _ in prompts]
-    if with_greedy and (greedy or config.backend != "raftlm"):
-        first = generate(model, tokenizer, prompts, 1, config, seeds=seeds, greedy=True,
-                         desc=desc, max_new_tokens=max_new)
-        rest = generate(model, tokenizer, prompts, counts, config, seeds=seeds,
-                        greedy=greedy, desc=desc, max_new_tokens=max_new)
-        return [a + b for a, b in zip(first, rest, strict=True)]
-    if config.backend == "vllm":
-        from raftlm.sampling.vllm import generate_vllm
+    backend = GENERATION_BACKENDS.get(config.backend)
+    if backend is None:
+        raise ValueError(f"generation.backend: expected one of {', '.join(GENERATION_BACKENDS)},"
+                         f" got {config.backend!r}")
+    request = GenerationRequest(
+        prompts=prompts, counts=counts, seeds=list(seeds), config=config, greedy=greedy,
+        with_greedy=with_greedy, desc=desc,
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else config.max_new_tokens,
+        done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish)
+    return backend.generate(model, tokenizer, request)
 
-        rows = generate_vllm(model, tokenizer, prompts, counts, config, seeds=seeds,
-                             greedy=greedy, desc=desc, max_new_tokens=max_new)
-        return _report_all(rows, on_finish)
-    if config.backend not in ("raftlm", "hf"):
-        raise ValueError(f"generation.backend: expected raftlm, hf or vllm, got {config.backend!r}")
 
-    eos_ids = eos_token_ids(model, tokenizer)
-    done = done if config.backend == "raftlm" else {}
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One `generate` call, as every backend receives it (counts and seeds one per prompt)."""
+
+    prompts: list[list[int]]
+    counts: list[int]
+    seeds: list[int]
+    config: GenerationConfig
+    greedy: bool
+    with_greedy: bool
+    desc: str
+    max_new_tokens: int
+    done: Mapping[tuple[int, int], Completion]
+    on_finish: OnFinish | None
+
+    def per_prompt(self) -> list[int]:
+        """Completions to return per prompt: the greedy one (``with_greedy``) and the samples."""
+        return [count + int(self.with_greedy) for count in self.counts]
+
+
+Rows = list[list[Completion]]  # per prompt, its completions
+Decode = Callable[[Any, Any, GenerationRequest], Rows]  # (model, tokenizer, request) -> rows
+
+
+@dataclass(frozen=True)
+class GenerationBackend:
+    """A way to decode: the function `generate` hands each request to, and what callers may
+    ask about it without comparing backend names."""
+
+    generate: Decode
+    # Samples depend on (seed, prompt, sample index) alone: `done` samples are returned, not
+    # drawn again, so a resumed or extended round gives what one uninterrupted call gives.
+    keeps_done: bool
+    # Raises a ConfigError saying what this backend misses on this machine (before any load).
+    check_available: Callable[[], None] = lambda: None
+
+
+def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows:
+    """raftlm's sampler: greedy and sampled completions in one pass, done samples kept."""
+    per_prompt = request.per_prompt()
+    if not any(per_prompt):
+        return [[] for _ in request.prompts]
+    config, on_finish = request.config, request.on_finish
+    skip = {(i, j) for i, j in request.done if i < len(per_prompt) and j < per_prompt[i]}
     finished = None if on_finish is None else (
         lambda i, j, raw: on_finish(i, j, _completion(tokenizer, raw, config)))
+    with _decoding(model, sum(per_prompt) - len(skip), request.desc) as bar:
+        raw = sample(
+            model, tokenizer, request.prompts, per_prompt, seeds=request.seeds,
+            max_new_tokens=request.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer),
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+            greedy=request.greedy, stop_strings=config.stop_strings,
+            batch_size=config.batch_size, greedy_first=int(request.with_greedy), progress=bar,
+            skip=skip, on_finish=finished,
+        )
+    return [[request.done[(i, j)] if s is None else _completion(tokenizer, s, config)
+             for j, s in enumerate(row)] for i, row in enumerate(raw)]
+
+
+def _generate_hf(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows:
+    """HF ``model.generate``; the greedy completion of ``with_greedy`` in a pass of its own."""
+    if request.with_greedy:
+        return _greedy_then_sampled(_generate_hf, model, tokenizer, request)
+    if not any(request.counts):
+        return [[] for _ in request.prompts]
+    with _decoding(model, sum(request.counts), request.desc) as bar:
+        raw = generate_hf(model, tokenizer, request.prompts, request.counts, request.config,
+                          request.seeds, request.greedy, request.max_new_tokens,
+                          eos_token_ids(model, tokenizer), bar)
+    rows = [[_completion(tokenizer, s, request.config) for s in row] for row in raw]
+    return _report_all(rows, request.on_finish)
+
+
+def _generate_vllm(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows:
+    """vLLM's engine; called even with nothing to sample, since its start and weight sync are
+    collectives every process joins."""
+    if request.with_greedy:
+        return _greedy_then_sampled(_generate_vllm, model, tokenizer, request)
+    rows = vllm_backend.generate_vllm(
+        model, tokenizer, request.prompts, request.counts, request.config, seeds=request.seeds,
+        greedy=request.greedy, desc=request.desc, max_new_tokens=request.max_new_tokens)
+    return _report_all(rows, request.on_finish)
+
+
+def _check_vllm() -> None:
+    vllm_backend.check_vllm_available()  # never imports vLLM itself
+
+
+# The generation backends by the name `generation.backend` gives (config lists these names).
+GENERATION_BACKENDS: dict[str, GenerationBackend] = {
+    "raftlm": GenerationBackend(_generate_raftlm, keeps_done=True),
+    "hf": GenerationBackend(_generate_hf, keeps_done=False),
+    "vllm": GenerationBackend(_generate_vllm, keeps_done=False, check_available=_check_vllm),
+}
+
+
+def _greedy_then_sampled(backend: Decode, model: Any, tokenizer: Any, request: GenerationRequest
+                         ) -> Rows:
+    """``with_greedy`` for backends that decode it in a pass of its own: each prompt's greedy
+    completion, then its samples."""
+    alone = dataclasses.replace(request, with_greedy=False, on_finish=None)
+    first = backend(model, tokenizer, dataclasses.replace(
+        alone, counts=[1] * len(request.prompts), greedy=True))
+    rest = backend(model, tokenizer, alone)
+    return _report_all([a + b for a, b in zip(first, rest, strict=True)], request.on_finish)
+
+
+@contextmanager
+def _decoding(model: Any, total: int, desc: str) -> Iterator[Any]:
+    """Eval and inference mode with a progress bar of ``total`` sequences; the model's
+    training mode comes back after."""
     was_training = model.training
     model.eval()
-    per_prompt = [count + int(with_greedy) for count in counts]
-    skip = {(i, j) for i, j in (done or ()) if i < len(prompts) and j < per_prompt[i]}
-    bar = progress(total=sum(per_prompt) - len(skip), desc=desc, unit="seq", leave=False)
+    bar = progress(total=total, desc=desc, unit="seq", leave=False)
     try:
         with torch.inference_mode():
-            if config.backend == "raftlm":
-                raw = sample(
-                    model, tokenizer, prompts, per_prompt, seeds=seeds, max_new_tokens=max_new,
-                    eos_ids=eos_ids, temperature=config.temperature, top_p=config.top_p,
-                    top_k=config.top_k, greedy=greedy, stop_strings=config.stop_strings,
-                    batch_size=config.batch_size, greedy_first=int(with_greedy), progress=bar,
-                    skip=skip, on_finish=finished,
-                )
-            else:
-                raw = generate_hf(model, tokenizer, prompts, counts, config, seeds, greedy,
-                                   max_new, eos_ids, bar)
+            yield bar
     finally:
         bar.close()
         if was_training:
             model.train()
-    rows = [[done[(i, j)] if sample is None else _completion(tokenizer, sample, config)
-             for j, sample in enumerate(row)] for i, row in enumerate(raw)]
-    return rows if config.backend == "raftlm" else _report_all(rows, on_finish)
 
 
 def _completion(tokenizer: Any, raw: tuple[list[int], str, list[float] | None],
@@ -122,8 +215,7 @@ def _completion(tokenizer: Any, raw: tuple[list[int], str, list[float] | None],
     return to_completion(tokenizer, ids, reason, config.stop_strings, log_probs)
 
 
-def _report_all(rows: list[list[Completion]],
-                on_finish: Callable[[int, int, Completion], None] | None) -> list[list[Completion]]:
+def _report_all(rows: Rows, on_finish: OnFinish | None) -> Rows:
     """Backends without a per-sample hook report their samples once they all are done."""
     if on_finish is not None:
         for i, row in enumerate(rows):
