@@ -143,7 +143,9 @@ def load_policy(
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype, local_files_only=True)
     model.to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it (the old name warns); 5.17 has only the old one.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     if config.lora.enabled:
         model = _add_lora(model, config.lora, adapter_from, config.gradient_checkpointing)
