@@ -1,7 +1,9 @@
 """The raftlm sampler's samples are pinned: fixed model, prompts, seeds and settings give these.
 
 `sampler_expected.json` holds what the sampler returned before its row state was rewritten
-(token ids, finish reasons, recorded log-probs, the order samples finished in). The cases
+(token ids, finish reasons, recorded log-probs, the order samples finished in); the log-probs
+of the cases at T != 1 were rewritten once since, when they became log softmax(logits / T)
+(ids, reasons and order unchanged; T = 1 log-probs unchanged, bit for bit). The cases
 make rows finish at different steps, so admission, refill and compaction all run. On the
 machine kind that wrote the file (torch version and CPU capability recorded in it) the
 comparison is exact, bit for bit; elsewhere fp32 kernels may round differently, so log-probs

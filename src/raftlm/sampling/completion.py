@@ -11,9 +11,11 @@ class Completion:
     text: str  # decoded response (special tokens skipped), cut right after a stop string
     token_ids: list[int]  # generated ids, with the eos or the token that completed a stop string
     finish_reason: str  # "eos" | "stop_string" | "length"
-    # log pi(token | prefix) of each generated token under the sampling policy's own
-    # distribution (temperature 1, no top-k/top-p), fp32; None where the backend did not
-    # record them. Objectives use them as pi_old, evaluation for its KL estimate.
+    # log-prob of each generated token under the distribution it was sampled from:
+    # log softmax(logits / T) at generation.temperature T (T = 1 for greedy decoding), before
+    # top-k/top-p truncation, fp32; at T = 1 the policy's own log pi(token | prefix). None where
+    # the backend did not record them (vllm). Objectives use them as pi_old, evaluation for its
+    # KL estimate.
     token_log_probs: list[float] | None = None
 
 

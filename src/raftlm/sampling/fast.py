@@ -19,8 +19,10 @@ Measured with ``benchmarks/generation.py`` (SmolLM2-135M, 2 CPU cores, K=8, batc
 - nn.Linear weights are packed for oneDNN once per call (fp32 1.5x, bf16 1.15x).
 - Decode attention is our own (bf16 1.13x over SDPA, and batch-invariant, see below).
 - Sampling is a softmax and an inverse CDF in vocabulary order: no sort unless top-k/top-p ask.
-- Each chosen token's log-prob at temperature 1 is recorded on the way (a logsumexp per row):
-  consumers (KL, pi_old) need no second forward pass.
+- Each chosen token's log-prob under the distribution it was drawn from, log softmax(z / T)
+  (T = 1 for greedy rows; before top-k/top-p truncation), is recorded on the way (a logsumexp
+  per row): consumers (pi_old of the ratio objectives, KL) need no second forward pass. At
+  T = 1 that is the policy's own log pi.
 
 Samples depend on (seed, sample index, step) and the prompt only, not on the batch: the uniform
 u for each token is a counter-based hash of those three, the token is the inverse CDF of the
@@ -54,7 +56,8 @@ from raftlm.sampling.decoding import (
 
 __all__ = ["choose_tokens", "sample", "uniform"]
 
-# (generated token ids, finish reason, log pi(token | prefix) of each token at temperature 1)
+# (generated token ids, finish reason, log-prob of each token under the distribution sampled
+# from: log softmax(logits / T), T = 1 for greedy rows, before top-k/top-p truncation)
 Sample = tuple[list[int], str, list[float]]
 
 
@@ -229,11 +232,16 @@ _FREE = _Row(prompt=-1, sample=-1, seed=0, rng_index=0, greedy=True, pos=0, toke
 
 def _choose(logits: torch.Tensor, batch: _Batch, filters: dict[str, Any]
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's next token and its log-prob under the model (temperature 1, unfiltered)."""
-    chosen = pick_tokens(logits, *batch.choice_inputs(), **filters)
+    """Each row's next token and its log-prob under the distribution it was drawn from:
+    log softmax(z / T) for sampled rows, log softmax(z) for greedy ones; before top-k/top-p."""
+    greedy, *rng = batch.choice_inputs()
+    chosen = pick_tokens(logits, greedy, *rng, **filters)
+    scaled = logits.float()
+    if filters["temperature"] != 1.0:
+        temperature = np.where(greedy, 1.0, filters["temperature"]).astype(np.float32)
+        scaled = scaled / torch.from_numpy(temperature).to(scaled.device)[:, None]
     # One reduction over the vocabulary, no [rows, vocab] output.
-    raw = logits.float()
-    log_probs = raw.gather(-1, chosen[:, None]) - torch.logsumexp(raw, -1, keepdim=True)
+    log_probs = scaled.gather(-1, chosen[:, None]) - torch.logsumexp(scaled, -1, keepdim=True)
     return chosen, log_probs[:, 0]
 
 

@@ -42,7 +42,10 @@ def generate_hf(model, tokenizer, prompts, num_samples: list[int], config, seeds
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  num_return_sequences=returns, **options)
         generated = out.sequences[:, width:]
-        new, log_probs = generated.tolist(), _token_log_probs(out.logits, generated).tolist()
+        # Recorded under the distribution sampled from: logits / T (greedy: T = 1).
+        log_probs = _token_log_probs(out.logits, generated,
+                                     1.0 if greedy else config.temperature).tolist()
+        new = generated.tolist()
         new_tokens = 0
         for row in range(len(batch)):
             rows = range(row * returns, (row + 1) * returns)
@@ -70,10 +73,15 @@ def _batches(num_samples: list[int], batch_size: int) -> list[tuple[int, int]]:
     return batches
 
 
-def _token_log_probs(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor
-                     ) -> torch.Tensor:
-    """log softmax of each step's raw logits (fp32) at the generated token: [rows, steps]."""
+def _token_log_probs(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """log softmax(raw logits / temperature) (fp32) of each step at the generated token:
+    [rows, steps]."""
     # Step by step: stacking would hold a second [rows, steps, vocab] copy.
-    columns = [torch.log_softmax(logits.float(), dim=-1).gather(-1, generated[:, t, None])
-               for t, logits in enumerate(step_logits)]
+    columns = [torch.log_softmax(_scaled(logits.float(), temperature), dim=-1)
+               .gather(-1, generated[:, t, None]) for t, logits in enumerate(step_logits)]
     return torch.cat(columns, dim=-1)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
