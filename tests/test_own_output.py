@@ -41,6 +41,7 @@ def workdir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two subprocesses, each importing torch
 def test_train_and_sample_print_only_raftlms_output(workdir):
     (workdir / "config.yaml").write_text(
         "model: {path: model, dtype: fp32}\n"
