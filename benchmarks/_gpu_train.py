@@ -89,7 +89,8 @@ def measured(fn, name: str, device: torch.device, peaks: dict[str, float | None]
 def offload_peaks(ctx: Context, offload: str) -> dict[str, float | None]:
     """Peak memory per phase of stage 2 (stage 1 creates the AdamW moments offload moves)."""
     import raftlm.loop as loop
-    from raftlm.components import prepare_run
+    import raftlm.steps as steps
+    from raftlm.build import prepare_run
 
     built = ctx.models(ctx.sizes[0])
     config = raft_config(ctx, f"offload-{offload}", lora=False, stages=2, offload=offload,
@@ -100,14 +101,14 @@ def offload_peaks(ctx: Context, offload: str) -> dict[str, float | None]:
         peaks["resident before"] = torch.cuda.memory_allocated() / 2**20
     run = prepare_run(config)
     loop.raft_stage(run, 1)
-    originals = loop.generate, loop.score
-    loop.generate = measured(loop.generate, "generate", ctx.device, peaks)
-    loop.score = measured(loop.score, "reward", ctx.device, peaks)
+    originals = steps.generate, steps.score
+    steps.generate = measured(steps.generate, "generate", ctx.device, peaks)
+    steps.score = measured(steps.score, "reward", ctx.device, peaks)
     run.trainer.train = measured(run.trainer.train, "train", ctx.device, peaks)
     try:
         loop.raft_stage(run, 2)
     finally:
-        loop.generate, loop.score = originals
+        steps.generate, steps.score = originals
         del run
         release_memory()
     return peaks
@@ -127,7 +128,7 @@ def section_offload(ctx: Context) -> list[Row]:
 
 
 def section_train_memory(ctx: Context) -> list[Row]:
-    from raftlm.components import prepare_run
+    from raftlm.build import prepare_run
     from raftlm.training.batches import Example
 
     s, rows = ctx.settings, []

@@ -89,7 +89,7 @@ def child(name: str, offload: str) -> dict[str, Any]:
     """One stage in this (fresh) process; returns the measurements."""
     import torch
 
-    from raftlm.components import prepare_run
+    from raftlm.build import prepare_run
     from raftlm.loop import raft_stage
 
     with tempfile.TemporaryDirectory() as tmp:

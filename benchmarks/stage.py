@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from raftlm.components import prepare_run
+from raftlm.build import prepare_run
 from raftlm.config import RaftConfig
 from raftlm.loop import raft_stage
 from raftlm.models.loading import load_policy, resolve_dtype
@@ -46,8 +46,8 @@ def raftlm_stage(config: RaftConfig) -> tuple[dict, list, list[Example]]:
     """raft_stage on a fresh run; returns phase records, the prompts drawn and the kept set."""
     run = prepare_run(config)
     drawn, kept = [], []
-    draw, train = run.sampler.draw, run.trainer.train
-    run.sampler.draw = lambda b: drawn.append(draw(b)) or drawn[-1]
+    draw, train = run.prompt_order.draw, run.trainer.train
+    run.prompt_order.draw = lambda b: drawn.append(draw(b)) or drawn[-1]
     run.trainer.train = lambda examples, stage: kept.extend(examples) or train(examples, stage)
     start = time.perf_counter()
     m = raft_stage(run, 1)

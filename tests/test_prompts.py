@@ -10,7 +10,7 @@ from tiny import tiny_tokenizer
 from raftlm.config import DataConfig
 from raftlm.data.prompts import (
     DataError,
-    PromptSampler,
+    PromptOrder,
     build_prompt_set,
     load_prompt_set,
     read_rows,
@@ -167,36 +167,36 @@ def test_load_prompt_set_uses_the_data_config(tmp_path, tok):
 
 
 def test_sampler_does_not_repeat_until_the_set_is_exhausted():
-    sampler = PromptSampler(10, seed=0)
+    sampler = PromptOrder(10, seed=0)
     drawn = sampler.draw(4) + sampler.draw(4) + sampler.draw(2)
     assert sorted(drawn) == list(range(10))
 
 
 def test_sampler_reshuffles_for_each_pass():
-    sampler = PromptSampler(20, seed=0)
+    sampler = PromptOrder(20, seed=0)
     assert sampler.draw(20) != sampler.draw(20)
 
 
 def test_sampler_draw_crossing_a_pass_has_no_repeats():
     for seed in range(20):
-        sampler = PromptSampler(5, seed=seed)
+        sampler = PromptOrder(5, seed=seed)
         for _ in range(10):
             stage = sampler.draw(3)
             assert len(set(stage)) == 3
 
 
 def test_sampler_is_deterministic_under_its_seed():
-    a, b, c = PromptSampler(50, seed=1), PromptSampler(50, seed=1), PromptSampler(50, seed=2)
+    a, b, c = PromptOrder(50, seed=1), PromptOrder(50, seed=1), PromptOrder(50, seed=2)
     assert [a.draw(7) for _ in range(9)] == [b.draw(7) for _ in range(9)]
-    assert PromptSampler(50, seed=1).draw(7) != c.draw(7)
+    assert PromptOrder(50, seed=1).draw(7) != c.draw(7)
 
 
 def test_sampler_state_round_trip_continues_the_same_sequence():
-    uninterrupted = PromptSampler(7, seed=3)
+    uninterrupted = PromptOrder(7, seed=3)
     expected = [uninterrupted.draw(3) for _ in range(6)]
-    first = PromptSampler(7, seed=3)
+    first = PromptOrder(7, seed=3)
     got = [first.draw(3) for _ in range(3)]  # 9 draws: just crossed into the second pass
-    resumed = PromptSampler(7, seed=3)
+    resumed = PromptOrder(7, seed=3)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got += [resumed.draw(3) for _ in range(3)]
     assert got == expected

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from test_loop import REWARD_FILE, make_config
 from tiny import save_tiny_model, tiny_causal_lm
 
-from raftlm import train
+from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
 from raftlm.models.loading import merged_adapter
 from raftlm.run import journal as journal_module
 from raftlm.run.checkpoint import join_tensors, read_trainer_state, split_tensors
-from raftlm.run.journal import StageJournal, read_lines
+from raftlm.run.journal import JournalMismatch, StageJournal, read_lines
 from raftlm.run.lock import RunInUseError, run_lock
 from raftlm.run.rundir import RunDir
 
@@ -118,9 +118,9 @@ def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, mo
     with pytest.raises(Killed):
         train(config_for(workspace, tiny_model_dir, stages=1))
     monkeypatch.setattr(SFTTrainer, "train", original_train)
-    import raftlm.loop
+    import raftlm.steps
 
-    monkeypatch.setattr(raftlm.loop, "score", lambda *args: pytest.fail("scored again"))
+    monkeypatch.setattr(raftlm.steps, "score", lambda *args: pytest.fail("scored again"))
     resumed = train(config_for(workspace, tiny_model_dir, stages=1), resume=True)
     assert [m["stage"] for m in resumed.metrics] == [0, 1]
 
@@ -152,10 +152,35 @@ def test_a_journal_written_for_other_settings_is_discarded(tmp_path):
     assert other.samples == {} and other.discarded == "settings changed"
 
 
+def test_a_journal_scored_under_another_reward_config_is_refused(tmp_path):
+    first = StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [3], "scoring": "aaaa"})
+    first.add_rewards(3, [1.0])
+    first.close()
+    with pytest.raises(JournalMismatch, match="another reward config"):
+        StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [3], "scoring": "bbbb"})
+    assert StageJournal(tmp_path, 0, {"stage": 1, "prompt_ids": [3], "scoring": "aaaa"}
+                        ).rewards == {3: {"rewards": [1.0], "terms": {}}}
+
+
+def test_resume_refuses_a_changed_reward_inside_a_stage(workspace, tiny_model_dir, monkeypatch):
+    from raftlm.training.trainer import SFTTrainer
+
+    monkeypatch.setattr(SFTTrainer, "train", lambda self, examples, stage: (
+        (_ for _ in ()).throw(Killed)))
+    config = config_for(workspace, tiny_model_dir, stages=1)
+    with pytest.raises(Killed):
+        train(config)
+    changed = RaftConfig.from_dict({**config.to_dict(), "reward": {"terms": [
+        {"name": "numeric_answer", "weight": 2.0}]}})
+    with pytest.raises(JournalMismatch, match="another reward config"):
+        train(changed, resume=True)
+
+
 def test_journal_appends_are_flushed_line_by_line(tmp_path):
     journal = StageJournal(tmp_path, 0, {"stage": 2})
-    journal.add_rewards(7, [1.0, None])
-    assert read_lines(journal.path)[-1] == {"prompt_id": 7, "rewards": [1.0, None]}
+    journal.add_rewards(7, [1.0, None], {"exact": [1.0, None]})
+    assert read_lines(journal.path)[-1] == {"prompt_id": 7, "rewards": [1.0, None],
+                                            "terms": {"exact": [1.0, None]}}
     journal.close()
     assert journal_module.FORMAT == read_lines(journal.path)[0]["journal"]
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from raftlm.config import SelectionConfig
+from raftlm.rewards.selection import select
 
 
 def run_select(rewards, texts=None, lengths=None, **settings):
@@ -74,3 +75,41 @@ def test_duplicates_of_a_prompt_are_kept_once():
 def test_invalid_rewards_are_never_selected():
     sel = run_select([[np.nan, 0.2], [np.nan, np.nan]])
     assert sel.mask.tolist() == [[False, True], [False, False]]
+
+
+def test_a_ragged_table_selects_only_real_candidates():
+    # prompt 0 has 3 responses, prompt 1 only 1: its row is NaN-padded
+    rewards = np.array([[0.1, 0.9, 0.5], [0.7, np.nan, np.nan]])
+    sel = select(rewards, [["a", "b", "c"], ["d"]], np.array([[3, 3, 3], [3, 0, 0]]),
+                 SelectionConfig(strategy="top_fraction", top_fraction=0.5))
+    # 4 real candidates -> 2 kept (the padding does not count towards the fraction)
+    assert sel.mask.tolist() == [[False, True, False], [True, False, False]]
+    assert sel.dropped["too_short"] == 0  # padded slots are not "too short" responses
+
+
+def test_top_fraction_ties_are_broken_by_the_given_keys_not_by_position():
+    rewards = np.ones((4, 2))
+    keys = np.random.default_rng(0).random(rewards.shape)
+    sel = select(rewards, [["a", "b"]] * 4, [[2, 2]] * 4,
+                 SelectionConfig(strategy="top_fraction", top_fraction=0.25), tie_break=keys)
+    expected = np.zeros(8, dtype=bool)
+    expected[np.argsort(keys.ravel())[:2]] = True
+    assert sel.mask.ravel().tolist() == expected.tolist()
+
+
+def test_eligible_marks_what_passed_the_response_filters_only():
+    sel = select([[1.0, 0.0, 0.0, np.nan]], [["ok", "ok", "BAD", "x"]], [[2, 2, 2, 2]],
+                 SelectionConfig(reject_pattern="BAD", deduplicate=True),
+                 truncated=np.array([[False, False, False, False]]))
+    # the duplicate "ok" is still eligible (dedup is about imitation, not response quality);
+    # the rejected pattern and the invalid reward are not
+    assert sel.eligible.tolist() == [[True, True, False, False]]
+    assert sel.dropped["duplicate"] == 1 and sel.dropped["rejected_pattern"] == 1
+
+
+def test_selection_strategies_registry_matches_the_config_choices():
+    from raftlm.config import SelectionConfig as Config
+    from raftlm.config_schema import field_choices
+    from raftlm.rewards.selection import SELECTION_STRATEGIES
+
+    assert set(SELECTION_STRATEGIES) == set(field_choices(Config, "strategy"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
-from raftlm.rewards.reward import RewardError
-from raftlm.run.lock import RunInUseError
+from raftlm.errors import UserError
 from raftlm.run.signals import Interrupted, stop_on_signals
 from raftlm.tools.commands import add_tool_commands
 
@@ -107,7 +107,7 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raftlm.components import evaluate_checkpoint
+    from raftlm.build import evaluate_checkpoint
     from raftlm.run.rundir import atomic_write_text
     from raftlm.run.tracking import json_safe
 
@@ -136,7 +136,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from raftlm.run.compare import write_comparison
 
     out = args.out or args.run_dirs[0].parent / "compare"
-    print(f"comparison: {write_comparison(args.run_dirs, out)}")
+    print(f"comparison: {write_comparison(args.run_dirs, out, args.label)}")
     return 0
 
 
@@ -145,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftlm", description="RAFT: sample, rank by reward, fine-tune on the best, repeat."
     )
     parser.add_argument("--version", action="version", version=f"raftlm {__version__}")
-    commands = parser.add_subparsers(
-        dest="command", metavar="{train,eval,report,compare,export,sample,chat}")
+    commands = parser.add_subparsers(dest="command")
 
     train = commands.add_parser(
         "train", help="Run RAFT.", epilog=config_reference(),
@@ -191,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", type=Path, metavar="DIR",
                          help="Output folder [default: <parent of the first RUN_DIR>/compare].")
+    compare.add_argument("--label", action="append", metavar="NAME",
+                         help="One per RUN_DIR, in order: runs sharing a label form a group "
+                              "[default: runs whose configs differ only in run.* (the seed) "
+                              "are a group].")
     compare.set_defaults(handler=cmd_compare)
     add_tool_commands(commands)
+    commands.metavar = "{" + ",".join(commands.choices) + "}"  # every command, from one place
     return parser
 
 
@@ -208,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_progress(getattr(args, "quiet", False))
     try:
         return handler(args)
-    except (ConfigError, ValueError, RewardError, RunInUseError, OSError) as err:
-        # Expected user errors: one line naming the file/field/item, no traceback. What the run
+    except (UserError, OSError) as err:
+        # The user's to fix (a field, a file, a row; a disk or a permission): one line naming
+        # it, no traceback. Anything else is a bug and keeps its traceback. What the run
         # already wrote (completed stages, checkpoints) stays; `--resume` continues from it.
+        if os.environ.get("RAFTLM_TRACEBACK"):
+            raise
         print(f"raftlm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 

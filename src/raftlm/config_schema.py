@@ -16,11 +16,13 @@ import types
 from dataclasses import field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from raftlm.errors import UserError
+
 _NONE = type(None)
 _SCALARS = (bool, int, float, str)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names it."""
 
 

@@ -167,17 +167,20 @@ def top_k_per_prompt_mask(rewards: np.ndarray, k: int) -> np.ndarray:
     return mask & ~np.isnan(r)
 
 
-def top_fraction_mask(rewards: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask selecting the global top `fraction` of all candidates.
-
-    The count is max(1, int(rewards.size * fraction)) where the size counts every
-    candidate, NaN included; ties prefer the earlier flat (C-order) index; NaN rewards
-    are never selected, so fewer may be selected when NaNs rank inside the count.
-    """
+def top_fraction_mask(rewards: np.ndarray, fraction: float, n_candidates: int | None = None,
+                      tie_break: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask selecting the global top `fraction` of all candidates: max(1,
+    int(n_candidates * fraction)) of them, `n_candidates` defaulting to the size of `rewards`
+    (NaN included; a padded table passes its real count). Ties go to the smaller `tie_break`
+    key (random keys: fair across prompts), else to the earlier flat (C-order) index. NaN is
+    never selected, so fewer may be selected when NaNs rank inside the count."""
     fraction = _fraction(fraction, "fraction")
     r = _reward_array(rewards)
-    count = max(1, int(r.size * fraction))
-    order = np.argsort(-r.ravel(), kind="stable")[:count]
+    count = max(1, int((r.size if n_candidates is None else n_candidates) * fraction))
+    if tie_break is None:
+        order = np.argsort(-r.ravel(), kind="stable")[:count]
+    else:
+        order = np.lexsort((np.asarray(tie_break).ravel(), -r.ravel()))[:count]
     mask = np.zeros(r.size, dtype=bool)
     mask[order] = True
     return mask.reshape(r.shape) & ~np.isnan(r)

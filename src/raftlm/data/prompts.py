@@ -18,11 +18,12 @@ import numpy as np
 from raftlm.config import DataConfig, RaftConfig
 from raftlm.data.hf_datasets import load_dataset_rows
 from raftlm.data.tasks import builtin_task_rows
+from raftlm.errors import UserError
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A prompt file or row is unusable; the message says file, line or row, and field."""
 
 
@@ -235,7 +236,7 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
     return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
 
 
-class PromptSampler:
+class PromptOrder:
     """Draws prompt positions per stage: seeded, without replacement until the set is used up.
 
     Each pass over the set is a fresh permutation (seeded by ``(seed, pass)``). A draw that
@@ -246,7 +247,7 @@ class PromptSampler:
 
     def __init__(self, n: int, seed: int):
         if n < 1:
-            raise ValueError(f"PromptSampler needs at least one prompt, got n={n}")
+            raise ValueError(f"PromptOrder needs at least one prompt, got n={n}")
         self.n = n
         self.seed = seed
         self.epoch = 0  # passes started so far minus one
@@ -289,8 +290,8 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n:
-            raise ValueError(
-                f"sampler state is for {state['n']} prompts but this prompt set has {self.n}"
+            raise DataError(
+                f"prompt order state is for {state['n']} prompts but this prompt set has {self.n}"
             )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from raftlm.errors import InvalidInput
+
 ARITHMETIC_EVAL_SIZE = 1000  # fixed, so a pair's split never depends on the sizes asked for
 
 
@@ -17,10 +19,10 @@ def _split_pairs(task: str, pairs: list[tuple[int, int]], split: str, n: int, se
     order = np.random.default_rng(seed).permutation(len(pairs))
     splits = {"eval": order[:ARITHMETIC_EVAL_SIZE], "train": order[ARITHMETIC_EVAL_SIZE:]}
     if split not in splits:
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+        raise InvalidInput(f"unknown split {split!r}; expected 'train' or 'eval'")
     chosen = splits[split]
     if not 0 <= n <= len(chosen):
-        raise ValueError(f"{task} {split} split has {len(chosen)} prompts; asked for {n}")
+        raise InvalidInput(f"{task} {split} split has {len(chosen)} prompts; asked for {n}")
     return [pairs[i] for i in chosen[:n]]
 
 
@@ -51,5 +53,5 @@ TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
 def builtin_task_rows(task: str, split: str, n: int, seed: int) -> list[dict]:
     """Rows of a built-in task by name."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise InvalidInput(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[task](split, n, seed)

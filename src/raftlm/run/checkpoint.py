@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from raftlm.errors import InvalidInput
+
 TENSORS_FILE = "trainer_state.safetensors"
 STATE_FILE = "trainer_state.json"
 LEGACY_FILE = "trainer_state.pt"
@@ -83,7 +85,7 @@ def write_trainer_state(folder: Path, state: dict[str, Any]) -> None:
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     """The state `write_trainer_state` wrote; refuses the old pickle format with a clear error."""
     if not (folder / STATE_FILE).is_file() and (folder / LEGACY_FILE).is_file():
-        raise ValueError(
+        raise InvalidInput(
             f"{folder / LEGACY_FILE}: checkpoint in the old pickle format, which raftlm no longer "
             "loads (unpickling can run arbitrary code); start the run again with --overwrite"
         )
@@ -91,7 +93,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         data = json.loads((folder / STATE_FILE).read_text())
         return join_tensors(data, load_file(str(folder / TENSORS_FILE)))
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{folder}: unreadable trainer state: {err}") from None
+        raise InvalidInput(f"{folder}: unreadable trainer state: {err}") from None
 
 
 def _sha256(path: Path) -> str:

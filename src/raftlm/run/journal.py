@@ -5,12 +5,15 @@ flushed after each line:
 
     {"journal": 1, "stage": 3, "prompt_ids": [...], "samples_per_prompt": 8, "generation": {...}}
     {"prompt_id": 17, "sample": 0, "completion": {...}}       one line per finished response
-    {"prompt_id": 17, "rewards": [0.0, 1.0, ...]}             one line per prompt once scored
+    {"prompt_id": 17, "rewards": [0.0, 1.0, ...], "terms": {"numeric_answer": [...]}}
+                                                              one line per prompt once scored
 
 A kill can cut the last line short: reading drops (and truncates away) a last line that has no
 newline or is not JSON. A journal whose header does not match the stage being run (other prompts,
-K or generation settings) is discarded. The stage deletes its journals once its checkpoint is
-written; the final `candidates.jsonl` is still written whole, atomically, at the end of the stage.
+K, generation settings) is discarded; one written under another reward config (its
+`scoring` fingerprint differs) is refused, since its rewards would be reused. The stage deletes
+its journals once its checkpoint is written; the final `candidates.jsonl` is still written
+whole, atomically, at the end of the stage.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raftlm.errors import UserError
 from raftlm.run.signals import critical
 
-FORMAT = 1
+FORMAT = 2  # 2: per-term rewards, scoring fingerprint
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -51,10 +55,11 @@ class StageJournal:
         self.folder, self.header = folder, {"journal": FORMAT, **header}
         self.path = folder / f"journal.rank{rank}.jsonl"
         self.samples: dict[tuple[int, int], dict[str, Any]] = {}
-        self.rewards: dict[int, list[float | None]] = {}
+        self.rewards: dict[int, dict[str, Any]] = {}  # prompt id -> {"rewards", "terms"}
         self.discarded: str | None = None  # why an existing journal was not reused
         existing = sorted(folder.glob("journal.rank*.jsonl"))
         per_file = [read_lines(path) for path in existing]
+        _refuse_other_scoring(folder, self.header, per_file)
         if any(not lines or lines[0] != self.header for lines in per_file) or not reuse:
             if existing:
                 self.discarded = "settings changed" if reuse else "backend re-samples the stage"
@@ -66,7 +71,8 @@ class StageJournal:
                 if "completion" in record:
                     self.samples[(record["prompt_id"], record["sample"])] = record["completion"]
                 elif "rewards" in record:
-                    self.rewards[record["prompt_id"]] = record["rewards"]
+                    self.rewards[record["prompt_id"]] = {"rewards": record["rewards"],
+                                                         "terms": record.get("terms", {})}
         folder.mkdir(parents=True, exist_ok=True)
         self._handle = self.path.open("a", encoding="utf-8")
         if self._handle.tell() == 0:
@@ -80,8 +86,9 @@ class StageJournal:
     def add_sample(self, prompt_id: int, sample: int, completion: dict[str, Any]) -> None:
         self._append({"prompt_id": prompt_id, "sample": sample, "completion": completion})
 
-    def add_rewards(self, prompt_id: int, rewards: list[float | None]) -> None:
-        self._append({"prompt_id": prompt_id, "rewards": rewards})
+    def add_rewards(self, prompt_id: int, rewards: list[float | None],
+                    terms: dict[str, list[float | None]] | None = None) -> None:
+        self._append({"prompt_id": prompt_id, "rewards": rewards, "terms": terms or {}})
 
     def sync(self) -> None:
         """Flush to disk (not only to the kernel): after a stage's scoring, say."""
@@ -95,3 +102,20 @@ class StageJournal:
         self.close()
         for path in self.folder.glob("journal.rank*.jsonl"):
             path.unlink(missing_ok=True)
+
+
+class JournalMismatch(UserError, ValueError):
+    """A stage's journal was written under another reward config."""
+
+
+def _refuse_other_scoring(folder: Path, header: dict[str, Any],
+                          per_file: list[list[dict[str, Any]]]) -> None:
+    """Refuse to resume a stage whose journal scored its samples under another reward config:
+    silently mixing old and new rewards (or re-scoring) is never what a changed config means."""
+    for lines in per_file:
+        old = lines[0].get("scoring") if lines else None
+        if old is not None and "scoring" in header and old != header["scoring"]:
+            raise JournalMismatch(
+                f"{folder}: this stage was started under another reward config (reward.* "
+                "changed since); resume with the run's own config.yaml, or delete "
+                f"{folder}/journal.rank*.jsonl to sample and score the stage again")

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from raftlm.errors import UserError
+
 LOCK_NAME = ".lock"
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(UserError, RuntimeError):
     """Another process holds the run directory's lock."""
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raftlm.errors import InvalidInput
 from raftlm.run.checkpoint import (
     LEGACY_FILE,
     MANIFEST_FILE,
@@ -163,7 +164,7 @@ class RunDir:
             problems.append(f"{path.name}: {problem}")
             warn(f"checkpoint {path} is damaged ({problem}); trying the one before it")
         if problems:
-            raise ValueError(f"{self.root}: no intact checkpoint ({'; '.join(problems)}); start "
+            raise InvalidInput(f"{self.root}: no intact checkpoint ({'; '.join(problems)}); start "
                              f"the run again with --overwrite")
         return None
 

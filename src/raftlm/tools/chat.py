@@ -20,6 +20,7 @@ import numpy as np
 
 from raftlm.config import GenerationConfig
 from raftlm.data.prompts import PromptRecord, render_chat
+from raftlm.errors import InvalidInput
 from raftlm.rewards.reward import RewardError, build_reward, score
 from raftlm.sampling.completion import stop_end
 from raftlm.sampling.generate import generate, sample_seeds
@@ -92,7 +93,7 @@ def chat(target: Target, generation: GenerationConfig, read_line: Callable[[str]
          write: Callable[[str], Any] | None = None) -> list[dict]:
     """An interactive chat until /exit or end of input (Ctrl-D); returns the conversation."""
     if not getattr(target.tokenizer, "chat_template", None):
-        raise ValueError("chat needs a tokenizer with a chat template; use `raftlm sample`")
+        raise InvalidInput("chat needs a tokenizer with a chat template; use `raftlm sample`")
     write = write or _write_stdout
     messages: list[dict] = []
     write("Chat with the model: /exit or Ctrl-D to quit.\n")

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from raftlm.config import EMBEDDED_MODEL
+from raftlm.errors import InvalidInput
 from raftlm.run.rundir import RunDir
 from raftlm.tools.gguf_file import write_gguf
 from raftlm.tools.target import Target, load_target
@@ -38,7 +39,7 @@ def export(path: str | Path, out: str | Path, fmt: str, stage: int | None = None
            gguf_dtype: str = "f16") -> Path:
     """Export RUN_DIR's stage (latest by default) or a model as `fmt`; returns what it wrote."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format: expected hf or gguf, got {fmt!r}")
+        raise InvalidInput(f"--format: expected hf or gguf, got {fmt!r}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"--out: {out} exists; choose a new path")

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raftlm.errors import InvalidInput
+
 GGUF_DTYPES = {"f16": np.float16, "f32": np.float32}
 # llama.cpp's token types (gguf.TokenType): what transformers' loader reads back as special.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -33,7 +35,7 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16", name: 
     import gguf
 
     if dtype not in GGUF_DTYPES:
-        raise ValueError(f"--dtype: expected f16 or f32 for gguf, got {dtype!r}")
+        raise InvalidInput(f"--dtype: expected f16 or f32 for gguf, got {dtype!r}")
     config = model.config
     _check_supported(config)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,13 +61,14 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16", name: 
 
 def _check_supported(config: Any) -> None:
     if config.model_type != "llama":
-        raise ValueError(f"gguf export supports Llama-architecture models; this one is "
+        raise InvalidInput(f"gguf export supports Llama-architecture models; this one is "
                          f"{config.model_type!r} (export --format hf instead)")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"gguf export: rope scaling {rope.get('rope_type')!r} is not supported")
+        raise InvalidInput(f"gguf export: rope scaling {rope.get('rope_type')!r} is not supported")
     if config.attention_bias or config.mlp_bias:
-        raise ValueError("gguf export: Llama models with attention or MLP biases are not supported")
+        raise InvalidInput("gguf export: Llama models with attention or MLP biases are not "
+                           "supported")
 
 
 def permute_rotary(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -87,7 +90,7 @@ def gguf_tensors(model: Any, dtype: type, gguf: Any) -> list[tuple[str, np.ndarr
         stem = hf_name.removesuffix(".weight")
         mapped = names.get_name(stem)
         if mapped is None or not hf_name.endswith(".weight"):
-            raise ValueError(f"gguf export: no GGUF name for tensor {hf_name}")
+            raise InvalidInput(f"gguf export: no GGUF name for tensor {hf_name}")
         weight = weight.detach().float().cpu()
         if stem.endswith("self_attn.q_proj"):
             weight = permute_rotary(weight, config.num_attention_heads)
@@ -120,7 +123,7 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str) -> 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     decoder = (spec.get("decoder") or {}).get("type")
     if spec["model"]["type"] != "BPE" or decoder != "ByteLevel":
-        raise ValueError("gguf export needs a byte-level BPE tokenizer (GPT-2 style); this one "
+        raise InvalidInput("gguf export needs a byte-level BPE tokenizer (GPT-2 style); this one "
                          f"is {spec['model']['type']} with a {decoder} decoder")
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from raftlm.components import load_for_eval
+from raftlm.build import load_for_eval
 from raftlm.config import RaftConfig
+from raftlm.errors import InvalidInput
 from raftlm.models.loading import load_policy, resolve_dtype
 from raftlm.run.rundir import RunDir
 
@@ -62,7 +63,7 @@ def load_target(path: str | Path, stage: int | None = None, dtype: str | None = 
         model, tokenizer = load_for_eval(config, checkpoint, device, torch_dtype)
         return Target(model.eval(), tokenizer, config, run_dir, stage, checkpoint)
     if stage is not None:
-        raise ValueError(f"--stage needs a run directory; {path} has no config.yaml")
+        raise InvalidInput(f"--stage needs a run directory; {path} has no config.yaml")
     if not str(path).startswith("embedded:") and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"no run directory (config.yaml) or model at {path}")
     config = RaftConfig()

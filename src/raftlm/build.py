@@ -17,14 +17,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from raftlm.config import ConfigError, RaftConfig
-from raftlm.data.prompts import PromptSampler, PromptSet, load_prompt_sets
+from raftlm.data.prompts import PromptOrder, PromptSet, load_prompt_sets
+from raftlm.errors import InvalidInput
 from raftlm.evaluation.evaluate import evaluate
 from raftlm.models.distributed import full_state_dict, process_state, whole_model
-from raftlm.models.loading import load_policy, resolve_dtype, save_policy
+from raftlm.models.loading import load_policy, merged_adapter, resolve_dtype, save_policy
 from raftlm.models.offload import OffloadedReward, PhaseOffload
 from raftlm.rewards.reward import Reward, build_reward
 from raftlm.run.checkpoint import read_trainer_state
-from raftlm.run.journal import StageJournal
 from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
@@ -43,7 +43,7 @@ class Run:
     reward: Reward  # under `offload: phases`, wrapped so that it takes turns with the policy
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
-    sampler: PromptSampler
+    prompt_order: PromptOrder  # which training prompts the next stage draws
     tracker: Tracker
     start_stage: int  # first stage still to run (1 for a fresh run)
 
@@ -56,6 +56,13 @@ class Run:
         """`with run.whole_policy() as policy:` the policy with all its weights on this process,
         to sample or score on its own (see `raftlm.models.distributed.whole_model`)."""
         return whole_model(self.accelerator, self.trainer.model)
+
+    @contextmanager
+    def sampling_policy(self) -> Iterator[Any]:
+        """`with run.sampling_policy() as policy:` the whole policy with its LoRA adapter
+        merged into the weights, the fastest form to sample from."""
+        with self.whole_policy() as whole, merged_adapter(whole) as policy:
+            yield policy
 
 
 def expected_selected(config: RaftConfig) -> int:
@@ -72,17 +79,51 @@ def expected_selected(config: RaftConfig) -> int:
 
 def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     """Create (or reopen, with `resume`) the run directory and build every component."""
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
+    set_threads(config)
     if config.generation.backend == "vllm":
         from raftlm.sampling.vllm import check_vllm_available  # never imports vLLM itself
 
         check_vllm_available()  # before any model loads
+    accelerator, dtype = make_accelerator(config)
+    _check_offload(config, accelerator)
+    run_dir, checkpoint = open_run_dir(config, accelerator, resume)
+    model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
+    train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
+    trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)
+    prompt_order = PromptOrder(len(train_prompts), config.run.seed)
+    start_stage = 1
+    if checkpoint is not None:
+        start_stage = restore(checkpoint, trainer, prompt_order) + 1
+    if accelerator.is_main_process and resume:
+        # Metrics of stages after the checkpoint are redone (-1: nothing completed, start over).
+        run_dir.truncate_metrics(start_stage - 1 if checkpoint is not None else -1)
+    tracker = Tracker(run_dir, config.tracking, enabled=accelerator.is_main_process)
+    return Run(
+        config=config, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer,
+        trainer=trainer, reward=build_offloaded_reward(config, trainer),
+        train_prompts=train_prompts, eval_prompts=eval_prompts, prompt_order=prompt_order,
+        tracker=tracker, start_stage=start_stage,
+    )
+
+
+def set_threads(config: RaftConfig) -> None:
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+
+
+def make_accelerator(config: RaftConfig) -> tuple[Accelerator, torch.dtype]:
+    """This process's Accelerator (mixed precision from `model.dtype`) and the model dtype."""
     state = process_state()
     dtype = resolve_dtype(config.model.dtype, state.device)
     accelerator = Accelerator(cpu=state.device.type == "cpu",
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
-    _check_offload(config, accelerator)
+    return accelerator, dtype
+
+
+def open_run_dir(config: RaftConfig, accelerator: Accelerator, resume: bool
+                 ) -> tuple[RunDir, tuple[int, Path] | None]:
+    """Create the run directory (or reopen it, with `resume`: then also its newest intact
+    checkpoint) and write the resolved config into it."""
     run_dir = RunDir(config.run.output_dir)
     checkpoint = None
     if resume:
@@ -97,9 +138,14 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.write_config(config.to_yaml())
+    return run_dir, checkpoint
 
-    model_config = config.model
-    adapter_from = None
+
+def build_policy(config: RaftConfig, device: torch.device, dtype: torch.dtype,
+                 checkpoint: tuple[int, Path] | None = None) -> tuple[Any, Any]:
+    """The trainable policy (seeded: a fresh LoRA adapter is initialised from the run seed) and
+    its tokenizer; from a checkpoint's adapter or full model when one is given."""
+    model_config, adapter_from = config.model, None
     if checkpoint is not None:
         policy_dir = checkpoint[1] / "policy"
         if config.model.lora.enabled:
@@ -107,38 +153,38 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         else:  # a full fine-tune's checkpoint is itself a complete model folder
             model_config = dataclasses.replace(config.model, path=str(policy_dir), gguf_file=None)
     _seed_everything(config.run.seed)
-    model, tokenizer = load_policy(model_config, accelerator.device, dtype, adapter_from)
+    return load_policy(model_config, device, dtype, adapter_from)
 
-    train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
+
+def build_trainer(config: RaftConfig, model: Any, accelerator: Accelerator, pad_id: int
+                  ) -> SFTTrainer:
+    """AdamW and the learning-rate schedule over the whole run's planned steps."""
     total_steps = planned_optimizer_steps(
         expected_selected(config), config.raft.stages, config.training
     )
-    trainer = SFTTrainer(
-        model, config.training, total_steps, accelerator, tokenizer.pad_token_id, config.run.seed
-    )
-    sampler = PromptSampler(len(train_prompts), config.run.seed)
-    start_stage = 1
-    if checkpoint is not None:
-        stage, path = checkpoint
-        trainer_state = read_trainer_state(path)
-        trainer.load_state_dict(trainer_state)
-        _restore_rng(trainer_state["rng"])
-        sampler.load_state_dict(json.loads((path / "state.json").read_text())["sampler"])
-        start_stage = stage + 1
-        if accelerator.is_main_process:
-            run_dir.truncate_metrics(stage)
-    elif resume and accelerator.is_main_process:
-        run_dir.truncate_metrics(-1)  # nothing completed: start over inside the same folder
-    tracker = Tracker(run_dir, config.tracking, enabled=accelerator.is_main_process)
+    return SFTTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed)
+
+
+def restore(checkpoint: tuple[int, Path], trainer: SFTTrainer, prompt_order: PromptOrder) -> int:
+    """Load a checkpoint's optimizer, schedule, RNG and prompt cursor; returns its stage."""
+    stage, path = checkpoint
+    trainer_state = read_trainer_state(path)
+    trainer.load_state_dict(trainer_state)
+    _restore_rng(trainer_state["rng"])
+    state = json.loads((path / "state.json").read_text())
+    prompt_order.load_state_dict(state["prompt_order"] if "prompt_order" in state
+                                 else state["sampler"])  # checkpoints before the rename
+    return stage
+
+
+def build_offloaded_reward(config: RaftConfig, trainer: SFTTrainer) -> Reward:
+    """The configured reward; under `offload: phases`, wrapped so that its models take turns
+    with the policy (and its optimizer state) on the accelerator."""
     reward = build_reward(config.reward)
+    accelerator = trainer.accelerator
     offload = PhaseOffload(accelerator.device, accelerator.unwrap_model(trainer.model),
                            trainer.optimizer, reward.models(), config.offload == "phases")
-    return Run(
-        config=config, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer,
-        trainer=trainer, reward=OffloadedReward(reward, offload) if offload.enabled else reward,
-        train_prompts=train_prompts, eval_prompts=eval_prompts, sampler=sampler, tracker=tracker,
-        start_stage=start_stage,
-    )
+    return OffloadedReward(reward, offload) if offload.enabled else reward
 
 
 @contextmanager
@@ -146,22 +192,6 @@ def exclusive_run_dir(config: RaftConfig) -> Iterator[None]:
     """One writer per run directory (`raftlm.run.lock`): the main process holds its lock."""
     with run_lock(config.run.output_dir) if process_state().is_main_process else nullcontext():
         yield
-
-
-def open_journal(run: Run, stage: int, prompt_ids: list[int]) -> StageJournal:
-    """This process's journal of `stage`, holding what an interrupted attempt finished.
-
-    Only the raftlm backend's samples depend on nothing but (seed, prompt, sample index), so
-    only it reuses finished samples; other backends seed per batch and re-sample the stage."""
-    config = run.config
-    header = {"stage": stage, "prompt_ids": prompt_ids,
-              "samples_per_prompt": config.raft.samples_per_prompt,
-              "generation": dataclasses.asdict(config.generation), "seed": config.run.seed}
-    journal = StageJournal(run.run_dir.stage_dir(stage), run.accelerator.process_index, header,
-                           reuse=config.generation.backend == "raftlm")
-    if journal.discarded and run.accelerator.is_main_process:
-        print(f"stage {stage}: not reusing its earlier samples ({journal.discarded})")
-    return journal
 
 
 def _remove_other_journals(run_dir: RunDir, first_stage: int) -> None:
@@ -179,7 +209,7 @@ def save_checkpoint(run: Run, stage: int) -> Path | None:
     trainer_state = {**run.trainer.state_dict(), "rng": _rng_state()}
     path = None
     if run.accelerator.is_main_process:
-        state = {"stage": stage, "sampler": run.sampler.state_dict()}
+        state = {"stage": stage, "prompt_order": run.prompt_order.state_dict()}
         path = run.run_dir.save_checkpoint(
             stage,
             lambda folder: save_policy(run.policy, run.tokenizer, folder, weights),
@@ -194,14 +224,13 @@ def save_checkpoint(run: Run, stage: int) -> Path | None:
 
 def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> dict[str, Any]:
     """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
+    set_threads(config)
     device = process_state().device
     policy, tokenizer = load_for_eval(config, checkpoint, device,
                                       resolve_dtype(config.model.dtype, device))
     _, eval_prompts = load_prompt_sets(config, tokenizer)
     if eval_prompts is None:
-        raise ValueError("no held-out prompts: set data.eval_file (or use data.task)")
+        raise InvalidInput("no held-out prompts: set data.eval_file (or use data.task)")
     metrics, _ = evaluate(policy, tokenizer, eval_prompts, build_reward(config.reward), config)
     return {"checkpoint": str(checkpoint) if checkpoint else None,
             "eval/prompts": len(eval_prompts), **metrics}
