@@ -33,12 +33,14 @@ def prompts(tok):
 
 @pytest.mark.parametrize("backend", ["raftlm", "hf"])
 def test_recorded_log_probs_equal_a_teacher_forced_forward(model, tok, prompts, backend):
-    # Temperature and top-k change what is sampled, never the recorded log pi(token | prefix).
+    # Top-k changes what is sampled, never the recorded log-prob: that of the distribution
+    # sampled from before truncation, log softmax(logits / T) (the ratio objectives' pi_old).
     config = GenerationConfig(backend=backend, max_new_tokens=12, temperature=0.7, top_k=20,
                               batch_size=8)
     out = generate(model, tok, prompts, 3, config, seeds=range(len(prompts)))
     examples = [Example(p, c.token_ids) for p, row in zip(prompts, out) for c in row]
-    forced = response_log_probs(model, examples, tok.pad_token_id, 4, torch.device("cpu"))
+    forced = response_log_probs(model, examples, tok.pad_token_id, 4, torch.device("cpu"),
+                                temperature=0.7)
     recorded = [c.token_log_probs for row in out for c in row]
     for rec, ref in zip(recorded, forced, strict=True):
         assert len(rec) == len(ref)

@@ -118,7 +118,4 @@ def test_a_server_dying_mid_stage_loses_nothing_scored_and_resume_ends_identical
     assert records("interrupted") == records("uninterrupted")
     # Stage 2's first chunk (prompts 0-1, 6 candidates) was journaled before the server died;
     # its second chunk (2 candidates in) was not: resume asks for that chunk's 6 only.
-    if served_sizes(log) == [1] * 12:  # TODO(lead): remove once the journal keeps each chunk
-        pytest.xfail("steps.score_candidates journals after the whole stage is scored; it "
-                     "should pass score(..., on_scored=) and journal each chunk")
     assert served_sizes(log) == [1] * 6

@@ -28,6 +28,8 @@ from raftlm.run.checkpoint import read_trainer_state
 from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
+from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.training.objectives import OBJECTIVES, check_objective_config
 from raftlm.training.trainer import SFTTrainer, planned_optimizer_steps
 
 
@@ -68,7 +70,7 @@ class Run:
 def expected_selected(config: RaftConfig) -> int:
     """Nominal selected examples per stage (filters only lower it); sizes the LR schedule."""
     b, k, sel = config.raft.prompts_per_stage, config.raft.samples_per_prompt, config.selection
-    if config.training.objective in ("reinforce_rej", "grpo"):
+    if OBJECTIVES[config.training.objective].trains_on_all_samples:
         return b * k  # these train on all K responses (groups with a reward spread)
     if sel.strategy == "best_per_prompt":
         return b
@@ -80,10 +82,8 @@ def expected_selected(config: RaftConfig) -> int:
 def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     """Create (or reopen, with `resume`) the run directory and build every component."""
     set_threads(config)
-    if config.generation.backend == "vllm":
-        from raftlm.sampling.vllm import check_vllm_available  # never imports vLLM itself
-
-        check_vllm_available()  # before any model loads
+    check_objective_config(config)
+    GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
     accelerator, dtype = make_accelerator(config)
     _check_offload(config, accelerator)
     run_dir, checkpoint = open_run_dir(config, accelerator, resume)
@@ -162,7 +162,8 @@ def build_trainer(config: RaftConfig, model: Any, accelerator: Accelerator, pad_
     total_steps = planned_optimizer_steps(
         expected_selected(config), config.raft.stages, config.training
     )
-    return SFTTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed)
+    return SFTTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed,
+                      generation=config.generation)
 
 
 def restore(checkpoint: tuple[int, Path], trainer: SFTTrainer, prompt_order: PromptOrder) -> int:

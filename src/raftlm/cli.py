@@ -14,7 +14,7 @@ from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
 from raftlm.errors import UserError
 from raftlm.run.signals import Interrupted, stop_on_signals
-from raftlm.tools.commands import add_tool_commands
+from raftlm.tools.commands import add_tool_commands, add_verbose_flags
 
 
 def config_reference() -> str:
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "are a group].")
     compare.set_defaults(handler=cmd_compare)
     add_tool_commands(commands)
+    add_verbose_flags(commands)  # after every command is registered
     commands.metavar = "{" + ",".join(commands.choices) + "}"  # every command, from one place
     return parser
 
@@ -207,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
-    from raftlm.run.progress import configure_progress
+    from raftlm.run.progress import configure_output
 
-    configure_progress(getattr(args, "quiet", False))
+    configure_output(getattr(args, "quiet", False), getattr(args, "verbose", False))
     try:
         return handler(args)
     except (UserError, OSError) as err:

@@ -86,12 +86,14 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
-        train_stats = fine_tune(run.trainer, candidates, ranked, stage, run.tokenizer.pad_token_id)
+        train_stats = fine_tune(run.trainer, candidates, ranked, stage, run.tokenizer.pad_token_id,
+                                config.generation.temperature)
 
     # 4. Record: candidates, metrics, evaluation, checkpoint.
+    rows = candidate_rows(candidates, ranked.selection.mask)
     if run.accelerator.is_main_process:
-        write_jsonl(run.run_dir.candidates_path(stage),
-                    candidate_rows(candidates, ranked.selection.mask))
+        write_jsonl(run.run_dir.candidates_path(stage), rows)
+    run.tracker.log_completions(stage, rows)
     metrics = {**candidate_metrics(candidates, ranked), **train_stats, **timer.seconds}
     record_evaluation(run, stage, metrics)
     save_checkpoint(run, stage)

@@ -30,13 +30,18 @@ from raftlm.core import token_pooled_nll
 from raftlm.data.prompts import PromptRecord
 from raftlm.evaluation.metrics import nanmean, reward_distribution
 from raftlm.models.distributed import gather, shard, whole_model
-from raftlm.rewards.reward import Reward, score
+from raftlm.rewards.reward import Reward, RewardResult, score
 from raftlm.rewards.selection import Selection, select
 from raftlm.run.journal import StageJournal
 from raftlm.sampling.completion import Completion
-from raftlm.sampling.generate import generate, sample_seeds
+from raftlm.sampling.generate import GENERATION_BACKENDS, generate, sample_seeds
 from raftlm.training.batches import Example, response_log_probs
-from raftlm.training.objectives import TrainingExample, training_examples
+from raftlm.training.objectives import (
+    OBJECTIVES,
+    TrainingExample,
+    shaped_rewards,
+    training_examples,
+)
 from raftlm.training.trainer import SFTTrainer
 
 
@@ -79,7 +84,7 @@ def open_journal(folder: Path, process_index: int, config: RaftConfig,
               "generation": dataclasses.asdict(config.generation), "seed": config.run.seed,
               "scoring": scoring_fingerprint(config)}
     journal = StageJournal(folder, process_index, header,
-                           reuse=config.generation.backend == "raftlm")
+                           reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
     if journal.discarded and process_index == 0:
         print(f"stage {int(folder.name)}: not reusing its earlier samples ({journal.discarded})")
     return journal
@@ -120,24 +125,29 @@ def score_candidates(reward: Reward, prompts: list[PromptRecord],
                      responses: list[list[Completion]], stage: int,
                      journal: StageJournal | None = None) -> Candidates:
     """Reward every response; with a journal, prompts it already holds rewards for are not
-    scored again and new rewards are written to it."""
+    scored again, and each chunk's rewards are written to it as soon as it is scored (a reward
+    server dying mid-stage loses only the chunk in flight)."""
     scored = {} if journal is None else dict(journal.rewards)
     todo = [i for i, p in enumerate(prompts)  # a prompt sampled further is scored again
             if p.id not in scored or len(scored[p.id]["rewards"]) != len(responses[i])]
-    if todo:
-        result = score(reward, [prompts[i] for i in todo], [responses[i] for i in todo])
+
+    def keep(first: int, last: int, part: RewardResult) -> None:
         start = 0
-        for i in todo:
+        for i in todo[first:last]:
             end = start + len(responses[i])
             scored[prompts[i].id] = row = {
-                "rewards": _nan_to_none(result.scores[start:end]),
-                "terms": {name: _nan_to_none(v[start:end]) for name, v in result.per_term.items()},
+                "rewards": _nan_to_none(part.scores[start:end]),
+                "terms": {name: _nan_to_none(v[start:end]) for name, v in part.per_term.items()},
             }
             start = end
             if journal is not None:
                 journal.add_rewards(prompts[i].id, row["rewards"], row["terms"])
         if journal is not None:
             journal.sync()
+
+    if todo:
+        score(reward, [prompts[i] for i in todo], [responses[i] for i in todo], stage=stage,
+              on_scored=keep)
     rows = [scored[p.id] for p in prompts]
     width = max((len(r) for r in responses), default=0)
     terms = sorted({name for row in rows for name in row["terms"]})
@@ -164,11 +174,15 @@ def collect(sampling_policy: Callable[[], AbstractContextManager[Any]], tokenize
     """Collect (fixed sampling): each process samples K responses to its share of the prompts
     and scores them; the candidates of all processes are gathered."""
     mine = shard(prompts)
-    with timer("generate"), sampling_policy() as policy:
-        responses = generate_candidates(policy, tokenizer, mine, config.raft.samples_per_prompt,
-                                        config, stage, journal)
-    with timer("reward"):
-        local = score_candidates(reward, mine, responses, stage, journal)
+    try:
+        with timer("generate"), sampling_policy() as policy:
+            responses = generate_candidates(policy, tokenizer, mine,
+                                            config.raft.samples_per_prompt, config, stage, journal)
+        with timer("reward"):
+            local = score_candidates(reward, mine, responses, stage, journal)
+    finally:
+        if journal is not None:
+            journal.close()  # all written: nothing more to journal, whether it failed or not
     return gather_candidates(local)
 
 
@@ -178,10 +192,12 @@ def collect(sampling_policy: Callable[[], AbstractContextManager[Any]], tokenize
 def rank(candidates: Candidates, config: RaftConfig, stage: int) -> Ranked:
     """Filters and the selection strategy, then the configured objective's training examples
     (weights or advantages)."""
-    rewards = candidates.rewards
+    lengths = candidates.table(lambda r: len(r.token_ids))
+    rewards = shaped_rewards(candidates.rewards, lengths, config.training,
+                             config.generation.max_new_tokens)  # DAPO's overlong penalty, if set
     selection = select(
-        rewards, [[r.text for r in row] for row in candidates.responses],
-        candidates.table(lambda r: len(r.token_ids)), config.selection,
+        rewards, [[r.text for r in row] for row in candidates.responses], lengths,
+        config.selection,
         candidates.table(lambda r: r.finish_reason == "length", False),
         tie_break=np.random.default_rng([config.run.seed, stage]).random(rewards.shape),
     )
@@ -205,7 +221,7 @@ def _warn_about_all_equal_prompts(rewards: np.ndarray, selection: Selection,
     low = np.nanmin(np.where(valid, rewards, np.inf), axis=1)
     high = np.nanmax(np.where(valid, rewards, -np.inf), axis=1)
     uniform = (valid.sum(axis=1) > 1) & (low == high) & selection.mask.any(axis=1)
-    if uniform.any() and config.training.objective not in ("reinforce_rej", "grpo"):
+    if uniform.any() and not OBJECTIVES[config.training.objective].trains_on_all_samples:
         _warned.add("all_equal")
         print(f"raftlm: note: {int(uniform.sum())} prompt(s) had all rewards equal (e.g. every "
               "answer wrong) and one of them was kept for training; set selection.min_reward "
@@ -217,21 +233,22 @@ def _warn_about_all_equal_prompts(rewards: np.ndarray, selection: Selection,
 
 
 def fine_tune(trainer: SFTTrainer, candidates: Candidates, ranked: Ranked, stage: int,
-              pad_id: int) -> dict[str, Any]:
+              pad_id: int, temperature: float) -> dict[str, Any]:
     """The configured objective on the Rank step's examples; `train/sft_loss` is the kept
     set's SFT loss before the update (raft_alignment's loss)."""
-    sft_loss = selected_sft_loss(trainer, candidates, ranked.selection.mask, pad_id)
+    sft_loss = selected_sft_loss(trainer, candidates, ranked.selection.mask, pad_id, temperature)
     return {"train/sft_loss": sft_loss, **trainer.train(ranked.examples, stage)}
 
 
 def selected_sft_loss(trainer: SFTTrainer, candidates: Candidates, mask: np.ndarray,
-                      pad_id: int) -> float | None:
-    """Token-pooled NLL of the selected responses under the current policy: from the log-probs
-    recorded while sampling them, else from a forward pass."""
+                      pad_id: int, temperature: float = 1.0) -> float | None:
+    """Token-pooled NLL of the selected responses under the current policy (at temperature 1,
+    the SFT loss): from the log-probs recorded while sampling them when they were sampled at
+    T = 1 (the sampler records log softmax(z / T)), else from a forward pass."""
     kept = [(candidates.prompts[p], candidates.responses[p][j]) for p, j in zip(*np.nonzero(mask))]
     if not kept:
         return None
-    if all(c.token_log_probs is not None for _, c in kept):
+    if temperature == 1 and all(c.token_log_probs is not None for _, c in kept):
         return token_pooled_nll([np.asarray(c.token_log_probs) for _, c in kept])
     examples = [Example(p.token_ids, c.token_ids) for p, c in kept]
     with whole_model(trainer.accelerator, trainer.model) as policy:
@@ -251,6 +268,7 @@ def candidate_rows(candidates: Candidates, mask: np.ndarray | None = None) -> li
             "prompt_id": prompt.id, "prompt": prompt.text, "sample": j, "response": response.text,
             "original_prompt": prompt.prompt,  # as in the data: text or chat messages
             "reward": _float(candidates.rewards[p, j]),
+            "rewards": {name: _float(t[p, j]) for name, t in candidates.per_term.items()},
             "selected": None if mask is None else bool(mask[p, j]),
             "finish_reason": response.finish_reason, "n_tokens": len(response.token_ids),
         }
@@ -272,6 +290,7 @@ def candidate_metrics(candidates: Candidates, ranked: Ranked) -> dict[str, Any]:
         **{f"train/dropped_{name}": n for name, n in ranked.selection.dropped.items()},
         **ranked.stats,
         "tokens/generated": int(candidates.table(lambda r: len(r.token_ids)).sum()),
+        **{f"reward/{name}/mean": nanmean(t) for name, t in candidates.per_term.items()},
     }
 
 

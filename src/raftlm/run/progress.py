@@ -7,15 +7,13 @@ one-line-per-stage summaries are ordinary prints and stay.
 
 A command's output is raftlm's: libraries' progress bars (transformers' weight loading and
 saving, the GGUF reader, datasets) are off, and the library warnings listed in
-``HIDDEN_WARNINGS`` / ``HIDDEN_LOG_MESSAGES`` -- each by category and message, with why -- are
-hidden, unless ``--verbose``. Any other warning still shows.
+``HIDDEN_WARNINGS`` -- each by category and message, with why -- are hidden, unless
+``--verbose``. Any other warning still shows.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
 import warnings
 from typing import Any
@@ -42,16 +40,7 @@ def set_quiet(quiet: bool) -> None:
 HIDDEN_WARNINGS: list[tuple[type[Warning], str, str]] = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
      "peft (0.21) reads transformers' old property name whenever it wraps a model in LoRA"),
-    (FutureWarning, r"`past_key_values` is deprecated and will be removed .* Use `cache`",
-     "transformers 5.24 renamed the KV-cache argument; raftlm passes the name the installed "
-     "version takes (models.loading.cache_keyword) -- this entry covers callers not yet moved"),
 ]
-# transformers' own log records (its logger, not the warnings module), hidden the same way.
-HIDDEN_LOG_MESSAGES: list[tuple[str, str]] = [
-    (r"`past_key_values`/`cache_params` are deprecated",
-     "reading a forward's cache under its old name (models.loading.forward_cache reads the new)"),
-]
-
 
 def configure_output(quiet: bool = False, verbose: bool = False) -> None:
     """A command's output settings: progress ``quiet`` or not; unless ``verbose``, libraries'
@@ -65,25 +54,6 @@ def configure_output(quiet: bool = False, verbose: bool = False) -> None:
     transformers_logging.disable_progress_bar()  # loading/saving bars, huggingface_hub's too
     for category, message, _ in HIDDEN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    # On the handlers: a logger's own filters never see its child loggers' records.
-    for handler in transformers_logging.get_logger("transformers").handlers:
-        if not any(isinstance(f, _HiddenMessages) for f in handler.filters):
-            handler.addFilter(_HiddenMessages())
-
-
-def configure_progress(quiet: bool) -> None:
-    """``configure_output(quiet)``: the name cli.py called before ``--verbose`` existed."""
-    configure_output(quiet)
-
-
-class _HiddenMessages(logging.Filter):
-    """Drops the transformers log records listed in ``HIDDEN_LOG_MESSAGES``."""
-
-    patterns = [re.compile(message) for message, _ in HIDDEN_LOG_MESSAGES]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not any(p.match(text) for p in self.patterns)
 
 
 def progress_seconds() -> float:

@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
-from raftlm.models.loading import attention_kinds
+from raftlm.models.loading import attention_kinds, cache_keyword, forward_cache
 
 
 @contextmanager
@@ -121,7 +121,7 @@ class PromptKV:
         ids = torch.tensor([self.prompts[j][:-1] for j in group], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         for b, j in enumerate(group):
-            self.kv[j] = [(layer.keys[b], layer.values[b]) for layer in out.past_key_values.layers]
+            self.kv[j] = [(layer.keys[b], layer.values[b]) for layer in forward_cache(out).layers]
 
 
 # Prompt tokens per prefill forward: large enough for full-speed matmuls, small enough that the
@@ -141,7 +141,7 @@ def decode_step(model, cache: SlotCache, tokens: torch.Tensor, pos: torch.Tensor
     usual, config._attn_implementation = config._attn_implementation, _DECODE_ATTENTION
     try:
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    **{cache_keyword(model): cache}, use_cache=True)
     finally:
         config._attn_implementation = usual
     return out.logits[:, -1]

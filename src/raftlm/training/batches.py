@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from raftlm.models.loading import attention_kinds
+from raftlm.models.loading import attention_kinds, cache_keyword, forward_cache
 
 IGNORE = -100
 
@@ -91,15 +91,15 @@ def _last_hidden_states(model: Any, batch: dict[str, torch.Tensor], shared: int)
     cache = None
     if shared:
         inner = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-        cache = inner(input_ids=batch["input_ids"][:1, :shared], use_cache=True,
-                      logits_to_keep=no_logits).past_key_values
+        cache = forward_cache(inner(input_ids=batch["input_ids"][:1, :shared], use_cache=True,
+                                    logits_to_keep=no_logits))
         rows = batch["input_ids"].shape[0]
         for layer in cache.layers:
             layer.keys = layer.keys.expand(rows, -1, -1, -1)
             layer.values = layer.values.expand(rows, -1, -1, -1)
     out = model(input_ids=batch["input_ids"][:, shared:], attention_mask=batch["attention_mask"],
-                past_key_values=cache, use_cache=cache is not None, output_hidden_states=True,
-                logits_to_keep=no_logits)
+                **{cache_keyword(model): cache}, use_cache=cache is not None,
+                output_hidden_states=True, logits_to_keep=no_logits)
     return out.hidden_states[-1]
 
 
