@@ -172,10 +172,14 @@ def restore(checkpoint: tuple[int, Path], trainer: SFTTrainer, prompt_order: Pro
     trainer_state = read_trainer_state(path)
     trainer.load_state_dict(trainer_state)
     _restore_rng(trainer_state["rng"])
-    state = json.loads((path / "state.json").read_text())
-    prompt_order.load_state_dict(state["prompt_order"] if "prompt_order" in state
-                                 else state["sampler"])  # checkpoints before the rename
+    prompt_order.load_state_dict(checkpoint_prompt_order(path))
     return stage
+
+
+def checkpoint_prompt_order(path: Path) -> dict[str, Any]:
+    """The prompt cursor a checkpoint folder holds (`PromptOrder.state_dict`)."""
+    state = json.loads((path / "state.json").read_text())
+    return state["prompt_order"] if "prompt_order" in state else state["sampler"]  # before rename
 
 
 def build_offloaded_reward(config: RaftConfig, trainer: SFTTrainer) -> Reward:
@@ -206,20 +210,29 @@ def _remove_other_journals(run_dir: RunDir, first_stage: int) -> None:
 def save_checkpoint(run: Run, stage: int) -> Path | None:
     """Policy, optimizer/schedule, prompt cursor and RNG state after `stage`, written by the
     main process (every process calls this: gathering sharded weights is a collective)."""
-    weights = full_state_dict(run.accelerator, run.trainer.model)
-    trainer_state = {**run.trainer.state_dict(), "rng": _rng_state()}
+    return write_checkpoint(run.trainer, run.tokenizer, run.prompt_order, run.run_dir, stage,
+                            run.config.run.keep_checkpoints)
+
+
+def write_checkpoint(trainer: SFTTrainer, tokenizer: Any, prompt_order: PromptOrder,
+                     run_dir: RunDir, stage: int, keep: int) -> Path | None:
+    """`save_checkpoint` from the parts it writes (`raftlm finetune` has no whole `Run`)."""
+    accelerator = trainer.accelerator
+    weights = full_state_dict(accelerator, trainer.model)
+    trainer_state = {**trainer.state_dict(), "rng": _rng_state()}
     path = None
-    if run.accelerator.is_main_process:
-        state = {"stage": stage, "prompt_order": run.prompt_order.state_dict()}
-        path = run.run_dir.save_checkpoint(
+    if accelerator.is_main_process:
+        state = {"stage": stage, "prompt_order": prompt_order.state_dict()}
+        policy = accelerator.unwrap_model(trainer.model)
+        path = run_dir.save_checkpoint(
             stage,
-            lambda folder: save_policy(run.policy, run.tokenizer, folder, weights),
+            lambda folder: save_policy(policy, tokenizer, folder, weights),
             trainer_state,
             state,
-            keep=run.config.run.keep_checkpoints,
+            keep=keep,
         )
     # Nobody starts the next stage (or resumes) before the checkpoint is complete.
-    run.accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return path
 
 
