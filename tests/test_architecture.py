@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raftlm"
 
 LAYERS: list[tuple[str, list[str]]] = [
     ("reference math and config", ["raftlm.errors", "raftlm.core", "raftlm.core_objectives",
-                                   "raftlm.config", "raftlm.config_schema"]),
+                                   "raftlm.core_sampling", "raftlm.config",
+                                   "raftlm.config_schema"]),
     ("foundations", ["raftlm.models", "raftlm.data", "raftlm.run"]),
     ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training"]),
     ("evaluation", ["raftlm.evaluation"]),
-    ("stage steps", ["raftlm.steps"]),
+    ("stage steps", ["raftlm.steps", "raftlm.sampling_modes"]),
     ("wiring", ["raftlm.build"]),
     ("the algorithm", ["raftlm.loop"]),
     ("entry points", ["raftlm.cli", "raftlm.__main__", "raftlm.tools", "raftlm"]),
