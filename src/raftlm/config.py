@@ -79,6 +79,22 @@ class RaftStageConfig:
     stages: int = option(10, "T: number of RAFT stages.")
     prompts_per_stage: int = option(32, "b: prompts drawn per stage.")
     samples_per_prompt: int = option(8, "K: responses sampled per prompt.")
+    sampling: str = option(
+        "fixed", "How a stage spends its samples (docs/sampling.md): fixed (b prompts x K); "
+        "dynamic (draw more prompts, K each, until b carry a learning signal); gvm (GVM-RAFT: "
+        "a first round, then the budget per prompt by acceptance rate and gradient norm).",
+        choices=("fixed", "dynamic", "gvm"))
+    max_sampling_rounds: int = option(4, "dynamic: most rounds of drawing and sampling a stage.")
+    gvm_first_samples: int = option(4, "gvm: n0, first-round samples per prompt (its minimum).")
+    gvm_max_samples: int = option(16, "gvm: most samples per prompt.")
+    gvm_budget: int = option(0, "gvm: samples per stage, first round included; 0 = b x K.")
+    gvm_accept_reward: float | None = option(
+        None, "gvm: a response is accepted at this reward or above; null: selection.min_reward.")
+    gvm_alpha: float = option(1e-3, "gvm: alpha in n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)).")
+    gvm_beta: float = option(2.0, "gvm: beta in the same rule.")
+    gvm_grad_norm: str = option(
+        "logits", "gvm: G_i, from the recorded log-probs (logits: |d log pi / d logits|, "
+        "docs/sampling.md) or none (1: acceptance rates alone).", choices=("logits", "none"))
 
 
 @dataclass
@@ -310,6 +326,16 @@ class RaftConfig:
             ("raft.stages", self.raft.stages >= 1, ">= 1"),
             ("raft.prompts_per_stage", self.raft.prompts_per_stage >= 1, ">= 1"),
             ("raft.samples_per_prompt", self.raft.samples_per_prompt >= 1, ">= 1"),
+            ("raft.max_sampling_rounds", self.raft.max_sampling_rounds >= 1, ">= 1"),
+            ("raft.gvm_first_samples", self.raft.gvm_first_samples >= 1, ">= 1"),
+            ("raft.gvm_max_samples", self.raft.gvm_max_samples >= self.raft.gvm_first_samples,
+             ">= raft.gvm_first_samples"),
+            ("raft.gvm_budget", self.raft.gvm_budget >= 0, ">= 0"),
+            ("raft.gvm_alpha", self.raft.gvm_alpha >= 0, ">= 0"),
+            ("raft.gvm_accept_reward", self.raft.sampling != "gvm" or self.raft.gvm_accept_reward
+             is not None or self.selection.min_reward is not None,
+             "a number when raft.sampling=gvm and selection.min_reward is null (which reward "
+             "counts as accepted)"),
             ("generation.max_new_tokens", self.generation.max_new_tokens >= 1, ">= 1"),
             ("generation.temperature", self.generation.temperature > 0, "> 0"),
             ("generation.top_p", 0 < self.generation.top_p <= 1, "in (0, 1]"),

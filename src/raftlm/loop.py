@@ -30,11 +30,11 @@ from raftlm.config import RaftConfig
 from raftlm.evaluation.evaluate import evaluate
 from raftlm.run.report import write_report
 from raftlm.run.rundir import write_jsonl
+from raftlm.sampling_modes import SAMPLING_MODES
 from raftlm.steps import (
     Timer,
     candidate_metrics,
     candidate_rows,
-    collect,
     fine_tune,
     open_journal,
     rank,
@@ -72,14 +72,14 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     config, timer = run.config, Timer()
 
     # 1. Collect: b prompts, K responses each from the current policy, every response scored
-    #    (each process samples and scores its own shard). Finished samples and rewards go to
-    #    the stage's journal at once; those an interrupted attempt finished are reused.
+    #    (each process samples and scores its own shard); or, per `raft.sampling`, more prompts
+    #    until b are useful (dynamic) or a per-prompt budget (gvm). Finished samples and rewards
+    #    go to the stage's journal at once; those an interrupted attempt finished are reused.
     prompts = [run.train_prompts.records[i]
                for i in run.prompt_order.draw(config.raft.prompts_per_stage)]
     journal = open_journal(run.run_dir.stage_dir(stage), run.accelerator.process_index, config,
                            [p.id for p in prompts])
-    candidates = collect(run.sampling_policy, run.tokenizer, run.reward, prompts, config, stage,
-                         journal, timer)
+    candidates = SAMPLING_MODES[config.raft.sampling](run, prompts, journal, stage, timer)
 
     # 2. Rank: keep the best (of all processes' candidates), with weights or advantages.
     ranked = rank(candidates, config, stage)

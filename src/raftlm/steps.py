@@ -53,6 +53,7 @@ class Candidates:
     responses: list[list[Completion]]
     rewards: np.ndarray  # float [P, max count]: the weighted sum; NaN = invalid or no candidate
     per_term: dict[str, np.ndarray] = field(default_factory=dict)  # each term's [P, max count]
+    sampling: dict[str, Any] = field(default_factory=dict)  # sampling/* of the mode that drew them
 
     def table(self, value: Callable[[Completion], Any], fill: Any = 0) -> np.ndarray:
         """`value(response)` of every candidate as a [P, max count] array (`fill` where none)."""
@@ -291,6 +292,7 @@ def candidate_metrics(candidates: Candidates, ranked: Ranked) -> dict[str, Any]:
         **ranked.stats,
         "tokens/generated": int(candidates.table(lambda r: len(r.token_ids)).sum()),
         **{f"reward/{name}/mean": nanmean(t) for name, t in candidates.per_term.items()},
+        **candidates.sampling,
     }
 
 
