@@ -1,0 +1,175 @@
+"""raft.sampling: fixed | dynamic | gvm (raftlm.sampling_modes) on a tiny model: what each mode
+samples, that decisions come from (seed, stage, prompt, sample index) alone, exact resume inside
+a stage, and two processes agreeing with one."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from test_loop import REWARD_FILE, make_config
+from test_resume import Killed, snapshot
+from tiny import save_tiny_model
+
+from raftlm import RaftConfig, train
+from raftlm.config import ConfigError, field_choices
+from raftlm.data.prompts import PromptRecord
+from raftlm.run.journal import StageJournal
+from raftlm.run.rundir import RunDir
+from raftlm.sampling.completion import Completion
+from raftlm.sampling_modes import SAMPLING_MODES, gvm_counts, useful_prompts
+from raftlm.steps import Candidates
+
+# min_reward 0.15 on the digit share: some of the tiny model's prompts carry a signal, some not
+DYNAMIC = {"raft": {"sampling": "dynamic", "max_sampling_rounds": 3},
+           "selection": {"min_reward": 0.15}}
+GVM = {"raft": {"sampling": "gvm", "gvm_first_samples": 2, "gvm_max_samples": 6},
+       "selection": {"min_reward": 0.15}}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    return tmp_path
+
+
+def config(workspace, model_dir, mode: dict, **sections) -> RaftConfig:
+    merged = {key: dict(value) for key, value in mode.items()}
+    for key, value in sections.items():
+        merged.setdefault(key, {}).update(value)
+    merged["raft"] = {"stages": 2, **merged.get("raft", {})}
+    return make_config(workspace, model_dir, tracking={"report": False}, **merged)
+
+
+def stage_rows(run_dir, stage: int) -> list[dict]:
+    return [json.loads(line) for line in
+            (run_dir / f"stages/{stage:03d}/candidates.jsonl").read_text().splitlines()]
+
+
+def texts_by_prompt(rows: list[dict]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for row in rows:
+        out.setdefault(row["prompt_id"], []).append(row["response"])
+    return out
+
+
+def test_sampling_modes_are_the_config_choices():
+    assert set(SAMPLING_MODES) == set(field_choices(RaftConfig, "raft.sampling"))
+
+
+def test_gvm_needs_a_reward_that_counts_as_accepted(workspace, tiny_model_dir):
+    with pytest.raises(ConfigError, match="raft.gvm_accept_reward"):
+        make_config(workspace, tiny_model_dir, raft={"sampling": "gvm"})
+    accepted = make_config(workspace, tiny_model_dir,
+                           raft={"sampling": "gvm", "gvm_accept_reward": 1.0})
+    assert accepted.raft.gvm_accept_reward == 1.0
+
+
+# Decisions on hand-made candidates ---------------------------------------------------------------
+
+def candidates(rewards: list[list[float]], texts: list[list[str]] | None = None) -> Candidates:
+    texts = texts or [[f"answer {p} {j}" for j in range(len(row))] for p, row in
+                      enumerate(rewards)]
+    prompts = [PromptRecord(p, "q", "q", [1, 2], {}) for p in range(len(rewards))]
+    responses = [[Completion(text=t, token_ids=[5] * 3, finish_reason="stop",
+                             token_log_probs=[-0.1, -0.2, -0.3]) for t in row] for row in texts]
+    return Candidates(prompts, responses, np.array(rewards, dtype=np.float64))
+
+
+def test_a_prompt_is_useful_to_raft_when_a_response_passes_min_reward(workspace, tiny_model_dir):
+    cfg = make_config(workspace, tiny_model_dir, selection={"min_reward": 1.0})
+    table = candidates([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert useful_prompts(table, cfg).tolist() == [True, False, True]
+
+
+def test_a_prompt_is_useful_to_grpo_when_its_rewards_differ(workspace, tiny_model_dir):
+    cfg = make_config(workspace, tiny_model_dir, training={"objective": "grpo"})
+    table = candidates([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert useful_prompts(table, cfg).tolist() == [True, False, False]
+
+
+def test_gvm_gives_rarely_accepted_prompts_more_and_never_accepted_ones_their_first_round(
+        workspace, tiny_model_dir):
+    cfg = make_config(workspace, tiny_model_dir, raft={
+        "sampling": "gvm", "prompts_per_stage": 3, "samples_per_prompt": 8,
+        "gvm_first_samples": 4, "gvm_max_samples": 16, "gvm_accept_reward": 1.0})
+    table = candidates([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    counts = gvm_counts(table, cfg)
+    assert sum(counts) == 3 * 8 and counts[2] == 4 and counts[1] > counts[0] > 4
+
+
+# End to end -------------------------------------------------------------------------------------
+
+def test_fixed_sampling_records_its_numbers_and_is_the_default(workspace, tiny_model_dir):
+    result = train(make_config(workspace, tiny_model_dir, tracking={"report": False}))
+    stage = result.metrics[1]
+    assert stage["sampling/prompts_drawn"] == 4 and stage["sampling/samples"] == 12
+    assert stage["sampling/rounds"] == 1 and stage["sampling/samples_per_prompt_std"] == 0.0
+
+
+def test_dynamic_sampling_draws_more_prompts_until_b_are_useful(workspace, tiny_model_dir):
+    result = train(config(workspace, tiny_model_dir, DYNAMIC))
+    for stage, metrics in enumerate(result.metrics[1:], start=1):
+        rows = stage_rows(result.run_dir, stage)
+        ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+        assert len(ids) == metrics["sampling/prompts_drawn"] > 4  # set-aside prompts recorded
+        assert metrics["sampling/samples"] == 3 * len(ids) == len(rows)
+        assert metrics["sampling/useful_prompts"] == 4 or metrics["sampling/rounds"] == 3
+        kept = {r["prompt_id"] for r in rows if r["selected"]}
+        useful = {pid for pid in ids if any(r["reward"] >= 0.15 for r in rows
+                                            if r["prompt_id"] == pid)}
+        assert kept == useful and len(useful) == metrics["sampling/useful_prompts"]
+    first, second = ({r["prompt_id"] for r in stage_rows(result.run_dir, s)} for s in (1, 2))
+    assert not first & second  # the prompts set aside count as drawn: the order moved on
+
+
+def test_gvm_extends_the_first_round_within_the_budget(workspace, tiny_model_dir):
+    fixed = train(config(workspace, tiny_model_dir, {"selection": {"min_reward": 0.15}},
+                         run={"output_dir": str(workspace / "fixed")}))
+    result = train(config(workspace, tiny_model_dir, GVM))
+    metrics = result.metrics[1]
+    counts = Counter(r["prompt_id"] for r in stage_rows(result.run_dir, 1))
+    assert sum(counts.values()) == metrics["sampling/samples"] == 4 * 3  # b * K
+    assert min(counts.values()) >= 2 and max(counts.values()) <= 6
+    assert metrics["sampling/samples_per_prompt_std"] > 0 and metrics["sampling/rounds"] == 2
+    # Sample j of a prompt is the same whoever asks for it: GVM's samples begin with fixed's.
+    ours = texts_by_prompt(stage_rows(result.run_dir, 1))
+    theirs = texts_by_prompt(stage_rows(fixed.run_dir, 1))
+    assert ours.keys() == theirs.keys()
+    for pid, texts in ours.items():
+        n = min(len(texts), 3)
+        assert texts[:n] == theirs[pid][:n]
+
+
+@pytest.mark.parametrize("mode, kill_at", [(DYNAMIC, 14), (GVM, 10)], ids=["dynamic", "gvm"])
+def test_a_stage_killed_in_its_second_round_resumes_to_the_identical_run(
+        workspace, tiny_model_dir, monkeypatch, mode, kill_at):
+    reference = snapshot(train(config(workspace, tiny_model_dir, mode)).run_dir)
+    RunDir.create(workspace / "run", overwrite=True)
+    original, calls = StageJournal.add_sample, Counter()
+
+    def die(self, prompt_id, sample, completion):
+        calls["n"] += 1
+        if calls["n"] == kill_at:  # stage 1's second round (its first wrote 12 or 8 samples)
+            raise Killed
+        original(self, prompt_id, sample, completion)
+
+    monkeypatch.setattr(StageJournal, "add_sample", die)
+    with pytest.raises(Killed):
+        train(config(workspace, tiny_model_dir, mode))
+    sampled = []
+    monkeypatch.setattr(StageJournal, "add_sample", lambda self, *args: (
+        sampled.append(args[:2]), original(self, *args)))
+    resumed = train(config(workspace, tiny_model_dir, mode), resume=True)
+    assert snapshot(resumed.run_dir) == reference
+    stage_one = sum(1 for r in stage_rows(resumed.run_dir, 1))
+    stage_two = sum(1 for r in stage_rows(resumed.run_dir, 2))
+    assert len(sampled) == stage_one - (kill_at - 1) + stage_two  # finished samples reused
