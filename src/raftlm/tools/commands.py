@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.errors import InvalidInput
+from raftlm.tools.job_commands import add_job_commands
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -159,8 +160,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
 
 
 def add_tool_commands(commands: Any) -> None:
-    """Add `init`, `export`, `sample`, `chat`, `serve-reward` and `serve` to the `raftlm`
-    sub-commands."""
+    """Add `init`, `export`, `sample`, `chat`, `serve-reward`, `serve` and the jobs (`generate`,
+    `score`, `select`, `finetune`) to the `raftlm` sub-commands."""
     add_init_command(commands)
     export = commands.add_parser(
         "export", help="Export a run's policy as an HF folder or a GGUF file.",
@@ -229,3 +230,4 @@ def add_tool_commands(commands: Any) -> None:
     serve.add_argument("--name", help="The model's name in the API [default: RUN@stageN or the "
                                       "model path].")
     serve.set_defaults(handler=cmd_serve)
+    add_job_commands(commands)

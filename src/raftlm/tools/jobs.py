@@ -1,0 +1,361 @@
+"""RAFT as separate jobs: `raftlm generate | score | select | finetune`, one step each.
+
+Each step is the very function `loop.raft_stage` calls (`steps.py`), run on its own with only
+what it needs built — generate: the policy and the prompts; score: the reward; select: nothing
+heavy; finetune: the policy and its optimizer — and its input and output in a work folder
+(`workdir.py`). So a stage run as four jobs equals the stage `raftlm train` runs: the same
+candidates, rewards, selection, weights and trained adapter.
+
+generate and score are resumable (their stage journal, as `raftlm train` keeps one inside a
+stage); generate splits the stage's prompts into shards that run as independent jobs (each
+sample's randomness depends on (seed, stage, prompt id, sample index) alone, so N shards give
+the samples of one job). finetune writes a checkpoint as `raftlm train` does; with `--from` it
+continues that run's policy, optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raftlm.build import (
+    build_policy,
+    build_trainer,
+    checkpoint_prompt_order,
+    make_accelerator,
+    restore,
+    set_threads,
+    write_checkpoint,
+)
+from raftlm.config import RaftConfig
+from raftlm.data.prompts import PromptOrder, load_prompt_sets
+from raftlm.models.distributed import process_state, whole_model
+from raftlm.models.loading import merged_adapter
+from raftlm.rewards.reward import build_reward
+from raftlm.run.journal import StageJournal
+from raftlm.run.lock import run_lock
+from raftlm.run.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from raftlm.run.tracking import Tracker, json_safe
+from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.steps import (
+    Candidates,
+    Timer,
+    candidate_metrics,
+    candidate_rows,
+    fine_tune,
+    generate_candidates,
+    rank,
+    score_candidates,
+    scoring_fingerprint,
+)
+from raftlm.tools.workdir import (
+    CANDIDATES_FILE,
+    WorkMismatch,
+    candidate_table,
+    candidates_from_rows,
+    check_same,
+    check_sampled_with,
+    check_scored_with,
+    find_stage,
+    read_job,
+    read_shard_header,
+    read_shards,
+    sampling_fingerprint,
+    sft_rows,
+    shard_bounds,
+    shard_name,
+    stage_folder,
+    write_job,
+    write_shard,
+)
+from raftlm.training.objectives import check_objective_config
+
+Checkpoint = tuple[int, Path]
+
+
+def policy_source(from_dir: Path | None) -> tuple[Checkpoint | None, dict[str, Any] | None]:
+    """The last intact checkpoint of `from_dir` and how work folders record it (its stage and
+    the hash of its manifest, so another checkpoint of the same stage is told apart)."""
+    if from_dir is None:
+        return None, None
+    checkpoint = RunDir(from_dir).intact_checkpoint()
+    if checkpoint is None:
+        raise WorkMismatch(f"--from {from_dir}: no checkpoint in it")
+    stage, path = checkpoint
+    manifest = (path / "manifest.json").read_bytes()
+    return checkpoint, {"stage": stage, "manifest": hashlib.sha256(manifest).hexdigest()[:16]}
+
+
+def stage_after(checkpoint: Checkpoint | None, stage: int | None) -> int:
+    """The stage to run: the one after `--from`'s checkpoint (1 without one) unless given."""
+    if checkpoint is None:
+        return 1 if stage is None else stage
+    if stage is not None and stage != checkpoint[0] + 1:
+        raise WorkMismatch(f"--stage {stage}: the --from run's last checkpoint is stage "
+                           f"{checkpoint[0]}, whose policy samples stage {checkpoint[0] + 1}")
+    return checkpoint[0] + 1
+
+
+def _single_process(command: str) -> None:
+    if process_state().num_processes > 1:
+        raise WorkMismatch(f"raftlm {command} runs as one process per job; split the work with "
+                           "raftlm generate --shard I/N instead of accelerate launch")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 1),
+                   stage: int | None = None, from_dir: Path | None = None) -> Path:
+    """Sample K responses to each of the stage's prompts in this shard; returns the shard's
+    file. A killed job continues where it stopped; a finished shard is not sampled again."""
+    _single_process("generate")
+    sampling = getattr(config.raft, "sampling", "fixed")
+    if sampling != "fixed":
+        raise WorkMismatch(f"raft.sampling={sampling} decides from rewards between rounds of "
+                           "sampling; raftlm generate samples a fixed stage (b prompts x K): "
+                           "use raftlm train, or raft.sampling=fixed")
+    set_threads(config)
+    GENERATION_BACKENDS[config.generation.backend].check_available()
+    checkpoint, source = policy_source(from_dir)
+    stage = stage_after(checkpoint, stage)
+    folder, (index, count) = stage_folder(work, stage), shard
+    fingerprint = sampling_fingerprint(config, source)
+    out = folder / "shards" / f"{shard_name(index, count)}.jsonl"
+    header = read_shard_header(out)
+    if header is not None:
+        check_same(out, "sampled under another config", header["fingerprint"], fingerprint,
+                   "give the config it was generated with, or another --out")
+        print(f"stage {stage} shard {index}/{count}: already generated ({out})")
+        return out
+
+    accelerator, dtype = make_accelerator(config)
+    model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
+    train_prompts, _ = load_prompt_sets(config, tokenizer)
+    order = PromptOrder(len(train_prompts), config.run.seed)
+    if checkpoint is not None:
+        order.load_state_dict(checkpoint_prompt_order(checkpoint[1]))
+    for _ in range(stage - 1 - (checkpoint[0] if checkpoint else 0)):  # --stage N, no --from
+        order.draw(config.raft.prompts_per_stage)
+    prompts = [train_prompts.records[i] for i in order.draw(config.raft.prompts_per_stage)]
+    job = {"stage": stage, "shards": count, "prompt_ids": [p.id for p in prompts],
+           "prompt_order": order.state_dict(), "policy": source, "fingerprint": fingerprint}
+    _claim_stage(folder, job)
+    if not (Path(work) / "config.yaml").is_file():
+        atomic_write_text(Path(work) / "config.yaml", config.to_yaml())
+
+    start, end = shard_bounds(len(prompts), index, count)
+    mine = prompts[start:end]
+    journal_dir = folder / "shards" / shard_name(index, count)
+    with run_lock(journal_dir):  # one job per shard
+        journal = StageJournal(
+            journal_dir, 0, {"stage": stage, "prompt_ids": [p.id for p in mine],
+                             "samples_per_prompt": config.raft.samples_per_prompt,
+                             "fingerprint": fingerprint},
+            reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
+        model = accelerator.prepare(model)  # as in training: the same mixed-precision forward
+        start = time.perf_counter()
+        with whole_model(accelerator, model) as whole, merged_adapter(whole) as policy:
+            responses = generate_candidates(policy, tokenizer, mine,
+                                            config.raft.samples_per_prompt, config, stage,
+                                            journal)
+        width = max((len(r) for r in responses), default=0)
+        rows = candidate_table(Candidates(mine, responses, np.full((len(mine), width), np.nan)))
+        write_shard(out, {"stage": stage, "index": index, "count": count,
+                          "fingerprint": fingerprint, "seconds": time.perf_counter() - start},
+                    rows)
+        journal.close()
+    shutil.rmtree(journal_dir, ignore_errors=True)
+    print(f"stage {stage} shard {index}/{count}: {len(rows)} samples of {len(mine)} prompts "
+          f"-> {out}")
+    return out
+
+
+def _claim_stage(folder: Path, job: dict[str, Any]) -> None:
+    """Write the stage's job.json, or check that the one there describes the same stage (every
+    shard writes the same one, so concurrent shards may race to write it)."""
+    if not (folder / "job.json").is_file():
+        write_job(folder, job)
+        return
+    old = read_job(folder)
+    check_same(folder, "sampled under another config", old["fingerprint"], job["fingerprint"],
+               "give the --config (and --set, --from) it was generated with, or another --out")
+    if old["shards"] != job["shards"]:
+        raise WorkMismatch(f"{folder}: split into {old['shards']} shards; this job is one of "
+                           f"{job['shards']} (use --shard I/{old['shards']})")
+
+
+# --------------------------------------------------------------------------- score
+
+
+def score_stage(config: RaftConfig, work: Path, stage: int | None = None) -> Path:
+    """Reward every sample of a generated stage (all its shards); returns candidates.jsonl.
+    A killed job continues where it stopped; a stage scored under this reward config is not
+    scored again."""
+    _single_process("score")
+    set_threads(config)
+    stage = find_stage(work, stage)
+    folder = stage_folder(work, stage)
+    job = read_job(folder)
+    check_sampled_with(folder, job, config, job["policy"])
+    fingerprint, out = scoring_fingerprint(config), folder / CANDIDATES_FILE
+    if job.get("scoring") == fingerprint and out.is_file():
+        print(f"stage {stage}: already scored ({out})")
+        return out
+    candidates = candidates_from_rows(read_shards(folder, job))
+    reward, timer, score_dir = build_reward(config.reward), Timer(), folder / "score"
+    with run_lock(score_dir):
+        journal = StageJournal(score_dir, 0, {"stage": stage, "prompt_ids": job["prompt_ids"],
+                                              "fingerprint": job["fingerprint"],
+                                              "scoring": fingerprint})
+        with timer("reward"):
+            scored = score_candidates(reward, candidates.prompts, candidates.responses, stage,
+                                      journal)
+        write_jsonl(out, candidate_table(scored))
+        job = {k: v for k, v in read_job(folder).items() if k != "selected"}
+        write_job(folder, {**job, "scoring": fingerprint, **timer.seconds})
+        journal.close()
+    shutil.rmtree(score_dir, ignore_errors=True)
+    print(f"stage {stage}: scored {sum(map(len, scored.responses))} samples -> {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- select
+
+
+def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
+                 out: Path | None = None, datasets_out: Path | None = None) -> Path:
+    """Rank a scored stage: mark what the objective trains on (selected, weight) in
+    candidates.jsonl, record the stage's numbers in WORK/metrics.jsonl, and write the kept set
+    in chat-messages SFT format to `out` (and as a `datasets` folder); returns `out`."""
+    check_objective_config(config)
+    stage = find_stage(work, stage)
+    folder = stage_folder(work, stage)
+    job = read_job(folder)
+    check_sampled_with(folder, job, config, job["policy"])
+    check_scored_with(folder, job, config)
+    candidates = candidates_from_rows(read_jsonl(folder / CANDIDATES_FILE))
+    ranked = rank(candidates, config, stage)
+    rows = candidate_table(candidates, ranked)
+    write_jsonl(folder / CANDIDATES_FILE, rows)
+    write_job(folder, {**job, "selected": ranked.selection.n_selected})
+    run_dir = RunDir(work)
+    record = {"stage": stage, **json_safe({**candidate_metrics(candidates, ranked),
+                                           **_phase_seconds(folder, job)})}
+    write_jsonl(run_dir.metrics_path,
+                [r for r in run_dir.read_metrics() if r.get("stage") != stage] + [record])
+    kept = sft_rows(rows, config.data.system_prompt)
+    out = Path(out) if out is not None else folder / "selected.jsonl"
+    write_jsonl(out, kept)
+    if datasets_out is not None:
+        from datasets import Dataset  # an optional dependency: only for --datasets-out
+
+        Dataset.from_list(kept).save_to_disk(str(datasets_out))
+    print(f"stage {stage}: {len(kept)} of {len(rows)} responses kept "
+          f"(reward {_fmt(record['train/reward_mean'])} -> selected "
+          f"{_fmt(record['train/reward_selected_mean'])}) -> {out}")
+    return out
+
+
+def _phase_seconds(folder: Path, job: dict[str, Any]) -> dict[str, float]:
+    """Sampling seconds (summed over shards) and scoring seconds, as `raftlm train` records."""
+    shards = [read_shard_header(folder / "shards" / f"{shard_name(i, job['shards'])}.jsonl")
+              for i in range(1, job["shards"] + 1)]
+    seconds = {"time/generate_s": sum(h.get("seconds", 0.0) for h in shards if h)}
+    if "time/reward_s" in job:
+        seconds["time/reward_s"] = job["time/reward_s"]
+    return seconds
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | None = None,
+                   stage: int | None = None) -> Path | None:
+    """One stage of the configured objective on a scored work folder; writes `out` as
+    `raftlm train` writes a run directory (candidates, metrics, a checkpoint of the stage).
+    With `--from RUN_DIR` training continues that run's policy, optimizer and schedule.
+    Returns the checkpoint folder (on the main process)."""
+    set_threads(config)
+    check_objective_config(config)
+    checkpoint, source = policy_source(from_dir)
+    stage = find_stage(data, stage if checkpoint is None else stage_after(checkpoint, stage))
+    folder = stage_folder(data, stage)
+    job = read_job(folder)
+    check_sampled_with(folder, job, config, source)
+    check_scored_with(folder, job, config)
+    rows = read_jsonl(folder / CANDIDATES_FILE)
+    candidates = candidates_from_rows(rows)
+    ranked = rank(candidates, config, stage)
+    if job.get("selected") is not None:  # select ran: it must have chosen what training uses
+        check_same(folder, "selected under other selection.* / training.* settings",
+                   _choice(rows), _choice(candidate_table(candidates, ranked)),
+                   "run raftlm select on it again with this config")
+
+    accelerator, dtype = make_accelerator(config)
+    main = accelerator.is_main_process
+    with run_lock(out) if main else nullcontext():
+        run_dir = _open_out(config, Path(out), from_dir, stage, main)
+        accelerator.wait_for_everyone()
+        model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
+        trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)
+        order = PromptOrder(job["prompt_order"]["n"], config.run.seed)
+        if checkpoint is not None:
+            restore(checkpoint, trainer, order)
+        order.load_state_dict(job["prompt_order"])  # where the stage's draw left it
+        timer = Timer()
+        with timer("train"):
+            stats = fine_tune(trainer, candidates, ranked, stage, tokenizer.pad_token_id,
+                              config.generation.temperature)
+        if main:
+            write_jsonl(run_dir.candidates_path(stage),
+                        candidate_rows(candidates, ranked.selection.mask))
+        tracker = Tracker(run_dir, config.tracking, enabled=main)
+        tracker.log(stage, {**candidate_metrics(candidates, ranked), **stats,
+                            **_phase_seconds(folder, job), **timer.seconds})
+        path = write_checkpoint(trainer, tokenizer, order, run_dir, stage,
+                                config.run.keep_checkpoints)
+        tracker.close()
+    if main:
+        print(f"stage {stage}: trained on {stats['tokens/trained']} tokens "
+              f"(sft_loss {_fmt(stats['train/sft_loss'])}) -> {path}")
+    return path
+
+
+def _choice(rows: list[dict[str, Any]]) -> str:
+    """A digest of what a stage trains on: selected flags and weights."""
+    text = json.dumps([(r["selected"], r["weight"]) for r in rows])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _open_out(config: RaftConfig, out: Path, from_dir: Path | None, stage: int,
+              main: bool) -> RunDir:
+    """The run directory finetune writes: `--from`'s own (continued), a new one, or one that an
+    interrupted finetune of this stage left without a checkpoint."""
+    run_dir = RunDir(out)
+    if not main:
+        return run_dir
+    same = from_dir is not None and out.resolve() == Path(from_dir).resolve()
+    if not same and run_dir.config_path.is_file():
+        if run_dir.checkpoints():
+            raise WorkMismatch(f"--out {out}: already holds a run with checkpoints; continue it "
+                               f"with --from {out}, or choose another --out")
+    elif not same:
+        RunDir.create(out, overwrite=False)
+    run_dir.remove_temporaries()
+    run_dir.truncate_metrics(stage - 1)  # a record an interrupted finetune left
+    run = dataclasses.replace(config.run, output_dir=str(out))
+    run_dir.write_config(dataclasses.replace(config, run=run).to_yaml())
+    return run_dir
