@@ -97,9 +97,8 @@ def test_two_stages_as_jobs_equal_raftlm_train(workspace, objective):
         assert (json.loads((ours / "state.json").read_text())
                 == json.loads((theirs / "state.json").read_text()))  # the prompt order
     for ours, theirs in zip(rows(jobs / "metrics.jsonl"), rows(run / "metrics.jsonl")[1:]):
-        for key in ours:
-            if key.startswith(("train/", "tokens/", "reward/")):
-                assert ours[key] == theirs[key], key
+        numbers = {k: v for k, v in theirs.items() if not k.startswith(("time/", "eval/"))}
+        assert {k: ours[k] for k in numbers} == numbers
 
 
 def test_the_kept_set_is_written_as_chat_messages_and_a_datasets_folder(workspace):

@@ -45,6 +45,7 @@ from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
 from raftlm.run.tracking import Tracker, json_safe
 from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.sampling_modes import sampling_stats
 from raftlm.steps import (
     Candidates,
     Timer,
@@ -118,11 +119,10 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
     """Sample K responses to each of the stage's prompts in this shard; returns the shard's
     file. A killed job continues where it stopped; a finished shard is not sampled again."""
     _single_process("generate")
-    sampling = getattr(config.raft, "sampling", "fixed")
-    if sampling != "fixed":
-        raise WorkMismatch(f"raft.sampling={sampling} decides from rewards between rounds of "
-                           "sampling; raftlm generate samples a fixed stage (b prompts x K): "
-                           "use raftlm train, or raft.sampling=fixed")
+    if config.raft.sampling != "fixed":
+        raise WorkMismatch(f"raft.sampling={config.raft.sampling} decides from rewards between "
+                           "rounds of sampling; raftlm generate samples a fixed stage (b prompts "
+                           "x K): use raftlm train, or raft.sampling=fixed")
     set_threads(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()
     checkpoint, source = policy_source(from_dir)
@@ -242,7 +242,7 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
     job = read_job(folder)
     check_sampled_with(folder, job, config, job["policy"])
     check_scored_with(folder, job, config)
-    candidates = candidates_from_rows(read_jsonl(folder / CANDIDATES_FILE))
+    candidates = scored_candidates(folder, config)
     ranked = rank(candidates, config, stage)
     rows = candidate_table(candidates, ranked)
     write_jsonl(folder / CANDIDATES_FILE, rows)
@@ -263,6 +263,13 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
           f"(reward {_fmt(record['train/reward_mean'])} -> selected "
           f"{_fmt(record['train/reward_selected_mean'])}) -> {out}")
     return out
+
+
+def scored_candidates(folder: Path, config: RaftConfig) -> Candidates:
+    """A scored stage's candidates, with the `sampling/*` numbers of the fixed mode."""
+    candidates = candidates_from_rows(read_jsonl(folder / CANDIDATES_FILE))
+    candidates.sampling = sampling_stats(candidates, config, rounds=1)
+    return candidates
 
 
 def _phase_seconds(folder: Path, job: dict[str, Any]) -> dict[str, float]:
@@ -297,7 +304,7 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
     check_sampled_with(folder, job, config, source)
     check_scored_with(folder, job, config)
     rows = read_jsonl(folder / CANDIDATES_FILE)
-    candidates = candidates_from_rows(rows)
+    candidates = scored_candidates(folder, config)
     ranked = rank(candidates, config, stage)
     if job.get("selected") is not None:  # select ran: it must have chosen what training uses
         check_same(folder, "selected under other selection.* / training.* settings",
