@@ -173,3 +173,25 @@ def test_a_stage_killed_in_its_second_round_resumes_to_the_identical_run(
     stage_one = sum(1 for r in stage_rows(resumed.run_dir, 1))
     stage_two = sum(1 for r in stage_rows(resumed.run_dir, 2))
     assert len(sampled) == stage_one - (kill_at - 1) + stage_two  # finished samples reused
+
+
+# Two processes ----------------------------------------------------------------------------------
+
+@pytest.mark.slow  # one 2-process launch each (~20 s): gvm's allocation, dynamic's empty shard
+@pytest.mark.parametrize("mode", [DYNAMIC, GVM], ids=["dynamic", "gvm"])
+def test_two_processes_take_the_same_decisions_as_one(workspace, tiny_model_dir, mode):
+    from test_distributed import accelerate_launch
+
+    # b = 3 over 2 processes: shards of 2 and 1, and a round of 1 prompt leaves one empty.
+    one = config(workspace, tiny_model_dir, mode, raft={"stages": 1, "prompts_per_stage": 3},
+                 run={"output_dir": str(workspace / "one")})
+    train(one)
+    two = RaftConfig.from_dict({**one.to_dict(), "run": {**one.to_dict()["run"],
+                                                         "output_dir": str(workspace / "two")}})
+    (workspace / "two.yaml").write_text(two.to_yaml())
+    accelerate_launch(workspace, "--config", str(workspace / "two.yaml"))
+    assert stage_rows(workspace / "two", 1) == stage_rows(workspace / "one", 1)
+    ones, twos = (RunDir(workspace / name).read_metrics()[1] for name in ("one", "two"))
+    assert {k: v for k, v in twos.items() if k.startswith("sampling/")} == {
+        k: v for k, v in ones.items() if k.startswith("sampling/")}
+    assert ones["sampling/rounds"] == 2
