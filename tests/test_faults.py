@@ -2,9 +2,10 @@
 space, and then resumed, ends exactly as the uninterrupted run: same metrics (times aside), same
 candidate files, same checkpoints and final weights, no stray temporary files.
 
-`make chaos` runs the SIGKILL test with RAFTLM_CHAOS_KILLS=100 (20 here); docs/resume.md has
-its result. Killed processes are real processes running `raftlm.cli.main`, forked from a
-forkserver that imported raftlm once (a fresh interpreter spends ~2.5 s importing torch, which
+`make chaos` runs the SIGKILL test with RAFTLM_CHAOS_KILLS=100 (20 here), once per
+`raft.sampling` mode (fixed, dynamic, gvm); docs/resume.md has its result. Killed processes
+are real processes running `raftlm.cli.main`, forked from a forkserver that imported raftlm
+once (a fresh interpreter spends ~2.5 s importing torch, which
 would leave little time for killing anything else); one test kills `python -m raftlm` itself.
 """
 
@@ -103,6 +104,10 @@ def start(context, workspace: Path, log: Path):
 def reference(workspace, forkserver):
     """The uninterrupted run's snapshot and its wall time (of a second run: the first one
     also warms caches, e.g. matplotlib's fonts)."""
+    return uninterrupted(forkserver, workspace)
+
+
+def uninterrupted(forkserver, workspace: Path) -> tuple[dict, float]:
     for _ in range(2):
         RunDir.create(workspace / "run", overwrite=True)
         began = time.perf_counter()
@@ -111,6 +116,30 @@ def reference(workspace, forkserver):
         assert process.exitcode == 0, (workspace / "reference.log").read_text()
         duration = time.perf_counter() - began
     return snapshot(workspace / "run"), duration
+
+
+# raft.sampling modes whose stages take several rounds (docs/sampling.md); min_reward 0.15 on
+# the digit share leaves some prompts without a signal, so dynamic draws more and gvm allocates.
+SAMPLING_MODES = {
+    "dynamic": {"raft": {"sampling": "dynamic", "max_sampling_rounds": 3}},
+    "gvm": {"raft": {"sampling": "gvm", "gvm_first_samples": 2, "gvm_max_samples": 6}},
+}
+
+
+@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES])
+def killed_run(request, workspace, forkserver, reference):
+    """(workspace, uninterrupted snapshot, its wall time) of the run the SIGKILL test kills:
+    the shared one (fixed sampling), or one in a folder of its own per sampling mode."""
+    if request.param == "fixed":
+        return workspace, *reference
+    root = workspace / request.param
+    root.mkdir(exist_ok=True)
+    config = yaml.safe_load((workspace / "config.yaml").read_text())
+    config["run"]["output_dir"] = str(root / "run")
+    config["raft"].update(SAMPLING_MODES[request.param]["raft"])
+    config["selection"] = {"min_reward": 0.15}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root, *uninterrupted(forkserver, root)
 
 
 def in_flight(run: Path) -> str:
@@ -131,8 +160,8 @@ def in_flight(run: Path) -> str:
 
 
 def test_random_sigkills_then_resume_end_exactly_like_the_uninterrupted_run(
-        workspace, forkserver, reference):
-    expected, duration = reference
+        killed_run, forkserver):
+    workspace, expected, duration = killed_run
     rng = random.Random(int(os.environ.get("RAFTLM_CHAOS_SEED", "0")))
     kills, episodes, phases = 0, 0, Counter()
     while kills < KILLS:
