@@ -149,6 +149,20 @@ def test_gvm_extends_the_first_round_within_the_budget(workspace, tiny_model_dir
         assert texts[:n] == theirs[pid][:n]
 
 
+def test_gvm_on_a_backend_that_reseeds_samples_only_the_missing_responses(
+        workspace, tiny_model_dir, monkeypatch):
+    import raftlm.sampling_modes
+
+    asked, original = [], raftlm.sampling_modes.generate
+    monkeypatch.setattr(raftlm.sampling_modes, "generate", lambda *args, **kwargs: (
+        asked.append(list(args[3])), original(*args, **kwargs))[1])
+    result = train(config(workspace, tiny_model_dir, GVM, generation={"backend": "hf"},
+                          raft={"stages": 1}))
+    counts = Counter(r["prompt_id"] for r in stage_rows(result.run_dir, 1)).values()
+    assert asked[0] == [2] * 4 and sum(asked[1]) == 12 - 8  # the second round: only the rest
+    assert sum(counts) == 12 and min(counts) >= 2
+
+
 @pytest.mark.parametrize("mode, kill_at", [(DYNAMIC, 14), (GVM, 10)], ids=["dynamic", "gvm"])
 def test_a_stage_killed_in_its_second_round_resumes_to_the_identical_run(
         workspace, tiny_model_dir, monkeypatch, mode, kill_at):
