@@ -2,6 +2,7 @@
 `raftlm train`; jobs shard, resume and refuse another config's work (tiny random model)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,6 +97,11 @@ def test_two_stages_as_jobs_equal_raftlm_train(workspace, objective):
                             tensors(theirs / "trainer_state.safetensors"))  # AdamW, schedule
         assert (json.loads((ours / "state.json").read_text())
                 == json.loads((theirs / "state.json").read_text()))  # the prompt order
+        if stage == 1 and objective == "sft":  # finetune's run directory is raftlm train's
+            shutil.copytree(jobs, workspace / "resumed")
+            assert cli_main(["train", "--resume", str(workspace / "resumed")]) == 0
+            adapter = "checkpoints/stage-002/policy/adapter_model.safetensors"
+            assert same_tensors(tensors(workspace / "resumed" / adapter), tensors(run / adapter))
     for ours, theirs in zip(rows(jobs / "metrics.jsonl"), rows(run / "metrics.jsonl")[1:]):
         numbers = {k: v for k, v in theirs.items() if not k.startswith(("time/", "eval/"))}
         assert {k: ours[k] for k in numbers} == numbers
@@ -208,3 +214,26 @@ def test_finetune_refuses_another_policy_selection_or_a_taken_out_folder(workspa
     with pytest.raises(WorkMismatch, match="last checkpoint is stage 1, whose policy samples "
                                            "stage 2"):
         finetune_stage(config, work, workspace / "out", from_dir=workspace / "out", stage=1)
+
+
+def test_trl_sft_trainer_trains_on_the_datasets_folder(workspace, tiny_model_dir):
+    pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load(workspace)
+    generate_stage(config, workspace / "work")
+    score_stage(config, workspace / "work")
+    select_stage(config, workspace / "work", datasets_out=workspace / "kept")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = trl.SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=trl.SFTConfig(output_dir=str(workspace / "trl"), max_steps=1, report_to=[],
+                           per_device_train_batch_size=2, use_cpu=True, save_strategy="no"),
+        train_dataset=load_from_disk(str(workspace / "kept")), processing_class=tokenizer)
+    first = rows(workspace / "work/stages/001/candidates.jsonl")
+    chosen = next(r for r in first if r["selected"])
+    text = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
+    assert text.startswith(chosen["prompt"] + chosen["response"])  # raftlm's own rendering
+    assert trainer.train().training_loss > 0

@@ -1,0 +1,143 @@
+"""RAFT as separate jobs (docs/phases.md): what sharding buys and what splitting costs.
+
+1. Sampling throughput: one `raftlm generate` job on all cores against N shard jobs
+   (`--shard i/N`) running at once, the cores split between them (`run.threads`). Reports each
+   job's wall time (process start to exit: imports, model load, sampling, writing) and its
+   sampling seconds, and new tokens per second of wall time.
+2. End-to-end overhead: `raftlm train` for one stage (evaluation off) against
+   generate -> score -> select -> finetune, each a fresh process, on the same config; both end
+   in the same checkpoint (tests/test_jobs.py asserts it).
+
+    nice -n 10 .venv/bin/python benchmarks/jobs.py           # embedded SmolLM2-135M, arithmetic
+    nice -n 10 .venv/bin/python benchmarks/jobs.py --tiny    # the tiny random model of the tests
+
+Every command runs as `python -m raftlm ... --quiet` in a temporary folder; the machine's load
+average is printed before and after, since a shared machine's numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raftlm(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "raftlm", *args, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_all(commands: list[list[str]]) -> list[float]:
+    """Start every command at once; each one's wall seconds."""
+    start = time.perf_counter()
+    procs = [raftlm(*c) for c in commands]
+    seconds = []
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"failed: {proc.args}\n{err}")
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def write_config(folder: Path, tiny: bool, prompts: int, k: int, max_new: int) -> Path:
+    if tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import save_tiny_model
+
+        rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(200)]
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        raw = {"model": {"path": str(save_tiny_model(folder / "model")), "dtype": "fp32",
+                         "lora": {"r": 4, "alpha": 8}},
+               "data": {"train_file": str(folder / "train.jsonl")},
+               "reward": {"terms": [{"name": "numeric_answer"}]}}
+    else:
+        raw = yaml.safe_load((ROOT / "configs/arithmetic.yaml").read_text())
+    raw.setdefault("raft", {}).update(stages=1, prompts_per_stage=prompts, samples_per_prompt=k)
+    raw.setdefault("generation", {})["max_new_tokens"] = max_new
+    raw["evaluation"] = {"enabled": False}
+    raw["tracking"] = {"report": False}
+    raw["run"] = {**raw.get("run", {}), "output_dir": str(folder / "train")}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def shard_stats(work: Path) -> tuple[int, list[float]]:
+    """New tokens and each shard's sampling seconds, from the shard files' headers and rows."""
+    tokens, seconds = 0, []
+    for path in sorted((work / "stages/001/shards").glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        seconds.append(json.loads(lines[0])["shard"]["seconds"])
+        tokens += sum(json.loads(line)["n_tokens"] for line in lines[1:])
+    return tokens, seconds
+
+
+def sampling_throughput(folder: Path, config: Path, shards: int, cores: int) -> None:
+    print(f"\n1. sampling: 1 job x {cores} threads vs {shards} shard jobs x "
+          f"{max(1, cores // shards)} thread(s), at once")
+    for n in (1, shards):
+        work = folder / f"gen-{n}"
+        threads = max(1, cores // n)
+        walls = run_all([["generate", "--config", str(config), "--out", str(work),
+                          "--shard", f"{i}/{n}", "--set", f"run.threads={threads}"]
+                         for i in range(1, n + 1)])
+        tokens, sampling = shard_stats(work)
+        print(f"  {n} job(s): wall {max(walls):6.1f} s (each {', '.join(f'{w:.1f}' for w in walls)}"
+              f"), sampling {', '.join(f'{s:.1f}' for s in sampling)} s, {tokens} new tokens, "
+              f"{tokens / max(walls):6.1f} tok/s of wall time")
+
+
+def end_to_end(folder: Path, config: Path) -> None:
+    print("\n2. one stage: raftlm train vs the four jobs (each a fresh process)")
+    c = str(config)
+    train = run_all([["train", "--config", c, "--set", "run.overwrite=true"]])[0]
+    work, out = str(folder / "work"), str(folder / "jobs")
+    steps = {
+        "generate": ["generate", "--config", c, "--out", work],
+        "score": ["score", work, "--config", c],
+        "select": ["select", work, "--config", c],
+        "finetune": ["finetune", "--config", c, "--data", work, "--out", out],
+    }
+    times = {name: run_all([cmd])[0] for name, cmd in steps.items()}
+    total = sum(times.values())
+    metrics = json.loads((folder / "train/metrics.jsonl").read_text().splitlines()[-1])
+    phases = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+    print(f"  raftlm train: {train:6.1f} s (inside the stage: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")")
+    print("  four jobs:    " + f"{total:6.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ")")
+    print(f"  overhead: {total - train:+.1f} s ({total / train:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="The tests' tiny random model.")
+    parser.add_argument("--prompts", type=int, default=16, help="b [default: 16].")
+    parser.add_argument("--k", type=int, default=8, help="K [default: 8].")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()}; {os.cpu_count()} cores; "
+          f"{'tiny model' if args.tiny else 'embedded SmolLM2-135M-Instruct'}, "
+          f"b={args.prompts}, K={args.k}, max_new_tokens={args.max_new_tokens}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = write_config(folder, args.tiny, args.prompts, args.k, args.max_new_tokens)
+        sampling_throughput(folder, config, args.shards, args.cores)
+        end_to_end(folder, config)
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
