@@ -10,6 +10,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/jobs.py           # embedded SmolLM2-135M, arithmetic
     nice -n 10 .venv/bin/python benchmarks/jobs.py --tiny    # the tiny random model of the tests
+    nice -n 10 .venv/bin/python benchmarks/jobs.py --only end-to-end --prompts 8 --k 4
 
 Every command runs as `python -m raftlm ... --quiet` in a temporary folder; the machine's load
 average is printed before and after, since a shared machine's numbers move with it.
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=["sampling", "end-to-end"],
+                        help="Run one of the two measurements [default: both].")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}; {os.cpu_count()} cores; "
           f"{'tiny model' if args.tiny else 'embedded SmolLM2-135M-Instruct'}, "
@@ -134,8 +137,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = write_config(folder, args.tiny, args.prompts, args.k, args.max_new_tokens)
-        sampling_throughput(folder, config, args.shards, args.cores)
-        end_to_end(folder, config)
+        if args.only != "end-to-end":
+            sampling_throughput(folder, config, args.shards, args.cores)
+        if args.only != "sampling":
+            end_to_end(folder, config)
     print(f"\nload average after: {os.getloadavg()}")
 
 

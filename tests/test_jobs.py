@@ -207,6 +207,8 @@ def test_finetune_refuses_another_policy_selection_or_a_taken_out_folder(workspa
     finetune_stage(config, work, workspace / "out")
     with pytest.raises(WorkMismatch, match="already holds a run with checkpoints"):
         finetune_stage(config, work, workspace / "out")
+    with pytest.raises(WorkMismatch, match="holds no stage 2 \\(already fine-tuned"):
+        finetune_stage(config, work, workspace / "out", from_dir=workspace / "out")
     generate_stage(config, work, stage=2)  # sampled by the base model, not by out's stage 1
     score_stage(config, work, stage=2)
     with pytest.raises(WorkMismatch, match=r"policy \(--from\) differ"):

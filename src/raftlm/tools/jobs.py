@@ -298,6 +298,11 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
     set_threads(config)
     check_objective_config(config)
     checkpoint, source = policy_source(from_dir)
+    if checkpoint is not None and stage is None and not stage_folder(data, checkpoint[0] + 1
+                                                                     ).is_dir():
+        raise WorkMismatch(f"--from {from_dir}: its last checkpoint is stage {checkpoint[0]} "
+                           f"and {data} holds no stage {checkpoint[0] + 1} (already fine-tuned?); "
+                           f"raftlm generate --from {from_dir} samples the next one")
     stage = find_stage(data, stage if checkpoint is None else stage_after(checkpoint, stage))
     folder = stage_folder(data, stage)
     job = read_job(folder)
