@@ -36,7 +36,7 @@ from raftlm.build import (
     write_checkpoint,
 )
 from raftlm.config import RaftConfig
-from raftlm.data.prompts import PromptOrder, load_prompt_sets
+from raftlm.data.prompts import PromptOrder, PromptRecord, load_prompt_sets
 from raftlm.models.distributed import process_state, whole_model
 from raftlm.models.loading import merged_adapter
 from raftlm.rewards.reward import build_reward
@@ -130,6 +130,7 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
     folder, (index, count) = stage_folder(work, stage), shard
     fingerprint = sampling_fingerprint(config, source)
     out = folder / "shards" / f"{shard_name(index, count)}.jsonl"
+    _check_stage(folder, fingerprint, count)  # before loading anything
     header = read_shard_header(out)
     if header is not None:
         check_same(out, "sampled under another config", header["fingerprint"], fingerprint,
@@ -139,16 +140,11 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
 
     accelerator, dtype = make_accelerator(config)
     model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
-    train_prompts, _ = load_prompt_sets(config, tokenizer)
-    order = PromptOrder(len(train_prompts), config.run.seed)
-    if checkpoint is not None:
-        order.load_state_dict(checkpoint_prompt_order(checkpoint[1]))
-    for _ in range(stage - 1 - (checkpoint[0] if checkpoint else 0)):  # --stage N, no --from
-        order.draw(config.raft.prompts_per_stage)
-    prompts = [train_prompts.records[i] for i in order.draw(config.raft.prompts_per_stage)]
-    job = {"stage": stage, "shards": count, "prompt_ids": [p.id for p in prompts],
-           "prompt_order": order.state_dict(), "policy": source, "fingerprint": fingerprint}
-    _claim_stage(folder, job)
+    prompts, order = stage_prompts(config, tokenizer, checkpoint, stage)
+    if not (folder / "job.json").is_file():  # every shard writes the same one
+        write_job(folder, {"stage": stage, "shards": count, "prompt_ids": [p.id for p in prompts],
+                           "prompt_order": order.state_dict(), "policy": source,
+                           "fingerprint": fingerprint})
     if not (Path(work) / "config.yaml").is_file():
         atomic_write_text(Path(work) / "config.yaml", config.to_yaml())
 
@@ -162,7 +158,7 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
                              "fingerprint": fingerprint},
             reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
         model = accelerator.prepare(model)  # as in training: the same mixed-precision forward
-        start = time.perf_counter()
+        began = time.perf_counter()
         with whole_model(accelerator, model) as whole, merged_adapter(whole) as policy:
             responses = generate_candidates(policy, tokenizer, mine,
                                             config.raft.samples_per_prompt, config, stage,
@@ -170,7 +166,7 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
         width = max((len(r) for r in responses), default=0)
         rows = candidate_table(Candidates(mine, responses, np.full((len(mine), width), np.nan)))
         write_shard(out, {"stage": stage, "index": index, "count": count,
-                          "fingerprint": fingerprint, "seconds": time.perf_counter() - start},
+                          "fingerprint": fingerprint, "seconds": time.perf_counter() - began},
                     rows)
         journal.close()
     shutil.rmtree(journal_dir, ignore_errors=True)
@@ -179,18 +175,30 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
     return out
 
 
-def _claim_stage(folder: Path, job: dict[str, Any]) -> None:
-    """Write the stage's job.json, or check that the one there describes the same stage (every
-    shard writes the same one, so concurrent shards may race to write it)."""
+def stage_prompts(config: RaftConfig, tokenizer: Any, checkpoint: Checkpoint | None,
+                  stage: int) -> tuple[list[PromptRecord], PromptOrder]:
+    """The stage's prompts, drawn as `raftlm train` draws them (from where `checkpoint`'s run
+    left off), and the prompt order after the draw."""
+    train_prompts, _ = load_prompt_sets(config, tokenizer)
+    order = PromptOrder(len(train_prompts), config.run.seed)
+    if checkpoint is not None:
+        order.load_state_dict(checkpoint_prompt_order(checkpoint[1]))
+    for _ in range(stage - 1 - (checkpoint[0] if checkpoint else 0)):  # --stage N, no --from
+        order.draw(config.raft.prompts_per_stage)
+    drawn = order.draw(config.raft.prompts_per_stage)
+    return [train_prompts.records[i] for i in drawn], order
+
+
+def _check_stage(folder: Path, fingerprint: dict[str, str], count: int) -> None:
+    """Refuse to add a shard to a stage folder of another config or shard count."""
     if not (folder / "job.json").is_file():
-        write_job(folder, job)
         return
     old = read_job(folder)
-    check_same(folder, "sampled under another config", old["fingerprint"], job["fingerprint"],
+    check_same(folder, "sampled under another config", old["fingerprint"], fingerprint,
                "give the --config (and --set, --from) it was generated with, or another --out")
-    if old["shards"] != job["shards"]:
+    if old["shards"] != count:
         raise WorkMismatch(f"{folder}: split into {old['shards']} shards; this job is one of "
-                           f"{job['shards']} (use --shard I/{old['shards']})")
+                           f"{count} (use --shard I/{old['shards']})")
 
 
 # --------------------------------------------------------------------------- score
