@@ -1,9 +1,9 @@
 """RAFT as separate jobs (docs/phases.md): what sharding buys and what splitting costs.
 
-1. Sampling throughput: one `raftlm generate` job on all cores against N shard jobs
-   (`--shard i/N`) running at once, the cores split between them (`run.threads`). Reports each
-   job's wall time (process start to exit: imports, model load, sampling, writing) and its
-   sampling seconds, and new tokens per second of wall time.
+1. Sampling throughput: one `raftlm generate` job on all cores, one on a core's share, and N
+   shard jobs (`--shard i/N`) running at once, the cores split between them (`run.threads`).
+   Reports wall time (process start to exit: imports, model load, sampling, writing), CPU time,
+   each job's sampling seconds, and new tokens per second of wall time.
 2. End-to-end overhead: `raftlm train` for one stage (evaluation off) against
    generate -> score -> select -> finetune, each a fresh process, on the same config; both end
    in the same checkpoint (tests/test_jobs.py asserts it).
@@ -37,17 +37,20 @@ def raftlm(*args: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_all(commands: list[list[str]]) -> list[float]:
-    """Start every command at once; each one's wall seconds."""
+def run_all(commands: list[list[str]]) -> list[tuple[float, float]]:
+    """Start every command at once; each one's (wall seconds, CPU seconds: user + system).
+    CPU seconds move less than wall time with the load of a shared machine."""
     start = time.perf_counter()
     procs = [raftlm(*c) for c in commands]
-    seconds = []
+    results = []
     for proc in procs:
-        _, err = proc.communicate()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read()
         if proc.returncode:
             raise SystemExit(f"failed: {proc.args}\n{err}")
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        results.append((time.perf_counter() - start, usage.ru_utime + usage.ru_stime))
+    return results
 
 
 def write_config(folder: Path, tiny: bool, prompts: int, k: int, max_new: int) -> Path:
@@ -83,25 +86,28 @@ def shard_stats(work: Path) -> tuple[int, list[float]]:
     return tokens, seconds
 
 
-def sampling_throughput(folder: Path, config: Path, shards: int, cores: int) -> None:
-    print(f"\n1. sampling: 1 job x {cores} threads vs {shards} shard jobs x "
-          f"{max(1, cores // shards)} thread(s), at once")
-    for n in (1, shards):
-        work = folder / f"gen-{n}"
-        threads = max(1, cores // n)
-        walls = run_all([["generate", "--config", str(config), "--out", str(work),
-                          "--shard", f"{i}/{n}", "--set", f"run.threads={threads}"]
-                         for i in range(1, n + 1)])
-        tokens, sampling = shard_stats(work)
-        print(f"  {n} job(s): wall {max(walls):6.1f} s (each {', '.join(f'{w:.1f}' for w in walls)}"
-              f"), sampling {', '.join(f'{s:.1f}' for s in sampling)} s, {tokens} new tokens, "
-              f"{tokens / max(walls):6.1f} tok/s of wall time")
+def sampling_throughput(folder: Path, config: Path, shards: int, cores: int,
+                        repeats: int) -> None:
+    per_shard = max(1, cores // shards)
+    print(f"\n1. sampling: 1 job x {cores} threads, 1 job x {per_shard} thread(s), {shards} shard "
+          f"jobs x {per_shard} thread(s) at once; alternated {repeats} time(s)")
+    for attempt in range(repeats):
+        for n, threads in ((1, cores), (1, per_shard), (shards, per_shard)):
+            work = folder / f"gen-{n}-{threads}-{attempt}"
+            runs = run_all([["generate", "--config", str(config), "--out", str(work),
+                             "--shard", f"{i}/{n}", "--set", f"run.threads={threads}"]
+                            for i in range(1, n + 1)])
+            tokens, sampling = shard_stats(work)
+            wall, cpu = max(w for w, _ in runs), sum(c for _, c in runs)
+            print(f"  {n} job(s) x {threads} thread(s): wall {wall:6.1f} s, CPU {cpu:6.1f} s, "
+                  f"in-job sampling {', '.join(f'{s:.1f}' for s in sampling)} s; {tokens} new "
+                  f"tokens, {tokens / wall:6.1f} tok/s of wall (load {os.getloadavg()[0]:.1f})")
 
 
 def end_to_end(folder: Path, config: Path) -> None:
     print("\n2. one stage: raftlm train vs the four jobs (each a fresh process)")
     c = str(config)
-    train = run_all([["train", "--config", c, "--set", "run.overwrite=true"]])[0]
+    train_wall, train_cpu = run_all([["train", "--config", c, "--set", "run.overwrite=true"]])[0]
     work, out = str(folder / "work"), str(folder / "jobs")
     steps = {
         "generate": ["generate", "--config", c, "--out", work],
@@ -110,14 +116,15 @@ def end_to_end(folder: Path, config: Path) -> None:
         "finetune": ["finetune", "--config", c, "--data", work, "--out", out],
     }
     times = {name: run_all([cmd])[0] for name, cmd in steps.items()}
-    total = sum(times.values())
+    wall, cpu = sum(w for w, _ in times.values()), sum(c for _, c in times.values())
     metrics = json.loads((folder / "train/metrics.jsonl").read_text().splitlines()[-1])
     phases = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
-    print(f"  raftlm train: {train:6.1f} s (inside the stage: "
+    print(f"  raftlm train: wall {train_wall:6.1f} s, CPU {train_cpu:6.1f} s (inside the stage: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")")
-    print("  four jobs:    " + f"{total:6.1f} s ("
-          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ")")
-    print(f"  overhead: {total - train:+.1f} s ({total / train:.2f}x)")
+    print(f"  four jobs:    wall {wall:6.1f} s, CPU {cpu:6.1f} s ("
+          + ", ".join(f"{k} {w:.1f}/{c:.1f} s" for k, (w, c) in times.items()) + " wall/CPU)")
+    print(f"  overhead: wall {wall - train_wall:+.1f} s ({wall / train_wall:.2f}x), "
+          f"CPU {cpu - train_cpu:+.1f} s ({cpu / train_cpu:.2f}x)")
 
 
 def main() -> None:
@@ -128,6 +135,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="Alternations of 1 job and the shards [default: 2].")
     parser.add_argument("--only", choices=["sampling", "end-to-end"],
                         help="Run one of the two measurements [default: both].")
     args = parser.parse_args()
@@ -138,7 +147,7 @@ def main() -> None:
         folder = Path(tmp)
         config = write_config(folder, args.tiny, args.prompts, args.k, args.max_new_tokens)
         if args.only != "end-to-end":
-            sampling_throughput(folder, config, args.shards, args.cores)
+            sampling_throughput(folder, config, args.shards, args.cores, args.repeats)
         if args.only != "sampling":
             end_to_end(folder, config)
     print(f"\nload average after: {os.getloadavg()}")
