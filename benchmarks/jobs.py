@@ -104,27 +104,33 @@ def sampling_throughput(folder: Path, config: Path, shards: int, cores: int,
                   f"tokens, {tokens / wall:6.1f} tok/s of wall (load {os.getloadavg()[0]:.1f})")
 
 
-def end_to_end(folder: Path, config: Path) -> None:
-    print("\n2. one stage: raftlm train vs the four jobs (each a fresh process)")
-    c = str(config)
-    train_wall, train_cpu = run_all([["train", "--config", c, "--set", "run.overwrite=true"]])[0]
-    work, out = str(folder / "work"), str(folder / "jobs")
-    steps = {
-        "generate": ["generate", "--config", c, "--out", work],
-        "score": ["score", work, "--config", c],
-        "select": ["select", work, "--config", c],
-        "finetune": ["finetune", "--config", c, "--data", work, "--out", out],
-    }
-    times = {name: run_all([cmd])[0] for name, cmd in steps.items()}
-    wall, cpu = sum(w for w, _ in times.values()), sum(c for _, c in times.values())
-    metrics = json.loads((folder / "train/metrics.jsonl").read_text().splitlines()[-1])
-    phases = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
-    print(f"  raftlm train: wall {train_wall:6.1f} s, CPU {train_cpu:6.1f} s (inside the stage: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")")
-    print(f"  four jobs:    wall {wall:6.1f} s, CPU {cpu:6.1f} s ("
-          + ", ".join(f"{k} {w:.1f}/{c:.1f} s" for k, (w, c) in times.items()) + " wall/CPU)")
-    print(f"  overhead: wall {wall - train_wall:+.1f} s ({wall / train_wall:.2f}x), "
-          f"CPU {cpu - train_cpu:+.1f} s ({cpu / train_cpu:.2f}x)")
+def end_to_end(folder: Path, config: Path, threads: int, repeats: int) -> None:
+    print(f"\n2. one stage: raftlm train vs the four jobs (each a fresh process), run.threads="
+          f"{threads}; alternated {repeats} time(s)")
+    c, threads_set = str(config), f"run.threads={threads}"
+    for attempt in range(repeats):
+        train_wall, train_cpu = run_all([["train", "--config", c, "--set", threads_set,
+                                          "--set", "run.overwrite=true"]])[0]
+        work, out = str(folder / f"work-{attempt}"), str(folder / f"jobs-{attempt}")
+        steps = {
+            "generate": ["generate", "--config", c, "--out", work, "--set", threads_set],
+            "score": ["score", work, "--config", c, "--set", threads_set],
+            "select": ["select", work, "--config", c, "--set", threads_set],
+            "finetune": ["finetune", "--config", c, "--data", work, "--out", out,
+                         "--set", threads_set],
+        }
+        times = {name: run_all([cmd])[0] for name, cmd in steps.items()}
+        wall, cpu = sum(w for w, _ in times.values()), sum(c for _, c in times.values())
+        metrics = json.loads((folder / "train/metrics.jsonl").read_text().splitlines()[-1])
+        phases = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+        print(f"  raftlm train: wall {train_wall:6.1f} s, CPU {train_cpu:6.1f} s (in the stage: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")")
+        print(f"  four jobs:    wall {wall:6.1f} s, CPU {cpu:6.1f} s ("
+              + ", ".join(f"{k} {w:.1f}/{c:.1f}" for k, (w, c) in times.items())
+              + " s wall/CPU)")
+        print(f"  overhead: wall {wall - train_wall:+.1f} s ({wall / train_wall:.2f}x), "
+              f"CPU {cpu - train_cpu:+.1f} s ({cpu / train_cpu:.2f}x)  "
+              f"(load {os.getloadavg()[0]:.1f})")
 
 
 def main() -> None:
@@ -136,7 +142,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2,
-                        help="Alternations of 1 job and the shards [default: 2].")
+                        help="Alternations of the compared runs [default: 2].")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="End-to-end: run.threads of both [default: 1; a 2-thread torch "
+                             "stalls when a shared machine's other work takes its cores].")
     parser.add_argument("--only", choices=["sampling", "end-to-end"],
                         help="Run one of the two measurements [default: both].")
     args = parser.parse_args()
@@ -149,7 +158,7 @@ def main() -> None:
         if args.only != "end-to-end":
             sampling_throughput(folder, config, args.shards, args.cores, args.repeats)
         if args.only != "sampling":
-            end_to_end(folder, config)
+            end_to_end(folder, config, args.threads, args.repeats)
     print(f"\nload average after: {os.getloadavg()}")
 
 

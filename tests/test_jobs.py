@@ -2,7 +2,11 @@
 `raftlm train`; jobs shard, resume and refuse another config's work (tiny random model)."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,3 +243,31 @@ def test_trl_sft_trainer_trains_on_the_datasets_folder(workspace, tiny_model_dir
     text = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
     assert text.startswith(chosen["prompt"] + chosen["response"])  # raftlm's own rendering
     assert trainer.train().training_loss > 0
+
+
+@pytest.mark.slow  # a 2-process launch (~20 s)
+def test_finetune_under_accelerate_launch_trains_like_one_process(workspace):
+    config = load(workspace)
+    generate_stage(config, workspace / "work")
+    score_stage(config, workspace / "work")
+    one = finetune_stage(config, workspace / "work", workspace / "one")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    done = subprocess.run([
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", port, "-m", "raftlm", "finetune", "--data",
+        str(workspace / "work"), "--out", str(workspace / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(workspace / "hf")},
+        capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stage 1: trained on") == 1  # only the main process speaks
+    two = workspace / "two/checkpoints/stage-001"
+    a = tensors(one / "policy/adapter_model.safetensors")
+    b = tensors(two / "policy/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # DDP sums in another order
+    [ours], [theirs] = rows(workspace / "one/metrics.jsonl"), rows(workspace / "two/metrics.jsonl")
+    for key in ("train/optimizer_steps", "tokens/trained", "train/n_selected"):
+        assert ours[key] == theirs[key], key
