@@ -14,6 +14,7 @@ from raftlm import __version__
 from raftlm.config import ConfigError, RaftConfig, field_help
 from raftlm.errors import UserError
 from raftlm.run.signals import Interrupted, stop_on_signals
+from raftlm.tools.args import add_config_args, add_quiet_arg
 from raftlm.tools.commands import add_tool_commands, add_verbose_flags
 
 
@@ -24,19 +25,6 @@ def config_reference() -> str:
     lines = ["config fields (YAML sections; override any with --set key.sub=value):"]
     lines += [f"  {name:<{width}}  {text} [default: {default!r}]" for name, text, default in rows]
     return "\n".join(lines)
-
-
-def add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--config", type=Path, required=required, help="YAML config file.")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="Override a config field, e.g. --set raft.stages=4 (repeatable).",
-    )
-
-
-def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true",
-                        help="No progress bars or progress lines (summaries stay).")
 
 
 def load_config(args: argparse.Namespace) -> RaftConfig:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.config import ConfigError, RaftConfig
+from raftlm.tools.args import add_config_args, add_quiet_arg
 
 
 def job_config(args: argparse.Namespace, folder: Path | None) -> RaftConfig:
@@ -71,15 +72,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
-    parser.add_argument("--config", type=Path, help=config_help)
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="Override a config field, e.g. --set raft.samples_per_prompt=4 (repeatable).")
+    add_config_args(parser, required=False, config_help=config_help)
     parser.add_argument("--stage", type=int, metavar="N",
                         help="The stage [default: 1, or the one after --from's checkpoint; "
                              "for score/select: the work folder's only stage].")
-    parser.add_argument("--quiet", action="store_true",
-                        help="No progress bars or progress lines (summaries stay).")
+    add_quiet_arg(parser)
 
 
 def add_job_commands(commands: Any) -> None:
