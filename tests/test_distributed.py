@@ -8,15 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_model
+from tiny import save_tiny_model, write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.models.distributed import gather, shard, shard_bounds
-
-REWARD_FILE = """
-def digits(prompts, completions, **columns):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-"""
 
 
 def test_shards_cover_the_items_in_order_and_differ_by_at_most_one():
@@ -39,10 +34,7 @@ def one_process(tmp_path_factory):
     """A workspace, its config (as a dict) and a 2-stage 1-process run to compare with."""
     workspace = tmp_path_factory.mktemp("distributed")
     model_dir = save_tiny_model(workspace / "model")
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (workspace / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (workspace / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (workspace / "rewards.py").write_text(REWARD_FILE)
+    write_digits_task(workspace)
     raw = {
         "run": {"output_dir": str(workspace / "one"), "seed": 1},
         "model": {"path": str(model_dir), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},

@@ -8,7 +8,6 @@ import torch
 from accelerate import Accelerator
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny import save_tiny_model
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
@@ -81,11 +80,6 @@ def test_sequence_kl_is_not_negative_where_the_plain_log_ratio_mean_is():
 
 
 # KL to the initial policy on a tiny model ------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
 
 @pytest.fixture
 def workspace(tmp_path):

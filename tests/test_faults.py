@@ -10,7 +10,6 @@ would leave little time for killing anything else); one test kills `python -m ra
 """
 
 import errno
-import json
 import multiprocessing
 import os
 import random
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import save_tiny_model
+from tiny import save_tiny_model, write_digits_task
 
 from raftlm.cli import main as cli_main
 from raftlm.run import signals
@@ -39,12 +38,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     save_tiny_model(root / "model")
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (root / "rewards.py").write_text(
-        "def digits(prompts, completions, **columns):\n"
-        "    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]\n")
+    write_digits_task(root)
     config = {
         "run": {"output_dir": str(root / "run"), "seed": 1, "threads": 1},
         "model": {"path": str(root / "model"), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},

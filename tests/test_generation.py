@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_llama_config, tiny_tokenizer
+from tiny import tiny_llama_config
 from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -20,18 +20,6 @@ from raftlm.sampling.fast import choose_tokens, uniform
 from raftlm.sampling.generate import generate
 
 TEXTS = ["What is 2+2?", "hi", "A much longer prompt, to force padding.", "xyz", "Z"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    # A larger init than the default gives peaked, varied next-token distributions.
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(len(tok), initializer_range=0.3)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import save_tiny_model
+from tiny import write_digits_task
 
 from raftlm.cli import main as cli_main
 from raftlm.config import RaftConfig
@@ -33,17 +33,9 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    write_digits_task(tmp_path, REWARD_FILE)
     raw = {
         "run": {"output_dir": str(tmp_path / "run"), "seed": 1},
         "model": {"path": str(tiny_model_dir), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},

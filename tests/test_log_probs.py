@@ -5,25 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_llama_config, tiny_tokenizer
-from transformers import LlamaForCausalLM
 
 from raftlm.config import GenerationConfig
 from raftlm.sampling.generate import generate
 from raftlm.training.batches import Example, response_log_probs
 
 TEXTS = ["What is 2+2?", "hi", "A much longer prompt, to force padding.", "xyz"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(len(tok), initializer_range=0.3)).eval()
 
 
 @pytest.fixture(scope="module")

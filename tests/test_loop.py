@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from tiny import save_tiny_model
+from tiny import write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
@@ -25,17 +25,9 @@ def too_few(prompts, completions, **columns):
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    write_digits_task(tmp_path, REWARD_FILE)
     return tmp_path
 
 

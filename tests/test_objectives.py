@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from test_distributed import accelerate_launch
-from tiny import save_tiny_model, tiny_causal_lm
+from tiny import save_tiny_model, tiny_causal_lm, write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm import core_objectives as ref
@@ -306,20 +306,13 @@ def test_sft_is_the_default_objective():
 
 # End to end through raftlm.train --------------------------------------------------------------
 
-DIGITS = """
-def digits(prompts, completions, **columns):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("objectives")
     save_tiny_model(root / "model")
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (root / "rewards.py").write_text(DIGITS)
+    write_digits_task(root)
     return root
 
 

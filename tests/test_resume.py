@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_loop import REWARD_FILE, make_config
-from tiny import save_tiny_model, tiny_causal_lm
+from tiny import tiny_causal_lm, write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
@@ -26,17 +26,9 @@ class Killed(BaseException):
     """Stands in for a SIGKILL in-process: nothing catches it, nothing after it runs."""
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    write_digits_task(tmp_path, REWARD_FILE)
     return tmp_path
 
 

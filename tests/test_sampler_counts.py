@@ -10,9 +10,6 @@ import sys
 import types
 
 import pytest
-import torch
-from tiny import tiny_llama_config, tiny_tokenizer
-from transformers import LlamaForCausalLM
 
 import raftlm.sampling.generate as generate_module
 import raftlm.sampling.vllm as vllm_backend
@@ -22,17 +19,6 @@ from raftlm.sampling.generate import generate, generate_sharded
 
 TEXTS = ["What is 2+2?", "hi", "A longer prompt.", "xyz"]
 SEEDS = [11, 22, 33, 44]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(len(tok), initializer_range=0.3)).eval()
 
 
 @pytest.fixture(scope="module")

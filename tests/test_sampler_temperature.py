@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_llama_config, tiny_tokenizer
-from transformers import LlamaForCausalLM
 
 from raftlm.config import GenerationConfig
 from raftlm.sampling.completion import Completion
@@ -17,17 +15,6 @@ from raftlm.sampling.generate import generate
 
 TEXTS = ["What is 2+2?", "hi", "A longer prompt."]
 SEEDS = [4, 5, 6]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(len(tok), initializer_range=0.3)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_loop import REWARD_FILE, make_config
 from test_resume import Killed, snapshot
-from tiny import save_tiny_model
+from tiny import write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.config import ConfigError, field_choices
@@ -27,17 +27,9 @@ GVM = {"raft": {"sampling": "gvm", "gvm_first_samples": 2, "gvm_max_samples": 6}
        "selection": {"min_reward": 0.15}}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
-    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    write_digits_task(tmp_path, REWARD_FILE)
     return tmp_path
 
 

@@ -5,6 +5,7 @@ Nothing here downloads anything: the tokenizer is built in memory and saved like
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -81,4 +82,20 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
     tok = tiny_tokenizer()
     tiny_causal_lm(seed, vocab_size=len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+DIGITS_REWARD = """
+def digits(prompts, completions, **columns):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+def write_digits_task(folder: Path, reward_file: str = DIGITS_REWARD) -> Path:
+    """The loop tests' small task in `folder`: 12 "Say i digits" prompts (train.jsonl), the
+    first 3 of them (eval.jsonl) and `reward_file` as rewards.py; returns `folder`."""
+    rows = [{"prompt": f"Say {i} digits", "answer": str(i)} for i in range(12)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (folder / "rewards.py").write_text(reward_file)
     return folder

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.errors import InvalidInput
+from raftlm.tools.args import add_quiet_arg
 from raftlm.tools.job_commands import add_job_commands
 
 
@@ -189,7 +190,7 @@ def add_tool_commands(commands: Any) -> None:
                         help="A column for the reward, e.g. --column answer=42 (repeatable).")
     sample.add_argument("--seed", type=int, default=0, help="Sampling seed [default: 0].")
     add_sampling_args(sample, None)
-    sample.add_argument("--quiet", action="store_true", help="No progress bars or lines.")
+    add_quiet_arg(sample)
     sample.set_defaults(handler=cmd_sample)
 
     chat = commands.add_parser(
