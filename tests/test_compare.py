@@ -13,9 +13,9 @@ from raftlm.run.compare import (
     group_runs,
     summary_rows,
     summary_table,
-    wall_seconds,
     write_comparison,
 )
+from raftlm.run.plots import wall_seconds
 from raftlm.run.report import load_run
 from raftlm.run.rundir import write_jsonl
 

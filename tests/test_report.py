@@ -10,16 +10,13 @@ import yaml
 from tiny import save_tiny_model
 
 from raftlm.cli import main as cli_main
-from raftlm.run.report import (
-    build_figures,
-    headline,
-    load_run,
-    prompt_as_chat,
+from raftlm.run.plots import (
+    cost_figure,
     reward_distribution_figure,
     reward_figure,
     time_figure,
-    write_report,
 )
+from raftlm.run.report import build_figures, headline, load_run, prompt_as_chat, write_report
 from raftlm.run.rundir import write_jsonl
 
 STAGES = 3
@@ -77,6 +74,19 @@ def test_time_figure_stacks_each_phase(run_dir):
     assert tops == pytest.approx({0: 1.0, 1: 6.5, 2: 6.5, 3: 6.5})
 
 
+def test_cost_figure_puts_held_out_accuracy_against_cumulative_tokens_and_seconds(run_dir):
+    metrics = load_run(run_dir).metrics
+    for record in metrics[1:]:
+        record["tokens/generated"] = 100 * record["stage"]  # 100, 200, 300: 100, 300, 600 in all
+    del metrics[2]["eval/accuracy"]  # a stage without evaluation still adds its cost
+    fig = cost_figure(metrics)
+    tokens, seconds = (ax.get_lines()[0] for ax in fig.axes)
+    assert list(tokens.get_xdata()) == [0, 100, 600]
+    assert list(seconds.get_xdata()) == pytest.approx([1.0, 7.5, 20.5])
+    assert list(tokens.get_ydata()) == pytest.approx([0.2, 0.3, 0.5])
+    assert cost_figure(metrics[:1]) is None  # one evaluation is no curve
+
+
 def test_plots_are_skipped_when_the_run_has_no_data_for_them(run_dir):
     write_jsonl(run_dir / "metrics.jsonl", [{"stage": 0, "eval/reward_mean": 0.5}])
     assert set(build_figures(load_run(run_dir))) == {"reward"}
@@ -101,9 +111,10 @@ def test_report_is_one_self_contained_escaped_file(run_dir):
     assert path == run_dir / "report.html"
     assert "<script>" not in page and "&lt;script&gt;alert(0)" in page
     assert "http://" not in page and "https://" not in page
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == 6
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
-        "accuracy.png", "kl_diversity.png", "reward.png", "reward_distribution.png", "time.png"]
+        "accuracy.png", "cost.png", "kl_diversity.png", "reward.png", "reward_distribution.png",
+        "time.png"]
     assert "stages: 3" in page  # the config
 
 
@@ -163,7 +174,7 @@ def test_report_renders_plots_and_table_in_headless_chromium(run_dir, tmp_path):
     probe.write_text(page.replace("</body>", PROBE))
     dom = chromium(f"--user-data-dir={tmp_path / 'profile1'}", "--virtual-time-budget=5000",
                    "--dump-dom", probe.as_uri()).stdout
-    assert 'data-images-decoded="5/5"' in dom
+    assert 'data-images-decoded="6/6"' in dom
     assert f'data-table-rows="{STAGES + 1}"' in dom
     assert 'data-table-visible="true"' in dom
 

@@ -9,7 +9,8 @@ import types
 import pytest
 
 from raftlm.config import TrackingConfig
-from raftlm.run.report import build_figures, load_run, term_names, term_reward_figure
+from raftlm.run.plots import term_names, term_reward_figure
+from raftlm.run.report import build_figures, load_run
 from raftlm.run.rundir import RunDir, write_jsonl
 from raftlm.run.tracking import Tracker, completion_table
 

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from raftlm.errors import InvalidInput
-from raftlm.run.report import RunRecords, load_run, png_bytes, series
+from raftlm.run.plots import generated_tokens, png_bytes, series, wall_seconds
+from raftlm.run.report import RunRecords, load_run
 from raftlm.run.rundir import atomic_write_bytes, atomic_write_text
 
 # (metrics key, column title, how a run's value is read): "final" = the last record holding
@@ -98,25 +99,6 @@ def score_key(runs: Sequence[RunRecords]) -> tuple[str, str]:
     if all(series(r.metrics, "eval/accuracy")[0] for r in runs):
         return "eval/accuracy", "held-out accuracy (greedy)"
     return "eval/reward_mean", "held-out reward (greedy)"
-
-
-def cumulative(metrics: list[dict[str, Any]], keys: Callable[[str], bool]) -> list[float]:
-    """Running total, at the end of each record, of the numeric values whose key `keys` takes."""
-    total, out = 0.0, []
-    for record in metrics:
-        total += sum(v for k, v in record.items() if keys(k) and isinstance(v, (int, float)))
-        out.append(total)
-    return out
-
-
-def wall_seconds(metrics: list[dict[str, Any]]) -> list[float]:
-    """Cumulative wall time at the end of each record (the sum of its time/* phases)."""
-    return cumulative(metrics, lambda k: k.startswith("time/"))
-
-
-def generated_tokens(metrics: list[dict[str, Any]]) -> list[float]:
-    """Cumulative tokens sampled for training (`tokens/generated`) at the end of each record."""
-    return cumulative(metrics, lambda k: k == "tokens/generated")
 
 
 XAxis = Callable[[list[dict[str, Any]]], list[float]]

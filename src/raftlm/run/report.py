@@ -3,15 +3,13 @@
 Reads only the run directory (config.yaml, metrics.jsonl, stages/NNN/candidates.jsonl), so it
 works on a finished run, on one in progress, and on a copy from another machine. Writes
 RUN_DIR/plots/*.png and RUN_DIR/report.html (images inlined as data URIs: one file to share).
-Figures use matplotlib's object API (no pyplot): no global state, no display, and each
-`*_figure` function returns its Figure so tests can inspect the plotted data.
+The figures themselves are in `raftlm.run.plots`.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -19,15 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, MaxNLocator
 
+from raftlm.run.plots import (
+    accuracy_figure,
+    cost_figure,
+    kl_diversity_figure,
+    png_bytes,
+    reward_distribution_figure,
+    reward_figure,
+    series,
+    term_reward_figure,
+    time_figure,
+)
 from raftlm.run.rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
 
 TABLE_COLUMNS = [
     "train/reward_mean", "train/reward_selected_mean", "train/n_selected", "train/sft_loss",
     "eval/reward_mean", "eval/accuracy", "eval/sampled_reward_mean", "eval/best_of_k_reward",
     "eval/pass_at_k", "eval/distinct_1", "eval/distinct_2", "eval/kl_to_initial",
-    "eval/response_tokens_mean",
+    "eval/response_tokens_mean", "sampling/prompts_drawn", "sampling/useful_prompts",
+    "sampling/samples", "tokens/generated",
 ]
 HEADLINE = [  # (key, label): held-out numbers first, training reward when there is no eval
     ("eval/accuracy", "held-out accuracy (greedy)"),
@@ -37,7 +46,6 @@ HEADLINE = [  # (key, label): held-out numbers first, training reward when there
     ("eval/distinct_2", "distinct-2 of sampled responses"),
     ("train/reward_mean", "training candidates' mean reward"),
 ]
-PHASES = ["generate", "reward", "train", "eval"]
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 
 
@@ -65,128 +73,6 @@ def load_run(run_dir: str | Path) -> RunRecords:
     )
 
 
-def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(stages, values) of `key` over the records that hold a number for it."""
-    points = [(m["stage"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
-    return [s for s, _ in points], [float(v) for _, v in points]
-
-
-# Figures ---------------------------------------------------------------------------------------
-
-def _line_figure(metrics: list[dict[str, Any]], lines: list[tuple[str, str]], title: str,
-                 ylabel: str) -> Figure | None:
-    """One line per (key, label) with data; None when no key has any."""
-    present = [(key, label) for key, label in lines if series(metrics, key)[0]]
-    if not present:
-        return None
-    fig = Figure(figsize=(5.8, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    for key, label in present:
-        ax.plot(*series(metrics, key), marker="o", label=label)
-    _stage_axis(ax, title, ylabel)
-    return fig
-
-
-def reward_figure(metrics: list[dict[str, Any]]) -> Figure | None:
-    """Mean reward per stage: training candidates, the selected ones, and held-out."""
-    return _line_figure(metrics, [
-        ("train/reward_mean", "train: all candidates"),
-        ("train/reward_selected_mean", "train: selected"),
-        ("eval/reward_mean", "held-out: greedy"),
-        ("eval/sampled_reward_mean", "held-out: sampled"),
-        ("eval/best_of_k_reward", "held-out: best of K"),
-    ], "Reward per stage", "mean reward")
-
-
-def term_names(metrics: list[dict[str, Any]]) -> list[str]:
-    """The reward terms a run recorded `reward/<term>/mean` for, in first-seen order."""
-    names: dict[str, None] = {}
-    for m in metrics:
-        for key in m:
-            if key.startswith("reward/") and key.endswith("/mean") and len(key) > 12:
-                names[key[len("reward/"):-len("/mean")]] = None
-    return list(names)
-
-
-def term_reward_figure(metrics: list[dict[str, Any]]) -> Figure | None:
-    """Each reward term's mean over the stage's candidates (its own scale, before weights)."""
-    return _line_figure(metrics, [(f"reward/{name}/mean", name) for name in term_names(metrics)],
-                        "Reward terms per stage", "mean of the term")
-
-
-def accuracy_figure(metrics: list[dict[str, Any]]) -> Figure | None:
-    """Held-out accuracy per stage (only for prompts with reference answers)."""
-    return _line_figure(metrics, [
-        ("eval/accuracy", "greedy"),
-        ("eval/sampled_accuracy", "sampled (pass@1)"),
-        ("eval/pass_at_k", "pass@K"),
-    ], "Held-out accuracy per stage", "accuracy")
-
-
-def reward_distribution_figure(candidates: dict[int, list[dict[str, Any]]]) -> Figure | None:
-    """Box plots per stage of all candidates' rewards next to the selected ones'."""
-    stages = [s for s, rows in sorted(candidates.items()) if _rewards(rows)]
-    if not stages:
-        return None
-    fig = Figure(figsize=(5.8, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    for offset, selected, color, label in [(-0.18, False, "#9e9e9e", "all candidates"),
-                                           (0.18, True, "#1f77b4", "selected")]:
-        data = [_rewards(candidates[s], selected) for s in stages]
-        kept = [(s, d) for s, d in zip(stages, data) if d]
-        if not kept:
-            continue
-        boxes = ax.boxplot([d for _, d in kept], positions=[s + offset for s, _ in kept],
-                           widths=0.3, patch_artist=True, manage_ticks=False)
-        for box in boxes["boxes"]:
-            box.set(facecolor=color, alpha=0.7)
-        boxes["boxes"][0].set_label(label)
-    ax.set_xticks(stages)
-    _stage_axis(ax, "Reward distribution of training candidates", "reward")
-    return fig
-
-
-def kl_diversity_figure(metrics: list[dict[str, Any]]) -> Figure | None:
-    """What alignment cost: KL to the initial policy, diversity and response length."""
-    panels = [
-        ("KL(pi_t || pi_0)", [("eval/kl_to_initial", "sampled responses")]),
-        ("Diversity", [("eval/distinct_1", "distinct-1"), ("eval/distinct_2", "distinct-2")]),
-        ("Response length", [("eval/sampled_tokens_mean", "sampled"),
-                             ("eval/response_tokens_mean", "greedy")]),
-    ]
-    panels = [(t, [(k, lab) for k, lab in lines if series(metrics, k)[0]]) for t, lines in panels]
-    panels = [(t, lines) for t, lines in panels if lines]
-    if not panels:
-        return None
-    fig = Figure(figsize=(3.9 * len(panels), 3.4), layout="constrained")
-    for i, (title, lines) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for key, label in lines:
-            ax.plot(*series(metrics, key), marker="o", label=label)
-        _stage_axis(ax, title, {"Response length": "tokens"}.get(title, ""))
-    return fig
-
-
-def time_figure(metrics: list[dict[str, Any]]) -> Figure | None:
-    """Wall time per stage, stacked by phase (time/<phase>_s)."""
-    phases = PHASES + sorted({k[5:-2] for m in metrics for k in m
-                              if k.startswith("time/") and k[5:-2] not in PHASES})
-    stages = [m["stage"] for m in metrics]
-    columns = [(p, [float(m.get(f"time/{p}_s") or 0.0) for m in metrics]) for p in phases]
-    columns = [(p, v) for p, v in columns if any(v)]
-    if not columns:
-        return None
-    fig = Figure(figsize=(5.8, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    bottom = [0.0] * len(stages)
-    for phase, values in columns:
-        ax.bar(stages, values, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xticks(stages)
-    _stage_axis(ax, "Time per stage", "seconds")
-    return fig
-
-
 def build_figures(run: RunRecords) -> dict[str, tuple[str, Figure]]:
     """name -> (caption, figure) for every plot the run has data for."""
     figures = {
@@ -203,30 +89,10 @@ def build_figures(run: RunRecords) -> dict[str, tuple[str, Figure]]:
                          "responses (collapsing diversity is a sign of reward hacking) and "
                          "response length.", kl_diversity_figure(run.metrics)),
         "time": ("Where the time went.", time_figure(run.metrics)),
+        "cost": ("Held-out score against what was spent on it: tokens sampled for training "
+                 "and wall time.", cost_figure(run.metrics)),
     }
     return {name: (caption, fig) for name, (caption, fig) in figures.items() if fig is not None}
-
-
-def _stage_axis(ax: Any, title: str, ylabel: str) -> None:
-    ax.set_title(title)
-    ax.set_xlabel("stage")
-    ax.set_ylabel(ylabel)
-    if not isinstance(ax.xaxis.get_major_locator(), FixedLocator):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-
-
-def _rewards(rows: list[dict[str, Any]], selected_only: bool = False) -> list[float]:
-    return [r["reward"] for r in rows
-            if r.get("reward") is not None and (r.get("selected") or not selected_only)]
-
-
-def png_bytes(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 # The page --------------------------------------------------------------------------------------
