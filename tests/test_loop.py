@@ -9,6 +9,7 @@ from tiny import write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
+from raftlm.loop import summary_line
 from raftlm.rewards.reward import RewardError
 
 REWARD_FILE = """
@@ -177,3 +178,15 @@ def test_cli_reports_a_failing_reward_without_a_traceback(workspace, tiny_model_
     assert cli_main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "too_few" in err and "Traceback" not in err
+
+
+def test_summary_line_names_the_sampling_rounds_only_when_there_were_several():
+    fixed = {"train/reward_mean": 0.25, "train/reward_selected_mean": 1.0, "train/n_selected": 3,
+             "train/sft_loss": 0.5, "sampling/rounds": 1, "sampling/samples": 32,
+             "sampling/useful_prompts": 3, "sampling/prompts_drawn": 4, "time/generate_s": 2.0}
+    assert summary_line(1, 2, fixed) == (
+        "stage 1/2 | reward 0.250 -> selected 1.000 (n=3) | sft_loss 0.5000 | generate 2s")
+    dynamic = {**fixed, "sampling/rounds": 3, "sampling/samples": 72,
+               "sampling/useful_prompts": 4, "sampling/prompts_drawn": 9}
+    assert summary_line(1, 2, dynamic).split(" | ")[2] == (
+        "72 samples in 3 rounds, 4/9 prompts useful")

@@ -126,6 +126,9 @@ def summary_line(stage: int, stages: int, m: dict[str, Any]) -> str:
             f"reward {_fmt(m['train/reward_mean'])} -> selected "
             f"{_fmt(m['train/reward_selected_mean'])} (n={m['train/n_selected']})"
         )
+    if m.get("sampling/rounds", 1) > 1:  # dynamic or gvm sampled more than one round
+        parts.append(f"{m['sampling/samples']} samples in {m['sampling/rounds']} rounds, "
+                     f"{m['sampling/useful_prompts']}/{m['sampling/prompts_drawn']} prompts useful")
     if m.get("train/sft_loss") is not None:
         parts.append(f"sft_loss {m['train/sft_loss']:.4f}")
     if "eval/accuracy" in m:
