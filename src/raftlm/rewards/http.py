@@ -26,7 +26,13 @@ BODY_BYTES = 120  # how much of an unexpected answer an error message quotes
 
 
 class RequestFailed(Exception):
-    """A request got no usable answer; the message is one line naming URL, status and body."""
+    """A request got no usable answer; the message is one line naming URL, status and body.
+    `follow_on`: not sent because another request already found the server down, so the
+    other request's failure is the one to report."""
+
+    def __init__(self, message: str, follow_on: bool = False):
+        super().__init__(message)
+        self.follow_on = follow_on
 
 
 class Endpoint:
@@ -49,7 +55,8 @@ class Endpoint:
         started, delay, attempts = time.monotonic(), FIRST_DELAY_S, 0
         while True:
             if self.down is not None:
-                raise RequestFailed(f"POST {self.url}: not sent, the server is down ({self.down})")
+                raise RequestFailed(f"POST {self.url}: not sent, the server is down ({self.down})",
+                                    follow_on=True)
             attempts += 1
             problem = await self._attempt(client, content)
             if not isinstance(problem, _Retry):

@@ -62,10 +62,12 @@ class RemoteReward:
             outcomes = await asyncio.gather(*(batch(s) for s in starts), return_exceptions=True)
         scores: list[Any] = [None] * len(completions)
         failures: list[str] = []  # one line each: what failed, for which completions
+        follow_ons: list[str] = []  # batches not sent once the server was down: reported last
         for start, outcome in zip(starts, outcomes):
             end = min(start + self.batch_size, len(completions))
             if isinstance(outcome, RequestFailed):
-                failures.append(f"{outcome} [completions {start}-{end - 1}]")
+                line = f"{outcome} [completions {start}-{end - 1}]"
+                (follow_ons if outcome.follow_on else failures).append(line)
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
@@ -75,6 +77,7 @@ class RemoteReward:
                     else:  # only this completion fails; its batch's others keep their scores
                         failures.append(f"POST {self.url}: answered {problem} for completion "
                                         f"{i} ({completions[i][:40]!r})")
+        failures += follow_ons
         if failures:
             more = f" ({len(failures) - 1} more failures)" if len(failures) > 1 else ""
             raise TermFailure(failures[0] + more, scores)
