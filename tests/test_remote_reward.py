@@ -83,9 +83,12 @@ def test_request_carries_openrlhf_query_and_batches_of_batch_size():
     with serving(app) as url:
         result = score(remote(url, batch_size=4), records, completions, stage=2, step=10)
     assert result.scores.tolist() == [3.0] * 6
+    # The two batches are sent concurrently, so the server may see them in either order.
+    bodies.sort(key=lambda b: -len(b["completions"]))
     assert [len(b["completions"]) for b in bodies] == [4, 2]
     assert bodies[0]["query"] == ["<p0>c00", "<p0>c01", "<p1>c10", "<p1>c11"]
     assert bodies[0]["prompts"] == ["p0", "p0", "p1", "p1"]
+    assert bodies[1]["query"] == ["<p2>c20", "<p2>c21"]
     assert (bodies[0]["stage"], bodies[0]["step"], bodies[0]["columns"]) == (2, 10, {})
 
 
