@@ -13,7 +13,14 @@ from typing import Any, ClassVar
 
 import yaml
 
-from raftlm.config_schema import ConfigError, build, check_choices, field_choices, option
+from raftlm.config_schema import (
+    ConfigError,
+    build,
+    check_choices,
+    field_choices,
+    option,
+    with_overrides,
+)
 from raftlm.config_schema import field_help as _field_help
 from raftlm.core_objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
@@ -303,9 +310,7 @@ class RaftConfig:
     def from_dict(
         cls, raw: dict, overrides: list[str] | None = None, source: str = "config"
     ) -> RaftConfig:
-        raw = _deepcopy(raw)
-        for item in overrides or []:
-            _apply_override(raw, item)
+        raw = with_overrides(raw, overrides or [])
         config = build(cls, raw, where=source)
         try:
             config.validate()
@@ -393,25 +398,3 @@ class RaftConfig:
 def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) for every field of ``cls`` (RaftConfig), for ``--help``."""
     return _field_help(cls or RaftConfig, prefix)
-
-
-def _deepcopy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deepcopy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deepcopy(v) for v in value]
-    return value
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers, lists and null work)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    key, _, text = item.partition("=")
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None

@@ -5,6 +5,7 @@ value from YAML is converted by its field's type hint, read with ``typing.get_or
 (``X | None``, ``list[X]``, ``dict[str, X]``, nested dataclasses, ``Literal``, scalars), so a
 section nested anywhere loads as its dataclass, and a wrong value names its place in the file:
 ``reward.terms[1].weight must be float, got 'high'``.
+Command-line overrides (``--set key.sub=value``) are applied to the raw mapping here too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import functools
 import types
 from dataclasses import field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from raftlm.errors import UserError
 
@@ -219,3 +222,34 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of ``raw`` with each ``a.b.c=value`` applied (value parsed as YAML, so numbers,
+    lists and null work); the caller's dict is left as it was."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    return raw
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML, so numbers, lists and null work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, _, text = item.partition("=")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None

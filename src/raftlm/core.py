@@ -11,11 +11,22 @@ Error messages locate entries as "stage t, prompt p, response k, token l".
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from raftlm.core_checks import (
+    as_sequence,
+    check_fraction,
+    check_positive_int,
+    counts_match,
+    is_real,
+    loc,
+    log_prob_error,
+    real_vector,
+    reward_error,
+)
 
 __all__ = [
     "best_per_prompt",
@@ -26,83 +37,6 @@ __all__ = [
     "top_fraction_mask",
     "top_k_per_prompt_mask",
 ]
-
-_LEVELS = ("stage", "prompt", "response", "token")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _loc(*index: int) -> str:
-    """'stage 1, prompt 0, response 2' for index (1, 0, 2)."""
-    return ", ".join(f"{name} {int(i)}" for name, i in zip(_LEVELS, index, strict=False))
-
-
-def _is_real(x: object) -> bool:
-    """True for real numbers, NumPy scalars included; bools are flags, not numbers."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _fraction(value: object, name: str) -> float:
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not 0 < value <= 1:  # also rejects NaN
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
-
-
-def _sequence(obj: object, where: str) -> Sequence[Any]:
-    """`obj` if it is a (non-string) sequence or a non-scalar array, else TypeError."""
-    if isinstance(obj, np.ndarray) and obj.ndim > 0:
-        return obj  # type: ignore[return-value]
-    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return obj
-    raise TypeError(f"{where}: expected a sequence, got {type(obj).__name__}")
-
-
-def _real_vector(values: object, where: str, item: str) -> np.ndarray:
-    """`values` as a 1-D float64 array; TypeError naming the first non-real entry."""
-    values = _sequence(values, where)
-    try:
-        arr = np.asarray(values)
-    except (TypeError, ValueError):  # nested ragged lists: the scan below names the culprit
-        arr = None
-    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iuf":
-        return arr.astype(np.float64, copy=False)
-    out = np.empty(len(values), dtype=np.float64)
-    for i, x in enumerate(values):
-        if not _is_real(x):
-            raise TypeError(f"{where}, {item} {i}: expected a real number, got {x!r}")
-        try:
-            out[i] = float(x)
-        except OverflowError as err:  # e.g. a Python int beyond float range
-            raise ValueError(f"{where}, {item} {i}: {x!r} is out of float range") from err
-    return out
-
-
-def _counts_match(n_lp: int, n_rw: int, where: str, noun: str) -> None:
-    if n_lp != n_rw:
-        raise ValueError(f"{where}: {n_lp} {noun} of log-probabilities but {n_rw} of rewards")
-    if n_lp == 0:
-        raise ValueError(f"{where}: no {noun}")
-
-
-def _reward_error(index: tuple[int, ...], value: float) -> ValueError:
-    return ValueError(f"{_loc(*index)}: reward is {value} (rewards must be finite)")
-
-
-def _log_prob_error(index: tuple[int, ...], value: float) -> ValueError:
-    rule = "must be finite" if not math.isfinite(value) else "must be <= 0"
-    return ValueError(f"{_loc(*index)}: log-probability is {value} ({rule})")
-
 
 # --------------------------------------------------------------------------- selectors
 
@@ -157,7 +91,7 @@ def top_k_per_prompt_mask(rewards: np.ndarray, k: int) -> np.ndarray:
     Among equal rewards the lower index is preferred. NaN rewards are never selected,
     so a prompt with fewer than k non-NaN rewards selects all of those.
     """
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     r = _reward_array(rewards)
     # A stable ascending sort of -r lists the best first, lower index first among ties,
     # and NumPy sorts NaN last.
@@ -174,7 +108,7 @@ def top_fraction_mask(rewards: np.ndarray, fraction: float, n_candidates: int | 
     (NaN included; a padded table passes its real count). Ties go to the smaller `tie_break`
     key (random keys: fair across prompts), else to the earlier flat (C-order) index. NaN is
     never selected, so fewer may be selected when NaNs rank inside the count."""
-    fraction = _fraction(fraction, "fraction")
+    fraction = check_fraction(fraction, "fraction")
     r = _reward_array(rewards)
     count = max(1, int((r.size if n_candidates is None else n_candidates) * fraction))
     if tie_break is None:
@@ -251,7 +185,7 @@ def _alignment_dense(lp: np.ndarray, rewards: np.ndarray) -> list[float]:
     bad_reward = ~np.isfinite(rewards)
     if bad_reward.any():
         where = _first(bad_reward)
-        raise _reward_error(where, rewards[where])
+        raise reward_error(where, rewards[where])
     # The row sums are needed anyway; a NaN or inf token makes its row sum non-finite,
     # so two cheap reductions validate everything and the exact culprit is only looked
     # up on failure. An overflowing sum of finite values finds no culprit and passes.
@@ -260,7 +194,7 @@ def _alignment_dense(lp: np.ndarray, rewards: np.ndarray) -> list[float]:
         bad = ~np.isfinite(lp) | (lp > 0)
         if bad.any():
             where = _first(bad)
-            raise _log_prob_error(where, lp[where])
+            raise log_prob_error(where, lp[where])
     best = best_per_prompt(rewards)  # [T, P]
     chosen = np.take_along_axis(row_sums, best[..., None], axis=-1)[..., 0]  # [T, P]
     n_tokens = lp.shape[1] * lp.shape[3]
@@ -268,26 +202,26 @@ def _alignment_dense(lp: np.ndarray, rewards: np.ndarray) -> list[float]:
 
 
 def _checked_log_probs(response: Any, index: tuple[int, int, int]) -> np.ndarray:
-    row = _real_vector(response, _loc(*index), "token")
+    row = real_vector(response, loc(*index), "token")
     if row.size == 0:
-        raise ValueError(f"{_loc(*index)}: response has no tokens")
+        raise ValueError(f"{loc(*index)}: response has no tokens")
     bad = np.flatnonzero(~np.isfinite(row) | (row > 0))
     if bad.size:
-        raise _log_prob_error((*index, bad[0]), row[bad[0]])
+        raise log_prob_error((*index, bad[0]), row[bad[0]])
     return row
 
 
 def _stage_loss_ragged(t: int, stage_lp: Any, stage_rw: Any) -> float:
-    prompts_lp, prompts_rw = _sequence(stage_lp, _loc(t)), _sequence(stage_rw, _loc(t))
-    _counts_match(len(prompts_lp), len(prompts_rw), _loc(t), "prompts")
+    prompts_lp, prompts_rw = as_sequence(stage_lp, loc(t)), as_sequence(stage_rw, loc(t))
+    counts_match(len(prompts_lp), len(prompts_rw), loc(t), "prompts")
     sums, n_tokens = [], 0
     for p, (responses, rewards) in enumerate(zip(prompts_lp, prompts_rw, strict=True)):
-        responses = _sequence(responses, _loc(t, p))
-        rewards = _real_vector(rewards, _loc(t, p), "response")
-        _counts_match(len(responses), len(rewards), _loc(t, p), "responses")
+        responses = as_sequence(responses, loc(t, p))
+        rewards = real_vector(rewards, loc(t, p), "response")
+        counts_match(len(responses), len(rewards), loc(t, p), "responses")
         bad = np.flatnonzero(~np.isfinite(rewards))
         if bad.size:
-            raise _reward_error((t, p, bad[0]), rewards[bad[0]])
+            raise reward_error((t, p, bad[0]), rewards[bad[0]])
         # Every response is checked, not only the selected one, as on the dense path.
         rows = [_checked_log_probs(resp, (t, p, k)) for k, resp in enumerate(responses)]
         best = rows[int(np.argmax(rewards))]  # rewards are finite: first maximum wins
@@ -316,8 +250,8 @@ def raft_alignment(stages_log_probs: Any, stages_rewards: Any) -> list[float]:
     dense = _as_dense(stages_log_probs, stages_rewards)
     if dense is not None:
         return _alignment_dense(*dense)
-    lp_stages = _sequence(stages_log_probs, "stages_log_probs")
-    rw_stages = _sequence(stages_rewards, "stages_rewards")
+    lp_stages = as_sequence(stages_log_probs, "stages_log_probs")
+    rw_stages = as_sequence(stages_rewards, "stages_rewards")
     if len(lp_stages) != len(rw_stages):
         raise ValueError(
             f"{len(lp_stages)} stages of log-probabilities but {len(rw_stages)} of rewards"
@@ -351,7 +285,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _checked_reward(reward: object, prompt: int, candidate: int) -> object:
-    if not _is_real(reward):
+    if not is_real(reward):
         raise TypeError(
             f"prompt {prompt}, candidate {candidate}: reward_fn returned {reward!r}; "
             "expected a real number"
@@ -392,9 +326,9 @@ def raft_iteration(
     n_prompts, vocab = logits.shape
     if len(prompts) != n_prompts:
         raise ValueError(f"{len(prompts)} prompts but policy_logits has {n_prompts} rows")
-    n_candidates = _positive_int(n_candidates, "n_candidates")
-    top_k = max(1, int(n_candidates * _fraction(top_fraction, "top_fraction")))
-    if not _is_real(lr):
+    n_candidates = check_positive_int(n_candidates, "n_candidates")
+    top_k = max(1, int(n_candidates * check_fraction(top_fraction, "top_fraction")))
+    if not is_real(lr):
         raise TypeError(f"lr must be a real number, got {lr!r}")
     if not math.isfinite(lr):
         raise ValueError(f"lr must be finite, got {lr}")
