@@ -10,6 +10,7 @@ Command-line overrides (``--set key.sub=value``) are applied to the raw mapping 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -227,18 +228,10 @@ def _plain(value: Any) -> Any:
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
     """A copy of ``raw`` with each ``a.b.c=value`` applied (value parsed as YAML, so numbers,
     lists and null work); the caller's dict is left as it was."""
-    raw = _deepcopy(raw)
+    raw = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(raw, item)
     return raw
-
-
-def _deepcopy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deepcopy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deepcopy(v) for v in value]
-    return value
 
 
 def _apply_override(raw: dict, item: str) -> None:
