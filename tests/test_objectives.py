@@ -373,3 +373,14 @@ def test_larger_task_asks_for_the_larger_of_two_distinct_numbers_with_disjoint_s
     row = eval_rows[0]
     a, b = (int(x) for x in row["prompt"].rstrip("?").split("larger, ")[1].split(" or "))
     assert a != b and row["answer"] == str(max(a, b))
+
+
+def test_multiplication_task_asks_for_two_digit_products_with_disjoint_splits():
+    from raftlm.data.tasks import builtin_task_rows
+
+    train_rows = builtin_task_rows("multiplication", "train", 500, seed=1)
+    eval_rows = builtin_task_rows("multiplication", "eval", 100, seed=1)
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    for row in train_rows[:50]:
+        a, b = (int(x) for x in row["prompt"].removeprefix("What is ").rstrip("?").split(" * "))
+        assert 10 <= a <= 99 and 10 <= b <= 99 and row["answer"] == str(a * b)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The sampling modes compared (issue 18, docs/sampling.md): raft.sampling fixed vs dynamic vs
 # gvm on the default task (configs/arithmetic.yaml) with sft, 3 seeds each, and with grpo, one
-# seed each; on the low-signal built-in task `larger` the three modes with sft, one seed.
+# seed each; on the built-in `larger` (4 stages) and on the low-signal `multiplication` (stage-1
+# pass@8 about 0.16 for the embedded model) the modes with sft, one seed.
 # Judged by held-out accuracy against cumulative generated tokens (`raftlm compare` plots it).
 #
-# Usage: configs/compare/sampling.sh [task:mode:objective:seed ...]   (default: all 18 runs)
+# Usage: configs/compare/sampling.sh [task:mode:objective:seed ...]   (default: all 22 runs)
 #   mode is fixed, dynamic or gvm, optionally with "+all": keep every accepted response
 #   (selection.strategy=top_k_per_prompt, top_k=16) instead of the best one per prompt. gvm
 #   gives accepted prompts more samples, which best_per_prompt would throw away, so the
@@ -74,11 +75,12 @@ if (($#)); then jobs=("$@"); else
   done; done
   for mode in fixed dynamic gvm; do jobs+=("arithmetic:$mode:grpo:0"); done
   for mode in fixed dynamic gvm+all; do jobs+=("larger:$mode:sft:0"); done
+  for mode in fixed dynamic gvm+all fixed+all; do jobs+=("multiplication:$mode:sft:0"); done
 fi
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$0"' {}
 
 [[ $DRY_RUN == 1 ]] && exit 0
-for task in arithmetic larger; do
+for task in arithmetic larger multiplication; do
   dirs=()
   for job in "${jobs[@]}"; do
     IFS=: read -r jtask mode objective seed <<<"$job"

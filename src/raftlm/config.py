@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str | None = option(None, "Built-in task (`arithmetic`); replaces train_file/eval_file.")
+    task: str | None = option(None, "Built-in task: arithmetic, larger, multiplication.")
     train_file: str | None = option(None, "Prompt file: .jsonl, .json, .csv or .parquet.")
     eval_file: str | None = option(None, "Held-out prompt file (same formats).")
     prompt_field: str = option("prompt", "Column with the prompt: text or chat messages.")

@@ -44,9 +44,19 @@ def larger_rows(split: str, n: int, seed: int = 0) -> list[dict]:
             for a, b in _split_pairs("larger", pairs, split, n, seed)]
 
 
+def multiplication_rows(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Two-digit multiplication rows ``{"prompt": "What is a * b?", "answer": "a*b"}`` over all
+    90 * 90 ordered pairs. The low-signal task: the embedded SmolLM2-135M gets few right even in
+    K samples, so most prompts of a stage give RAFT nothing to keep (docs/sampling.md)."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    return [{"prompt": f"What is {a} * {b}?", "answer": str(a * b)}
+            for a, b in _split_pairs("multiplication", pairs, split, n, seed)]
+
+
 TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
     "arithmetic": arithmetic_rows,
     "larger": larger_rows,
+    "multiplication": multiplication_rows,
 }
 
 
