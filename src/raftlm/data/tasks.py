@@ -8,6 +8,7 @@ import numpy as np
 
 from raftlm.errors import InvalidInput
 
+TWO_DIGIT_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]  # ordered
 ARITHMETIC_EVAL_SIZE = 1000  # fixed, so a pair's split never depends on the sizes asked for
 
 
@@ -29,9 +30,8 @@ def _split_pairs(task: str, pairs: list[tuple[int, int]], split: str, n: int, se
 def arithmetic_rows(split: str, n: int, seed: int = 0) -> list[dict]:
     """Two-digit addition rows ``{"prompt": "What is a + b?", "answer": "a+b"}`` over all
     90 * 90 ordered pairs."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
-            for a, b in _split_pairs("arithmetic", pairs, split, n, seed)]
+            for a, b in _split_pairs("arithmetic", TWO_DIGIT_PAIRS, split, n, seed)]
 
 
 def larger_rows(split: str, n: int, seed: int = 0) -> list[dict]:
@@ -48,9 +48,8 @@ def multiplication_rows(split: str, n: int, seed: int = 0) -> list[dict]:
     """Two-digit multiplication rows ``{"prompt": "What is a * b?", "answer": "a*b"}`` over all
     90 * 90 ordered pairs. The low-signal task: the embedded SmolLM2-135M gets few right even in
     K samples, so most prompts of a stage give RAFT nothing to keep (docs/sampling.md)."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     return [{"prompt": f"What is {a} * {b}?", "answer": str(a * b)}
-            for a, b in _split_pairs("multiplication", pairs, split, n, seed)]
+            for a, b in _split_pairs("multiplication", TWO_DIGIT_PAIRS, split, n, seed)]
 
 
 TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
