@@ -39,7 +39,7 @@ def larger_rows(split: str, n: int, seed: int = 0) -> list[dict]:
     ordered pairs of distinct two-digit numbers. A verifiable task of another kind than
     addition: the answer is one of the numbers in the prompt, so imitating the format alone is
     not enough."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    pairs = [(a, b) for a, b in TWO_DIGIT_PAIRS if a != b]
     return [{"prompt": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b))}
             for a, b in _split_pairs("larger", pairs, split, n, seed)]
 
