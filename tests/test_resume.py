@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_loop import REWARD_FILE, make_config
-from tiny import tiny_causal_lm, write_digits_task
+from tiny import assert_same_run, differences, tiny_causal_lm, write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
@@ -53,6 +53,16 @@ def uninterrupted(workspace, model_dir, stages=3) -> dict:
     return reference
 
 
+def test_a_snapshot_difference_is_named_by_file_line_and_metric():
+    ours = {"metrics": [{"loss": 1.0}], "files": {"a.jsonl": b'{"x": 1}\n{"x": 2}\n', "b": b"ab"}}
+    theirs = {"metrics": [{"loss": 1.5}], "files": {"a.jsonl": b'{"x": 1}\n{"x": 3}\n'}}
+    assert differences(ours, ours) == []
+    assert differences(ours, theirs) == [
+        "metrics of stage 0: loss 1.0 != 1.5",
+        """a.jsonl line 2: b'{"x": 2}' != b'{"x": 3}'""",
+        "b differs (2 vs 8 bytes)"]
+
+
 # Exactness ---------------------------------------------------------------------------------------
 
 def test_merge_and_unmerge_leave_the_base_weights_bit_identical():
@@ -74,7 +84,7 @@ def test_resume_after_a_completed_stage_ends_bit_identical(workspace, tiny_model
     reference = uninterrupted(workspace, tiny_model_dir)
     train(config_for(workspace, tiny_model_dir, stages=2))
     resumed = train(config_for(workspace, tiny_model_dir), resume=True)
-    assert snapshot(resumed.run_dir) == reference
+    assert_same_run(snapshot(resumed.run_dir), reference)
 
 
 def test_resume_inside_sampling_reuses_finished_samples_and_ends_identical(
@@ -98,7 +108,7 @@ def test_resume_inside_sampling_reuses_finished_samples_and_ends_identical(
                         lambda self, *args: (sampled.append(args[:2]), original(self, *args)))
     resumed = train(config_for(workspace, tiny_model_dir), resume=True)
     assert len(sampled) == (12 - 7) + 12  # stage 2's missing samples, then stage 3's
-    assert snapshot(resumed.run_dir) == reference
+    assert_same_run(snapshot(resumed.run_dir), reference)
 
 
 def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, monkeypatch):
@@ -217,7 +227,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(workspace, t
     resumed = train(config_for(workspace, tiny_model_dir), resume=True)
     warning = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
     assert len(warning) == 1 and "stage-002" in warning[0]
-    assert snapshot(resumed.run_dir) == reference
+    assert_same_run(snapshot(resumed.run_dir), reference)
 
 
 def test_checkpoint_weights_load_without_pickle(workspace, tiny_model_dir):
@@ -262,7 +272,7 @@ def test_overwrite_of_a_running_run_is_refused_and_deletes_nothing(workspace, ti
     with run_lock(workspace / "run"):  # the run "still running"
         code = cli_main(["train", "--config", str(workspace / "config.yaml"), "--overwrite"])
     assert code == 2 and "in use" in capsys.readouterr().err
-    assert snapshot(workspace / "run") == before
+    assert_same_run(snapshot(workspace / "run"), before)
 
 
 def test_resume_of_a_run_killed_before_its_config_says_how_to_start_it(tmp_path, capsys):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_loop import REWARD_FILE, make_config
 from test_resume import Killed, snapshot
-from tiny import write_digits_task
+from tiny import assert_same_run, write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.config import ConfigError, field_choices
@@ -175,7 +175,7 @@ def test_a_stage_killed_in_its_second_round_resumes_to_the_identical_run(
     monkeypatch.setattr(StageJournal, "add_sample", lambda self, *args: (
         sampled.append(args[:2]), original(self, *args)))
     resumed = train(config(workspace, tiny_model_dir, mode), resume=True)
-    assert snapshot(resumed.run_dir) == reference
+    assert_same_run(snapshot(resumed.run_dir), reference)
     stage_one = sum(1 for r in stage_rows(resumed.run_dir, 1))
     stage_two = sum(1 for r in stage_rows(resumed.run_dir, 2))
     assert len(sampled) == stage_one - (kill_at - 1) + stage_two  # finished samples reused

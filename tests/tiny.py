@@ -99,3 +99,40 @@ def write_digits_task(folder: Path, reward_file: str = DIGITS_REWARD) -> Path:
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     (folder / "rewards.py").write_text(reward_file)
     return folder
+
+
+def differences(actual: dict, expected: dict) -> list[str]:
+    """What differs between two run snapshots ({"metrics": [...], "files": {name: bytes}}), in
+    a few short lines: CI shows only the tail of a failure, and a run's bytes would fill it."""
+    found = []
+    for stage, (ours, theirs) in enumerate(zip(actual["metrics"], expected["metrics"])):
+        keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if keys:
+            found.append(f"metrics of stage {stage}: " + ", ".join(
+                f"{k} {ours.get(k)!r} != {theirs.get(k)!r}" for k in keys[:4]))
+    if len(actual["metrics"]) != len(expected["metrics"]):
+        found.append(f"{len(actual['metrics'])} metric rows, expected {len(expected['metrics'])}")
+    for name in sorted(actual["files"].keys() | expected["files"].keys()):
+        ours = actual["files"].get(name, b"<absent>")
+        theirs = expected["files"].get(name, b"<absent>")
+        if ours == theirs:
+            continue
+        if isinstance(ours, bytes) and isinstance(theirs, bytes) and name.endswith(".jsonl"):
+            lines = list(zip(ours.splitlines(), theirs.splitlines()))
+            at = next((i for i, (a, b) in enumerate(lines) if a != b), len(lines))
+            pair = lines[at] if at < len(lines) else (b"", b"")
+            found.append(f"{name} line {at + 1}: {pair[0][:240]!r} != {pair[1][:240]!r}")
+        else:
+            found.append(f"{name} differs ({_size(ours)} vs {_size(theirs)} bytes)")
+    return found
+
+
+def assert_same_run(actual: dict, expected: dict, context: str = "") -> None:
+    """Fails naming what differs (not through pytest's rewriting, which would print both)."""
+    found = differences(actual, expected)
+    if found:
+        raise AssertionError(f"{context}{': ' if context else ''}" + "; ".join(found[:6]))
+
+
+def _size(content) -> str:
+    return "?" if content is None else str(len(content))
