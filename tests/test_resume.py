@@ -2,8 +2,10 @@
 
 import json
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +229,38 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(workspace, t
     resumed = train(config_for(workspace, tiny_model_dir), resume=True)
     warning = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
     assert len(warning) == 1 and "stage-002" in warning[0]
+    assert_same_run(snapshot(resumed.run_dir), reference)
+
+
+@pytest.mark.parametrize("moment", ["before the delete", "inside the delete"])
+def test_a_kill_while_old_checkpoints_are_deleted_is_made_good_by_the_resume(
+        workspace, tiny_model_dir, monkeypatch, moment):
+    # Found by tests/test_faults.py's random SIGKILLs: killed after the last checkpoint was
+    # renamed into place, a run resumed with nothing left to do and kept stage-001.
+    reference = uninterrupted(workspace, tiny_model_dir)
+    original_remove, original_rmtree = RunDir.remove_old_checkpoints, shutil.rmtree
+
+    def kill_before(self, keep):
+        if self.checkpoints()[-1][0] == 3:
+            raise Killed
+        original_remove(self, keep)
+
+    def kill_inside(path, *args, **kwargs):
+        if Path(path).name.endswith(".deleted") and "stage-001" in str(path):
+            (Path(path) / "state.json").unlink()  # one file gone, the rest left behind
+            raise Killed
+        original_rmtree(path, *args, **kwargs)
+
+    if moment == "before the delete":
+        monkeypatch.setattr(RunDir, "remove_old_checkpoints", kill_before)
+    else:
+        monkeypatch.setattr(shutil, "rmtree", kill_inside)
+    with pytest.raises(Killed):
+        train(config_for(workspace, tiny_model_dir))
+    monkeypatch.undo()
+    assert any(p.name.endswith("stage-001") or p.name.startswith(".stage-001")
+               for p in (workspace / "run/checkpoints").iterdir())
+    resumed = train(config_for(workspace, tiny_model_dir), resume=True)
     assert_same_run(snapshot(resumed.run_dir), reference)
 
 

@@ -132,6 +132,8 @@ def open_run_dir(config: RaftConfig, accelerator: Accelerator, resume: bool
     if resume and accelerator.is_main_process:
         run_dir.remove_temporaries()  # of the process that was killed
         _remove_other_journals(run_dir, checkpoint[0] + 1 if checkpoint else 1)
+        if checkpoint and checkpoint == run_dir.checkpoints()[-1]:  # none damaged after it
+            run_dir.remove_old_checkpoints(config.run.keep_checkpoints)  # a kill's leftovers
     if not resume and accelerator.is_main_process:
         RunDir.create(config.run.output_dir, overwrite=config.run.overwrite)
         run_dir.remove_temporaries()  # of a start-up that was killed before config.yaml

@@ -192,7 +192,16 @@ class RunDir:
                 os.replace(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            if keep > 0:
-                for _, old in self.checkpoints()[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.remove_old_checkpoints(keep)
         return target
+
+    def remove_old_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints (0 keeps all). Each is renamed to a
+        temporary name first: a kill mid-delete leaves a temporary, never half a checkpoint,
+        and a resume calls this again for the deletes a kill prevented."""
+        if keep <= 0:
+            return
+        for _, old in self.checkpoints()[:-keep]:
+            doomed = old.with_name(f".{old.name}.deleted")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
