@@ -246,7 +246,7 @@ def test_a_kill_while_old_checkpoints_are_deleted_is_made_good_by_the_resume(
         original_remove(self, keep)
 
     def kill_inside(path, *args, **kwargs):
-        if Path(path).name.endswith(".deleted") and "stage-001" in str(path):
+        if Path(path).name == ".stage-001.deleted" and Path(path).is_dir():
             (Path(path) / "state.json").unlink()  # one file gone, the rest left behind
             raise Killed
         original_rmtree(path, *args, **kwargs)

@@ -203,5 +203,6 @@ class RunDir:
             return
         for _, old in self.checkpoints()[:-keep]:
             doomed = old.with_name(f".{old.name}.deleted")
+            shutil.rmtree(doomed, ignore_errors=True)  # what an earlier failed delete left
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
