@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The comparison of docs/objectives.md (issue 17, section 3): every objective x 3 seeds at the
 # default run's scale (configs/arithmetic.yaml: 8 stages x 32 prompts x K=8, 100 held-out
-# prompts), and on the built-in `larger` task with the same settings at 4 stages. Successor of
-# configs/compare/run.sh (the reduced-budget table).
+# prompts), and on the built-in `larger` task with the same settings at 4 stages.
 #
 # Usage: configs/compare/sweep.sh [task:objective:seed ...]   (default: all 30 runs)
 #   JOBS=2        runs at a time (each with run.threads=1)
