@@ -80,6 +80,7 @@ def sample(
     progress=None,
     skip: Collection[tuple[int, int]] = (),
     on_finish: Callable[[int, int, Sample], None] | None = None,
+    on_token: Callable[[int, int, list[int]], None] | None = None,
 ) -> list[list[Sample | None]]:
     """Sample ``num_samples[i]`` continuations of prompt i; returns (token_ids, finish_reason,
     token_log_probs) each.
@@ -90,7 +91,9 @@ def sample(
     and samples the rest as sample indices 0, 1, ... (the same samples as a call without them):
     greedy and sampled evaluation then share each prompt's prefill and batch. The caller
     sets eval mode and inference mode. ``progress``, a tqdm bar of samples, advances as samples
-    finish; ``on_finish(i, j, sample)`` is called as each finishes. (prompt, sample) pairs in
+    finish; ``on_finish(i, j, sample)`` is called as each finishes, ``on_token(i, j, ids)``
+    after each token of a sample that goes on (ids: its tokens so far; a streaming server
+    sends them as they come). (prompt, sample) pairs in
     ``skip`` (finished earlier) are not sampled: their slots stay None.
     """
     check_supported(model)
@@ -123,7 +126,12 @@ def sample(
                 prompt_kv.copy_into(cache, admitted, batch.width)
             logits = decode_step(model, cache, *batch.inputs(device))
             chosen, log_probs = _choose(logits, batch, filters)
-            for row, reason in batch.advance(chosen, log_probs, finish_reason):
+            finished = batch.advance(chosen, log_probs, finish_reason)
+            if on_token is not None:  # the rows left are the ones that took a token and go on
+                for row in batch.rows:
+                    if row is not None:
+                        on_token(row.prompt, row.sample, row.ids)
+            for row, reason in finished:
                 results[row.prompt][row.sample] = (row.ids, reason, row.log_probs)
                 if on_finish is not None:
                     on_finish(row.prompt, row.sample, results[row.prompt][row.sample])

@@ -31,6 +31,7 @@ from raftlm.sampling.fast import sample
 from raftlm.sampling.hf import generate_hf
 
 OnFinish = Callable[[int, int, Completion], None]
+OnToken = Callable[[int, int, list[int]], None]  # (prompt, sample, its token ids so far)
 
 
 def generate(
@@ -47,6 +48,7 @@ def generate(
     with_greedy: bool = False,
     done: Mapping[tuple[int, int], Completion] | None = None,
     on_finish: OnFinish | None = None,
+    on_token: OnToken | None = None,
 ) -> list[list[Completion]]:
     """Sample completions for each tokenized prompt (chat template applied): ``num_samples``
     each, or ``num_samples[i]`` for prompt i.
@@ -62,8 +64,9 @@ def generate(
     samples finished earlier (a resumed or an extended round): a backend that
     ``keeps_done`` (raftlm) returns them instead of sampling them again, which gives the same
     result since its samples depend on nothing else, and samples only the rest (entries past
-    a prompt's count are ignored); the other backends seed per batch, so they sample
-    everything again.
+    a prompt's count are ignored); the other backends sample everything again.
+    ``on_token(i, j, ids)`` is called after each token of a sample that goes on (raftlm
+    backend; the others report whole samples only, through ``on_finish``).
     """
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -82,7 +85,8 @@ def generate(
         prompts=prompts, counts=counts, seeds=list(seeds), config=config, greedy=greedy,
         with_greedy=with_greedy, desc=desc,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else config.max_new_tokens,
-        done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish)
+        done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish,
+        on_token=on_token)
     return backend.generate(model, tokenizer, request)
 
 
@@ -100,6 +104,7 @@ class GenerationRequest:
     max_new_tokens: int
     done: Mapping[tuple[int, int], Completion]
     on_finish: OnFinish | None
+    on_token: OnToken | None = None
 
     def per_prompt(self) -> list[int]:
         """Completions to return per prompt: the greedy one (``with_greedy``) and the samples."""
@@ -139,7 +144,7 @@ def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> 
             temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
             greedy=request.greedy, stop_strings=config.stop_strings,
             batch_size=config.batch_size, greedy_first=int(request.with_greedy), progress=bar,
-            skip=skip, on_finish=finished,
+            skip=skip, on_finish=finished, on_token=request.on_token,
         )
     return [[request.done[(i, j)] if s is None else _completion(tokenizer, s, config)
              for j, s in enumerate(row)] for i, row in enumerate(raw)]

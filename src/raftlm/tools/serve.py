@@ -1,67 +1,47 @@
 """`raftlm serve RUN_DIR|MODEL`: a run's policy (or a model) behind an OpenAI-compatible API.
 
 Every client that speaks OpenAI's chat-completions API (the `openai` package, LLM-judge terms,
-evaluation harnesses) can then talk to the aligned model. Replies come from raftlm's sampler
-with the training chat template and system prompt, one request at a time:
+evaluation harnesses, chat UIs) can then talk to the aligned model. Replies come from raftlm's
+sampler with the training chat template and system prompt:
 
-    POST /v1/chat/completions  {"messages": [...], "max_tokens"?, "temperature"? (0 = greedy),
-                                "top_p"?, "n"?, "seed"?, "stop"?}
-    GET  /v1/models            the one model served
+    POST /v1/chat/completions  {"model"?, "messages": [...], "max_completion_tokens"? (or
+                                "max_tokens"), "temperature"? (0 = greedy), "top_p"?, "n"?,
+                                "seed"?, "stop"?, "stream"?, "stream_options"?}
+    GET  /v1/models            the one model served;  GET /v1/models/{id}
     GET  /health
 
-Streaming is not supported (`"stream": true` is refused).
+What a request may hold and how it is checked: `serve_api.py`. `"stream": true` answers
+Server-Sent Events of `chat.completion.chunk`s ending with `data: [DONE]`, token by token on
+the raftlm backend. Concurrent requests share the sampler's batch (`serve_batching.py`).
+Without a `seed` every request samples afresh; with one it is reproducible. Errors, unknown
+paths and unknown models answer OpenAI's `{"error": {...}}` JSON (400, 404, 405, 500).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import json
-import threading
 import time
-import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from raftlm.data.prompts import render_chat
-from raftlm.sampling.generate import generate, sample_seeds
+from raftlm.tools.serve_api import (
+    FINISH_REASONS,
+    ChatRequest,
+    RequestError,
+    StreamedText,
+    chunk,
+    completion_body,
+    delta,
+    error_body,
+    new_id,
+    parse_chat_request,
+    usage,
+)
+from raftlm.tools.serve_batching import Batcher, Job
 from raftlm.tools.target import Target
-
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
-
-
-def chat_completion(target: Target, name: str, request: Any) -> dict[str, Any]:
-    """The answer to one chat-completions request; ValueError for a malformed one."""
-    if not isinstance(request, dict):
-        raise ValueError(f"expected a JSON object, got {type(request).__name__}")
-    if request.get("stream"):
-        raise ValueError("streaming is not supported; send \"stream\": false")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {role, content}")
-    temperature = float(request.get("temperature", 1.0))
-    n, seed = int(request.get("n", 1)), int(request.get("seed", 0))
-    if temperature < 0 or n < 1:
-        raise ValueError("'temperature' must be >= 0 and 'n' >= 1")
-    stop = request.get("stop") or []
-    settings = dataclasses.replace(
-        target.config.generation,
-        max_new_tokens=int(request.get("max_tokens") or target.config.generation.max_new_tokens),
-        temperature=temperature or 1.0, top_p=float(request.get("top_p", 1.0)), top_k=0,
-        stop_strings=[stop] if isinstance(stop, str) else list(stop),
-    )
-    _, prompt_ids = render_chat(messages, target.tokenizer, target.config.data.system_prompt)
-    completions = generate(target.model, target.tokenizer, [prompt_ids], n, settings,
-                           seeds=sample_seeds(seed, 0, [0]), greedy=temperature == 0,
-                           desc="serve")[0]
-    tokens = sum(len(c.token_ids) for c in completions)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-        "created": int(time.time()), "model": request.get("model") or name,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": FINISH_REASONS.get(c.finish_reason, "stop")}
-                    for i, c in enumerate(completions)],
-        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                  "total_tokens": len(prompt_ids) + tokens},
-    }
 
 
 def openai_app(target: Target, name: str) -> Any:
@@ -70,35 +50,126 @@ def openai_app(target: Target, name: str) -> Any:
 
     require_server_libraries()
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    one_at_a_time = threading.Lock()  # one model, one sampler: requests take turns
+    batcher = Batcher(target)
+    created = int(time.time())
+    model_card = {"id": name, "object": "model", "created": created, "owned_by": "raftlm"}
 
-    def answer(request: Any) -> dict[str, Any]:
-        with one_at_a_time:
-            return chat_completion(target, name, request)
+    def failure(err: RequestError) -> Response:
+        return JSONResponse(err.body(), status_code=err.status)
 
     async def completions(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
-            return JSONResponse(await run_in_threadpool(answer, body))
-        except (ValueError, TypeError) as err:  # malformed JSON, fields, messages
-            error = {"message": str(err), "type": "invalid_request_error"}
-            return JSONResponse({"error": error}, status_code=400)
+            try:
+                body = json.loads(await request.body())
+            except ValueError as err:
+                raise RequestError(f"the request body is not valid JSON: {err}") from None
+            chat = parse_chat_request(body)
+            if chat.model is not None and chat.model != name:
+                raise RequestError(f"The model '{chat.model}' does not exist (this server "
+                                   f"serves '{name}')", "model", 404, "model_not_found")
+            try:
+                _, prompt_ids = render_chat(chat.messages, target.tokenizer,
+                                            target.config.data.system_prompt)
+            except ValueError as err:  # e.g. a chat template that refuses the roles' order
+                raise RequestError(f"'messages': {err}", "messages") from None
+        except RequestError as err:
+            return failure(err)
+        if chat.stream:
+            return StreamingResponse(_events(batcher, target, name, chat, prompt_ids),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        job = Job(chat, prompt_ids)
+        try:
+            completions = await asyncio.wrap_future(batcher.submit(job))
+        except Exception as err:  # the sampler failed: the client gets it, the server goes on
+            return JSONResponse(error_body(f"sampling failed: {err}", kind="server_error"),
+                                status_code=500)
+        return JSONResponse(completion_body(chat, name, completions, len(prompt_ids)))
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "owned_by": "raftlm"}]})
+        return JSONResponse({"object": "list", "data": [model_card]})
+
+    async def model(request: Request) -> Response:
+        asked = request.path_params["model"]
+        if asked != name:
+            return failure(RequestError(f"The model '{asked}' does not exist (this server "
+                                        f"serves '{name}')", "model", 404, "model_not_found"))
+        return JSONResponse(model_card)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": name})
 
-    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
-                             Route("/v1/models", models, methods=["GET"]),
-                             Route("/health", health, methods=["GET"])])
+    async def legacy_completions(request: Request) -> Response:
+        return failure(RequestError("raftlm serve answers chat completions only: POST "
+                                    "/v1/chat/completions", status=404, code="unknown_url"))
+
+    async def unknown(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = (f"Invalid URL ({request.method} {request.url.path})" if status == 404
+                   else f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse(error_body(message), status_code=status)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(batcher.close)  # lets the sampler finish its call
+
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+                Route("/v1/models", models, methods=["GET"]),
+                Route("/v1/models/{model:path}", model, methods=["GET"]),
+                Route("/v1/completions", legacy_completions, methods=["POST"]),
+                Route("/health", health, methods=["GET"])],
+        exception_handlers={404: unknown, 405: unknown}, lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
+
+
+async def _events(batcher: Batcher, target: Target, name: str, chat: ChatRequest,
+                  prompt_ids: list[int]) -> AsyncIterator[str]:
+    """The Server-Sent Events of a streamed request: a role chunk per choice, text chunks as
+    the sampler decodes, a finish chunk per choice, the usage if asked, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
+    job = Job(chat, prompt_ids, on_token=lambda j, ids: loop.call_soon_threadsafe(
+        tokens.put_nowait, (j, ids)))
+    chunk_id, created = new_id(), int(time.time())
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps(chunk(chunk_id, name, created, choices, **extra))}\n\n"
+
+    texts = [StreamedText(target.tokenizer, chat.stop) for _ in range(chat.n)]
+    for j in range(chat.n):
+        yield event([delta(j, content="", role="assistant")])
+    result = batcher.submit(job)
+    done = asyncio.wrap_future(result)
+    while not done.done() or not tokens.empty():
+        getting = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({getting, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not getting.done():
+            getting.cancel()
+            continue
+        j, ids = getting.result()
+        new = texts[j].update(ids)
+        if new:
+            yield event([delta(j, content=new)])
+    try:
+        completions = done.result()
+    except Exception as err:  # headers are sent: the error travels as an event
+        yield f"data: {json.dumps(error_body(f'sampling failed: {err}', kind='server_error'))}\n\n"
+        return
+    for j, completion in enumerate(completions):
+        rest = texts[j].finish(completion)
+        if rest:
+            yield event([delta(j, content=rest)])
+        yield event([delta(j, finish_reason=FINISH_REASONS[completion.finish_reason])])
+    if chat.include_usage:
+        yield event([], usage=usage(len(prompt_ids), completions))
+    yield "data: [DONE]\n\n"
 
 
 def served_name(target: Target, path: str) -> str:
