@@ -1,18 +1,26 @@
 """POSTing JSON to a reward or judge server: bounded retries, one-line errors, fail-fast outages.
 
-Connection errors and HTTP 5xx are retried with exponential backoff (0.5 s, doubling, at most
-8 s apart) until `retry_s` seconds have passed since the first attempt; then the endpoint counts
-as down for the rest of the call, so the other requests of a stage fail at once instead of each
-waiting out its own retries (an outage must not become b*K timed-out calls). A request that
-gets no answer within `timeout_s` is not retried and marks the endpoint down too. HTTP 4xx and
-an answer that is not JSON are not retried either: asking again would give the same.
+Connection errors, HTTP 5xx, 408 (request timeout) and 429 (rate limited) are retried with
+exponential backoff (0.5 s, doubling, at most 8 s apart), or after the `Retry-After` the server
+asks for (seconds or an HTTP date), until `retry_s` seconds have passed since the first attempt;
+then the endpoint counts as down for the rest of the call, so the other requests of a stage fail
+at once instead of each waiting out its own retries (an outage must not become b*K timed-out
+calls). A wait that would end past `retry_s` is not begun. A request that gets no answer within
+`timeout_s` is not retried and marks the endpoint down too. Other HTTP 4xx and an answer that is
+not JSON are not retried: asking again would give the same.
+
+Payloads are strict JSON: a NaN or infinity (a missing value in a parquet column) is sent as
+`null`, since most servers refuse JSON's `NaN` extension.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import functools
 import json
+import math
 import ssl
 import time
 from typing import Any
@@ -22,6 +30,7 @@ import httpx
 from raftlm.rewards.terms import one_line
 
 FIRST_DELAY_S, MAX_DELAY_S = 0.5, 8.0
+RETRIED_4XX = (408, 429)  # request timeout, too many requests: busy, not wrong
 BODY_BYTES = 120  # how much of an unexpected answer an error message quotes
 
 
@@ -51,7 +60,7 @@ class Endpoint:
 
     async def post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> Any:
         """POST `payload` as JSON and return the decoded answer, or raise RequestFailed."""
-        content = json.dumps(payload, default=_jsonable).encode()
+        content = json.dumps(_finite(payload), default=_jsonable, allow_nan=False).encode()
         started, delay, attempts = time.monotonic(), FIRST_DELAY_S, 0
         while True:
             if self.down is not None:
@@ -62,11 +71,14 @@ class Endpoint:
             if not isinstance(problem, _Retry):
                 return problem
             waited = time.monotonic() - started
-            if waited + delay > self.retry_s:
+            wait = delay if problem.retry_after is None else problem.retry_after
+            if waited + wait > self.retry_s:
                 tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {waited:.0f} s"
-                self.down = f"{problem} after {tries}"
-                raise RequestFailed(f"POST {self.url}: {problem} (gave up after {tries})")
-            await asyncio.sleep(delay)
+                asked = "" if problem.retry_after is None else (
+                    f"; it asked to wait {problem.retry_after:g} s, past retry_s={self.retry_s:g}")
+                self.down = f"{problem} after {tries}{asked}"
+                raise RequestFailed(f"POST {self.url}: {problem} (gave up after {tries}{asked})")
+            await asyncio.sleep(wait)
             delay = min(2 * delay, MAX_DELAY_S)
 
     async def _attempt(self, client: httpx.AsyncClient, content: bytes) -> Any:
@@ -81,8 +93,9 @@ class Endpoint:
         except httpx.TransportError as err:  # refused, reset, the server died mid-answer
             return _Retry(f"{type(err).__name__}: {one_line(err, 80) or 'connection lost'}")
         status = response.status_code
-        if status >= 500:
-            return _Retry(f"HTTP {status}: {_body(response)}")
+        if status >= 500 or status in RETRIED_4XX:
+            return _Retry(f"HTTP {status}: {_body(response)}",
+                          retry_after(response.headers.get("Retry-After")))
         if status >= 400:
             raise RequestFailed(f"POST {self.url}: HTTP {status}: {_body(response)}")
         try:
@@ -100,12 +113,51 @@ def _tls_context() -> ssl.SSLContext:
 
 
 class _Retry(str):
-    """What a retryable attempt ran into."""
+    """What a retryable attempt ran into, and how long the server asked to wait (None: not)."""
+
+    retry_after: float | None
+
+    def __new__(cls, problem: str, retry_after: float | None = None) -> _Retry:
+        retry = super().__new__(cls, problem)
+        retry.retry_after = retry_after
+        return retry
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delay-seconds or an HTTP date); None when
+    absent or unreadable (then the backoff decides)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": HTTP dates are GMT anyway
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _body(response: httpx.Response) -> str:
     text = response.content[:BODY_BYTES].decode("utf-8", errors="replace")
     return repr(one_line(text, BODY_BYTES)) if text.strip() else "(empty body)"
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (numpy's too) replaced by None, so it is strict JSON."""
+    if isinstance(value, float) or (hasattr(value, "dtype") and hasattr(value, "item")
+                                    and getattr(value, "shape", None) == ()):
+        number = value.item() if hasattr(value, "item") else value
+        return number if not isinstance(number, float) or math.isfinite(number) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _finite(value.tolist())
+    return value
 
 
 def _jsonable(value: Any) -> Any:
