@@ -5,8 +5,8 @@ Every function follows TRL's reward-function convention::
     fn(prompts=[...], completions=[...], **columns) -> list[float]
 
 It may be `async def` (it then runs concurrently with the other I/O-bound terms), and it may
-declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`) to receive them;
-a function that does not declare one does not get it.
+declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`, `queries`) to
+receive them; a function that does not declare one does not get it.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from raftlm.config import RewardTerm
 
 # What a term may ask for by declaring it as a parameter, besides prompts, completions and the
-# prompt file's columns: the RAFT stage (1-based), the optimizer step before the stage, and the
-# prompts as the model saw them (chat template applied).
-CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts")
+# prompt file's columns: the RAFT stage (1-based), the optimizer step before the stage, the
+# prompts as the model saw them (chat template applied), and each of those followed by its
+# completion and the end-of-turn token it stopped on (OpenRLHF's `query`).
+CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts", "queries")
+PER_ITEM_KEYWORDS = ("prompt_texts", "queries")  # one value per completion
 
 
 def load_function(spec: str) -> Callable[..., Any]:

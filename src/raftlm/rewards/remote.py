@@ -7,9 +7,10 @@ Protocol (docs/rewards.md has the details and the relation to OpenRLHF's `--remo
     200       {"rewards": [0.0, 1.0, ...]}          one number per completion, in order
 
 `prompts` are the prompts as in the data (text or chat messages), `query` each prompt as the
-model saw it (chat template applied) followed by its completion, as OpenRLHF's reward-model
-server expects; `stage` and `step` are present when known. `raftlm serve-reward` serves any
-reward term this way.
+model saw it (chat template applied) followed by its completion and the end-of-turn token it
+stopped on, as OpenRLHF's reward-model server expects; `stage` and `step` are present when
+known; a missing column value is `null`. `raftlm serve-reward` serves any reward term this way
+(and OpenRLHF's request shape too).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from raftlm.rewards.http import Endpoint, RequestFailed, quote
-from raftlm.rewards.terms import TermFailure, invalid
+from raftlm.rewards.terms import TermFailure, WrongCount, invalid
 
 if TYPE_CHECKING:
     from raftlm.config import RewardTerm
@@ -38,7 +39,7 @@ class RemoteReward:
         self.chunk_size = batch_size * concurrency * CHUNK_WINDOWS
 
     async def __call__(self, prompts: list, completions: list[str], *, stage: int | None = None,
-                       step: int | None = None, prompt_texts: list[str] | None = None,
+                       step: int | None = None, queries: list[str] | None = None,
                        **columns: list) -> list[float]:
         endpoint = Endpoint(self.url, self.timeout_s, self.retry_s)
         starts = list(range(0, len(completions), self.batch_size))
@@ -50,9 +51,8 @@ class RemoteReward:
                 "prompts": prompts[start:end], "completions": completions[start:end],
                 "columns": {key: values[start:end] for key, values in columns.items()},
             }
-            if prompt_texts is not None:
-                payload["query"] = [t + c for t, c in zip(prompt_texts[start:end],
-                                                          completions[start:end])]
+            if queries is not None:
+                payload["query"] = queries[start:end]
             payload.update({k: v for k, v in (("stage", stage), ("step", step)) if v is not None})
             async with limit:
                 answer = await endpoint.post(client, payload)
@@ -85,13 +85,13 @@ class RemoteReward:
 
 
 def rewards_of(answer: Any, expected: int, url: str) -> list[Any]:
-    """The `rewards` list of a server's answer, checked for its length."""
+    """The `rewards` list of a server's answer; WrongCount when it has another length."""
     rewards = answer.get("rewards") if isinstance(answer, dict) else None
     if not isinstance(rewards, list):
         raise RequestFailed(f"POST {url}: the answer has no 'rewards' list: {quote(answer)}")
     if len(rewards) != expected:
-        raise RequestFailed(f"POST {url}: answered {len(rewards)} rewards for {expected} "
-                            f"completions: {quote(rewards)}")
+        raise WrongCount(f"POST {url}: answered {len(rewards)} rewards for {expected} "
+                         f"completions: {quote(rewards)}")
     return rewards
 
 

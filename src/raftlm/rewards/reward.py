@@ -7,7 +7,7 @@ Every term follows TRL's reward-function convention (`rewards.terms`)::
 ``prompts`` are the original prompt values (text or chat messages), ``columns`` the other
 prompt-file columns as lists aligned with them (a reference ``answer``, say). Terms are called
 with keywords, as TRL does, so ``def f(completions, **kwargs)`` works too. A term's kind is the
-config key that names it (`TERM_KINDS`): ``name`` (a built-in or a function), ``model`` (a
+config key that names it (`kinds.TERM_KINDS`): ``name`` (a built-in or a function), ``model`` (a
 reward-model folder), ``url`` (a reward server), ``judge`` (an LLM judge).
 CPU-bound terms run one after the other in the calling thread; I/O-bound ones (`async def`
 functions, servers, judges) run concurrently with them and with each other, in one background
@@ -18,32 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raftlm.config import RewardConfig, RewardTerm
+from raftlm.config import RewardConfig
 from raftlm.rewards.functions import (
     CONTEXT_KEYWORDS,
-    build_function_term,
+    PER_ITEM_KEYWORDS,
     declared_keywords,
-    function_label,
     is_async,
     load_function,
     required_columns,
 )
-from raftlm.rewards.judge import build_judge_term, judge_label
-from raftlm.rewards.model import ModelReward, build_model_term, model_label
-from raftlm.rewards.remote import build_remote_term, remote_label
+from raftlm.rewards.kinds import TERM_KINDS, reward_fingerprint, term_kind
+from raftlm.rewards.model import ModelReward
 from raftlm.rewards.terms import (
     BackgroundLoop,
     RewardError,
     TermFailure,
+    WrongCount,
     as_list,
     invalid,
     one_line,
+    raised_where,
 )
 
 if TYPE_CHECKING:
@@ -51,16 +51,9 @@ if TYPE_CHECKING:
     from raftlm.sampling.completion import Completion
 
 __all__ = ["TERM_KINDS", "ModelReward", "Reward", "RewardError", "RewardResult", "Term",
-           "build_reward", "load_function", "score", "term_kind"]
+           "build_reward", "load_function", "reward_fingerprint", "score", "term_kind"]
 
-# A term's kind is the one key of its config that is set; each kind builds its callable and
-# gives its default name in metrics (`reward/<name>/mean`).
-TERM_KINDS: dict[str, tuple[Callable[[RewardTerm], Callable], Callable[[str], str]]] = {
-    "name": (build_function_term, function_label),
-    "model": (build_model_term, model_label),
-    "url": (build_remote_term, remote_label),
-    "judge": (build_judge_term, judge_label),
-}
+TRACEBACK_HINT = "RAFTLM_TRACEBACK=1 prints the traceback"
 
 
 @dataclass
@@ -151,7 +144,7 @@ class Reward:
         try:
             for term in self.terms:
                 if not term.is_async:
-                    per_term[term.name] = self._score_term(term, batch)
+                    per_term[term.name] = _run_now(self._score(term, batch))
         except BaseException:
             if background is not None:
                 background.cancel()
@@ -166,45 +159,31 @@ class Reward:
 
     # ------------------------------------------------------------------ one term, the policy
 
-    def _score_term(self, term: Term, batch: tuple) -> np.ndarray:
-        prompts, completions, columns, context = batch
-        try:
-            output = term.fn(prompts=prompts, completions=completions, **columns,
-                             **_context_for(term, context))
-        except TermFailure as failure:
-            return self._partial(term, failure, completions)
-        except Exception as err:
-            if not term.blame_items:
-                return self._batch_failed(term, err, len(completions))
-            scores = np.full(len(completions), np.nan)
-            for i in range(len(completions)):
-                try:
-                    values = term.fn(**_item(batch, i), **_context_for(term, context, i))
-                except Exception as item_err:
-                    values = item_err
-                scores[i] = self._item_score(term, i, completions[i], values)
-            return self._after_items(term, err, scores)
-        return self._checked(term, output, completions)
-
     async def _score_async_terms(self, terms: list[Term], batch: tuple) -> dict[str, np.ndarray]:
-        results = await asyncio.gather(*(self._score_async(t, batch) for t in terms))
+        results = await asyncio.gather(*(self._score(t, batch) for t in terms))
         return {t.name: r for t, r in zip(terms, results)}
 
-    async def _score_async(self, term: Term, batch: tuple) -> np.ndarray:
+    async def _score(self, term: Term, batch: tuple) -> np.ndarray:
+        """One term's scores under the error policy. Written once for plain and `async def`
+        terms: a plain term's call never suspends, so `_run_now` finishes it without a loop."""
         prompts, completions, columns, context = batch
         try:
-            output = await _call_async(term, prompts=prompts, completions=completions,
-                                       **columns, **_context_for(term, context))
+            output = await _call(term, prompts=prompts, completions=completions, **columns,
+                                 **_context_for(term, context))
         except TermFailure as failure:
             return self._partial(term, failure, completions)
+        except WrongCount as err:  # no single candidate is to blame, whatever on_error says
+            raise RewardError(f"reward '{term.name}' {err}") from err
         except Exception as err:
-            if not term.blame_items or isinstance(err, TimeoutError):  # an outage: no retries
+            # An outage (a timeout) or a term whose failures are not its items': calling item
+            # by item would only fail b*K times the same way.
+            if not term.blame_items or isinstance(err, TimeoutError):
                 return self._batch_failed(term, err, len(completions))
             scores = np.full(len(completions), np.nan)
             for i in range(len(completions)):
                 try:
-                    values = await _call_async(term, **_item(batch, i),
-                                               **_context_for(term, context, i))
+                    values = await _call(term, **_item(batch, i),
+                                         **_context_for(term, context, i))
                 except Exception as item_err:
                     values = item_err
                 scores[i] = self._item_score(term, i, completions[i], values)
@@ -238,18 +217,23 @@ class Reward:
 
     def _batch_failed(self, term: Term, err: Exception, n: int) -> np.ndarray:
         if self.on_error == "raise":
-            raise RewardError(f"reward '{term.name}' {_describe(err)}") from err
+            raise RewardError(_failed(term, err)) from err
         return np.full(n, np.nan)
 
     def _item_score(self, term: Term, i: int, completion: str, values: Any) -> float:
         """One item's score from its own call's output (or exception); NaN when skipped."""
+        if isinstance(values, WrongCount):
+            raise RewardError(f"reward '{term.name}' {values}") from values
         if isinstance(values, Exception):
             if self.on_error == "raise":
-                what = f"raised {type(values).__name__}: {values}"
-                raise RewardError(_item_message(term.name, what, i, completion)) from values
+                raise RewardError(_failed(term, values, i, completion)) from values
             return math.nan
         values = as_list(values)
-        problem = "no score" if not values or len(values) != 1 else invalid(values[0])
+        if values is None or len(values) != 1:  # a wrong count stops the run, as for a batch
+            got = len(values) if values is not None else "no"
+            raise RewardError(_item_message(term.name, f"returned {got} scores for 1 "
+                                            "completion", i, completion))
+        problem = invalid(values[0])
         if problem is None:
             return float(values[0])
         if self.on_error == "raise":
@@ -258,7 +242,7 @@ class Reward:
 
     def _after_items(self, term: Term, batch_err: Exception, scores: np.ndarray) -> np.ndarray:
         if self.on_error == "raise":  # every item passed alone: the batch call itself is at fault
-            raise RewardError(f"reward '{term.name}' {_describe(batch_err)}") from batch_err
+            raise RewardError(_failed(term, batch_err)) from batch_err
         return scores
 
 
@@ -272,19 +256,41 @@ def _context_for(term: Term, context: dict[str, Any], item: int | None = None) -
     """The context keywords the term declares, None where unknown (scoring outside a stage),
     per-item lists cut to item `item`."""
     out = {k: context.get(k) for k in term.context_keys}
-    if item is not None and out.get("prompt_texts") is not None:
-        out["prompt_texts"] = [out["prompt_texts"][item]]
+    if item is not None:
+        for key in PER_ITEM_KEYWORDS:
+            if out.get(key) is not None:
+                out[key] = [out[key][item]]
     return out
 
 
-async def _call_async(term: Term, **kwargs: Any) -> Any:
-    return await asyncio.wait_for(term.fn(**kwargs), term.timeout_s)
+async def _call(term: Term, **kwargs: Any) -> Any:
+    """Call the term: await an `async def` one within its timeout, call a plain one."""
+    if term.is_async:
+        return await asyncio.wait_for(term.fn(**kwargs), term.timeout_s)
+    return term.fn(**kwargs)
 
 
-def _describe(err: Exception) -> str:
+def _run_now(coroutine: Coroutine[Any, Any, np.ndarray]) -> np.ndarray:
+    """Run a coroutine that never suspends (`Reward._score` of a plain term) to its end."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a plain reward term awaited something")
+
+
+def _failed(term: Term, err: Exception, item: int | None = None, completion: str = "") -> str:
+    """One line for a term that raised (or timed out), naming the item when one is to blame."""
     if isinstance(err, TimeoutError):
-        return "timed out"
-    return f"raised {type(err).__name__}: {one_line(err)}"
+        what = "timed out"
+    else:
+        # Where the user's function raised: the one line the CLI prints is all a user sees.
+        where = raised_where(err, term.fn)
+        what = f"raised {type(err).__name__}: {one_line(err)}{f' ({where})' if where else ''}"
+    message = (f"reward '{term.name}' {what}" if item is None
+               else _item_message(term.name, what, item, completion))
+    return message if isinstance(err, TimeoutError) else f"{message}; {TRACEBACK_HINT}"
 
 
 def _item_message(name: str, what: str, index: int, completion: str) -> str:
@@ -293,10 +299,14 @@ def _item_message(name: str, what: str, index: int, completion: str) -> str:
 
 def score(reward: Reward, records: list[PromptRecord], completions: list[list[Completion]],
           stage: int | None = None, step: int | None = None,
-          on_scored: Callable[[int, int, RewardResult], None] | None = None) -> RewardResult:
+          on_scored: Callable[[int, int, RewardResult], None] | None = None,
+          tokenizer: Any = None) -> RewardResult:
     """Score every completion of every record; the result is flat, prompt-major.
 
-    `stage` and `step` reach the terms that declare them. With `on_scored`, records are
+    `stage` and `step` reach the terms that declare them. With the policy's `tokenizer`, each
+    of `queries` ends with the text of the end-of-turn token its completion stopped on, as
+    OpenRLHF's `query` does (a reward model scores the turn it was trained on); without
+    one, `queries` end at the completion. With `on_scored`, records are
     scored in chunks of about `reward.chunk_size` candidates (whole prompts) and
     ``on_scored(first, last, result)`` is called after each, `result` covering the
     completions of ``records[first:last]``: a caller can keep each chunk before the next
@@ -305,7 +315,8 @@ def score(reward: Reward, records: list[PromptRecord], completions: list[list[Co
     result_chunks = []
     for first, last in _chunks([len(row) for row in completions],
                                reward.chunk_size if on_scored else None):
-        part = _score_records(reward, records[first:last], completions[first:last], stage, step)
+        part = _score_records(reward, records[first:last], completions[first:last],
+                              {"stage": stage, "step": step}, tokenizer)
         if on_scored is not None:
             on_scored(first, last, part)
         result_chunks.append(part)
@@ -337,35 +348,34 @@ def _chunks(counts: list[int], size: int | None) -> list[tuple[int, int]]:
 
 
 def _score_records(reward: Reward, records: list[PromptRecord],
-                   completions: list[list[Completion]], stage: int | None, step: int | None
+                   completions: list[list[Completion]], context: dict[str, Any], tokenizer: Any
                    ) -> RewardResult:
     flat_records = [r for r, row in zip(records, completions) for _ in row]
-    texts = [c.text for row in completions for c in row]
-    if not texts:  # an empty shard (more processes than prompts): no reward call at all
+    flat = [c for row in completions for c in row]
+    if not flat:  # an empty shard (more processes than prompts): no reward call at all
         return RewardResult(np.zeros(0), {}, 0)
     keys = sorted({key for r in records for key in r.columns})
     columns = {key: [r.columns.get(key) for r in flat_records] for key in keys}
-    context = {"stage": stage, "step": step, "prompt_texts": [r.text for r in flat_records]}
-    return reward([r.prompt for r in flat_records], texts, columns, **context)
+    prompt_texts = [r.text for r in flat_records]
+    queries = [t + c.text + _end_of_turn(c, tokenizer) for t, c in zip(prompt_texts, flat)]
+    return reward([r.prompt for r in flat_records], [c.text for c in flat], columns,
+                  **context, prompt_texts=prompt_texts, queries=queries)
 
 
-def term_kind(term: RewardTerm) -> str:
-    """The term's kind: the one kind key its config sets (the config validates there is one)."""
-    kinds = [kind for kind in TERM_KINDS if getattr(term, kind)]
-    if len(kinds) != 1:
-        raise ValueError(f"a reward term sets exactly one of {', '.join(TERM_KINDS)}; "
-                         f"got {kinds or 'none'}")
-    return kinds[0]
+def _end_of_turn(completion: Completion, tokenizer: Any) -> str:
+    """The text of the eos token a completion stopped on ('' when it did not, or unknown)."""
+    if tokenizer is None or completion.finish_reason != "eos" or not completion.token_ids:
+        return ""
+    return tokenizer.decode(completion.token_ids[-1:], skip_special_tokens=False)
 
 
 def build_reward(config: RewardConfig) -> Reward:
     """Build the weighted-sum reward from the config's terms."""
     terms = []
     for term in config.terms:
-        kind = term_kind(term)
-        build, label = TERM_KINDS[kind]
-        name = term.label or label(getattr(term, kind))
-        # Servers and judges time each request themselves; a function's call is timed whole.
-        timeout = term.timeout_s if kind == "name" else None
-        terms.append(Term(name, term.weight, build(term), timeout))
+        key = term_kind(term)
+        kind = TERM_KINDS[key]
+        name = term.label or kind.label(getattr(term, key))
+        timeout = term.timeout_s if kind.times_whole_call else None
+        terms.append(Term(name, term.weight, kind.build(term), timeout))
     return Reward(terms, on_error=config.on_error)

@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import math
 import numbers
+import os
 import threading
-from collections.abc import Awaitable
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from raftlm.errors import UserError
@@ -39,6 +42,28 @@ class TermFailure(Exception):
     def __init__(self, message: str, scores: list[Any]):
         super().__init__(message)
         self.scores = scores
+
+
+class WrongCount(Exception):
+    """A term (or its server) gave another number of scores than completions: no single
+    candidate is to blame, so the run stops whatever `on_error` says."""
+
+
+def raised_where(err: BaseException, fn: Callable) -> str:
+    """`file:line in function` where `err` was raised in `fn`'s own file (else its deepest
+    frame), so a one-line error still points at the user's code; '' without a traceback."""
+    frames = traceback.extract_tb(err.__traceback__)
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    own = [f for f in frames if code is not None and f.filename == code.co_filename]
+    if not (own or frames):
+        return ""
+    frame = (own or frames)[-1]
+    path = Path(frame.filename)
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"{os.fspath(path)}:{frame.lineno} in {frame.name}"
 
 
 def one_line(text: Any, limit: int = 200) -> str:

@@ -5,9 +5,16 @@ SPEC is what a config term names: a built-in (`numeric_answer`), a function (`fi
 `raftlm.rewards.remote` (docs/rewards.md) on uvicorn:
 
     POST /score   {"prompts", "completions", "columns", "query"?, "stage"?, "step"?}
-                  -> 200 {"rewards": [...]}; 400 for a malformed request; 422 when the reward
-                  raised or returned no list ({"error": "..."}: not retried by the client)
+                  or OpenRLHF's {"query", "prompts", "labels"}
+                  -> 200 {"rewards": [...], "scores": [...]}; 400 for a malformed request; 422
+                  when the reward raised or returned no list ({"error": "..."}: not retried)
     GET  /health  -> {"status": "ok", "reward": SPEC}
+
+OpenRLHF's remote-RM client sends each `query` (templated prompt + response, special tokens
+kept), `prompts` (the templated prompts) and `labels` (its `--label_key` column), and reads
+`rewards` (and `scores`, for its dynamic filtering). Its request is served as `completions`: the
+query after its prompt, less a trailing end-of-turn token; `prompts` and `prompt_texts`: the
+templated prompts; the column `answer` (what raftlm's built-ins read): the labels.
 
 `async def` rewards run concurrently; plain functions and models run in a worker thread,
 `concurrency` calls at a time (1 by default: a model or a function that is not thread-safe).
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -84,7 +92,9 @@ def reward_app(fn: Callable[..., Any], name: str, concurrency: int = 1) -> Any:
             return JSONResponse({"error": f"reward '{name}' returned a "
                                           f"{type(output).__name__}, not a list"}, status_code=422)
         # NaN travels as JSON's common extension `NaN`; the client names the item it is for.
-        body = json.dumps({"rewards": rewards}, allow_nan=True, default=_plain)
+        # `scores` repeats them for OpenRLHF's client, which filters on them.
+        body = json.dumps({"rewards": rewards, "scores": rewards}, allow_nan=True,
+                          default=_plain)
         return Response(body, media_type="application/json")
 
     async def health(request: Request) -> Response:
@@ -94,14 +104,23 @@ def reward_app(fn: Callable[..., Any], name: str, concurrency: int = 1) -> Any:
                              Route("/health", health, methods=["GET"])])
 
 
+# The end-of-turn tokens a query may end with (OpenRLHF decodes with special tokens kept):
+# <|im_end|>, <|eot_id|>, <|endoftext|>, </s>, <eos>, <end_of_turn>; several in a row.
+END_OF_TURN = re.compile(r"(?:<\|[^<>|\s]+\|>|</s>|<eos>|<end_of_turn>)+\s*$")
+
+
 def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
-    """The reward's keyword arguments from a request body; ValueError naming what is wrong."""
+    """The reward's keyword arguments from a request body (raftlm's or OpenRLHF's shape);
+    ValueError naming what is wrong."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if "completions" not in data and "query" in data:
+        data = _from_openrlhf(data)
     prompts, completions = data.get("prompts"), data.get("completions")
     columns = data.get("columns") or {}
     if not isinstance(completions, list) or not isinstance(prompts, list):
-        raise ValueError("'prompts' and 'completions' must be lists")
+        raise ValueError("'prompts' and 'completions' must be lists (or send OpenRLHF's "
+                         "'query', 'prompts' and 'labels')")
     if not isinstance(columns, dict):
         raise ValueError("'columns' must be an object of lists")
     n = len(completions)
@@ -110,14 +129,44 @@ def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
             raise ValueError(f"'{key}' must be a list of {n} entries, one per completion")
     kwargs = {"prompts": prompts, "completions": completions, **columns}
     query = data.get("query")
-    if "prompt_texts" in wants:  # the query minus its completion; None when not sent
-        kwargs["prompt_texts"] = [q[: len(q) - len(c)] if q.endswith(c) else q
-                                  for q, c in zip(query, completions)] \
-            if isinstance(query, list) and len(query) == n else None
+    queries = query if isinstance(query, list) and len(query) == n else None
+    if "queries" in wants:
+        kwargs["queries"] = queries
+    if "prompt_texts" in wants:  # the query less its completion; None when not sent
+        kwargs["prompt_texts"] = data.get("prompt_texts") or (
+            None if queries is None else [_prompt_text(q, c) for q, c in zip(queries, completions)])
     for key in ("stage", "step"):
         if key in wants:
             kwargs[key] = data.get(key)
     return kwargs
+
+
+def _from_openrlhf(data: dict[str, Any]) -> dict[str, Any]:
+    """OpenRLHF's {query, prompts, labels} as raftlm's request."""
+    queries, prompts, labels = data["query"], data.get("prompts"), data.get("labels")
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise ValueError("'query' must be a list of strings")
+    if prompts is None:  # OpenRLHF's older client sends the queries alone
+        raise ValueError("'query' without 'prompts': the completion cannot be told from its "
+                         "prompt; send OpenRLHF's 'prompts' too")
+    if not isinstance(prompts, list) or len(prompts) != len(queries):
+        raise ValueError(f"'prompts' must be a list of {len(queries)} strings, one per query")
+    completions = []
+    for i, (query, prompt) in enumerate(zip(queries, prompts)):
+        if not isinstance(prompt, str) or not query.startswith(prompt):
+            raise ValueError(f"'query'[{i}] does not start with 'prompts'[{i}]")
+        completions.append(END_OF_TURN.sub("", query[len(prompt):]))
+    columns = {} if labels is None else {"answer": labels}
+    return {"prompts": prompts, "completions": completions, "columns": columns,
+            "query": queries, "prompt_texts": prompts}
+
+
+def _prompt_text(query: str, completion: str) -> str:
+    """The prompt as the policy saw it: the query less its end-of-turn token and completion."""
+    for body in (END_OF_TURN.sub("", query), query):
+        if body.endswith(completion):
+            return body[: len(body) - len(completion)]
+    return query
 
 
 def _plain(value: Any) -> Any:
