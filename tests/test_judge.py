@@ -6,11 +6,15 @@ from __future__ import annotations
 import re
 
 import httpx
+import numpy as np
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from tiny import save_tiny_model
 
 from raftlm.config import JudgeConfig, RewardConfig, RewardTerm
-from raftlm.rewards.judge import JudgeReward
+from raftlm.rewards.judge import GRADE_PARSE, GRADE_RANGE, JudgeReward
 from raftlm.rewards.reward import Reward, RewardError, build_reward
 from raftlm.tools import serve_batching
 from raftlm.tools.serve import openai_app
@@ -79,3 +83,39 @@ def test_a_template_column_the_prompts_lack_is_reported_before_asking():
     assert reward.terms[0].name == "judge"
     with pytest.raises(RewardError, match=r"reward 'judge' needs column\(s\) \['answer'\]"):
         reward(["p"], ["a"], {})
+
+
+# --- the default grade: anchored to the answer, within the template's 0-10 --------------------
+
+
+def answering(contents: list[str]) -> Starlette:
+    """A chat-completions server answering the request for completion `i` with contents[i]."""
+
+    async def chat(request):
+        content = contents[int((await request.json())["messages"][-1]["content"])]
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_the_grade_is_the_whole_answer_within_the_range_not_a_number_inside_it():
+    answers = ["7", "Score: 7.5", "8/10", "98 + 94 = ", "12", "I give it 8"]
+    with serving(answering(answers)) as url:
+        judge = JudgeReward(judge_config(url, template="{completion}", parse=GRADE_PARSE),
+                            grade_range=GRADE_RANGE)
+        result = Reward([("judge", 1.0, judge)], on_error="skip")(
+            ["p"] * 6, [str(i) for i in range(6)], {})
+        assert result.per_term["judge"][:3].tolist() == [7.0, 7.5, 8.0]
+        assert np.isnan(result.per_term["judge"][3:]).all()
+        with pytest.raises(RewardError, match=r"the judge's grade 12 is outside grade_range "
+                                              r"\[0, 10\]: '12' \[item 0\]"):
+            Reward([("judge", 1.0, judge)])(["p"], ["4"], {})
+
+
+@pytest.mark.xfail(strict=True, reason="the config's judge defaults are the lead's to wire: "
+                   "JudgeConfig.parse = GRADE_PARSE, JudgeConfig.grade_range = [0, 10]")
+def test_the_configs_default_grade_is_anchored_and_range_checked():
+    config = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    assert config.parse == GRADE_PARSE
+    term = build_reward(RewardConfig(terms=[RewardTerm(judge=config)])).terms[0].fn
+    assert term.grade_range == GRADE_RANGE

@@ -9,13 +9,17 @@ One request per completion, `concurrency` in flight::
 
 The template is filled with `{prompt}` (a chat prompt's messages, their contents one per line),
 `{completion}` and any prompt-file column (`{answer}`). The first match of `parse` in the
-answer's content (its first group, if it has one) is the score; an answer it does not match is
-that item's failure, which `reward.on_error` decides about.
+answer's content (its first group, if it has one) is the score; an answer it does not match, or
+a grade outside `grade_range`, is that item's failure, which `reward.on_error` decides about.
+The default template asks for a grade from 0 to 10 and the number only, so `GRADE_PARSE` takes
+an answer that is the grade alone ("7", "7/10", "Score: 7.5"), never a number inside a sentence
+or a sum ("98 + 94 = ").
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import string
@@ -29,6 +33,11 @@ if TYPE_CHECKING:
     from raftlm.config import JudgeConfig, RewardTerm
 
 CHUNK_WINDOWS = 4  # a journaled chunk holds this many full windows of requests in flight
+# What the config's defaults (`judge.parse`, `judge.grade_range`) must equal: the whole answer
+# is one grade, optionally labelled or out of 10, within the default template's 0-10 scale.
+GRADE_PARSE = (r"(?i)^\s*(?:(?:score|rating|grade)\s*[:=]?\s*)?"
+               r"(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*\.?\s*$")
+GRADE_RANGE = (0.0, 10.0)
 
 
 class JudgeReward:
@@ -37,8 +46,9 @@ class JudgeReward:
     blame_items = False  # each item is its own request already; retrying would only repeat it
 
     def __init__(self, config: JudgeConfig, concurrency: int = 4, timeout_s: float = 60.0,
-                 retry_s: float = 60.0):
+                 retry_s: float = 60.0, grade_range: tuple[float, float] | None = None):
         self.config, self.concurrency = config, concurrency
+        self.grade_range = grade_range
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         try:
@@ -67,14 +77,20 @@ class JudgeReward:
         return [*system, {"role": "user", "content": content}]
 
     def grade(self, answer: str) -> float:
-        """The number `parse` reads from the judge's answer; ValueError when it reads none."""
+        """The number `parse` reads from the judge's answer, within `grade_range`; ValueError
+        when it reads none or one outside."""
         match = self.pattern.search(answer)
         text = None if match is None else (match.group(1) if self.pattern.groups else match[0])
         try:
-            return float(text)
+            grade = float(text)
         except (TypeError, ValueError):
             raise ValueError(f"the judge's answer does not parse with {self.config.parse!r}: "
                              f"{quote(answer)}") from None
+        low, high = self.grade_range or (-math.inf, math.inf)
+        if not low <= grade <= high:
+            raise ValueError(f"the judge's grade {grade:g} is outside grade_range "
+                             f"[{low:g}, {high:g}]: {quote(answer)}")
+        return grade
 
     async def __call__(self, prompts: list, completions: list[str], **columns: list
                        ) -> list[float]:
@@ -126,7 +142,10 @@ def answer_text(answer: Any, url: str) -> str:
 
 def build_judge_term(term: RewardTerm) -> JudgeReward:
     """`judge:` an LLM judge."""
-    return JudgeReward(term.judge, term.concurrency, term.timeout_s, term.retry_s)
+    # `judge.grade_range` is read only where the config has the field (the config wires it).
+    grade_range = getattr(term.judge, "grade_range", None)
+    return JudgeReward(term.judge, term.concurrency, term.timeout_s, term.retry_s,
+                       tuple(grade_range) if grade_range else None)
 
 
 def judge_label(config: JudgeConfig) -> str:
