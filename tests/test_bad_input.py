@@ -212,7 +212,9 @@ CASES = [
     ("reward module missing", lambda ws: reward(ws, "no_such_package.rewards:f"),
      "no_such_package"),
     ("unknown built-in reward", lambda ws: reward(ws, "accuracy_please"), "accuracy_please"),
-    ("reward raises", lambda ws: reward(ws, f"{ws.parent}/rewards.py:raises"), "raises"),
+    # The function's file and line, and the switch that shows the traceback (issue 34.6).
+    ("reward raises", lambda ws: reward(ws, f"{ws.parent}/rewards.py:raises"),
+     "rewards.py:6 in raises) for item 0"),
     ("reward returns NaN", lambda ws: reward(ws, f"{ws.parent}/rewards.py:nan_reward"),
      "nan_reward"),
     ("reward returns too few", lambda ws: reward(ws, f"{ws.parent}/rewards.py:too_few"),
