@@ -44,8 +44,9 @@ from raftlm.tools.serve_batching import Batcher, Job
 from raftlm.tools.target import Target
 
 
-def openai_app(target: Target, name: str) -> Any:
-    """The ASGI app (Starlette) serving `target` as model `name`."""
+def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
+    """The ASGI app (Starlette) serving `target` as model `name`; at most
+    `max_batch_requests` queued requests share one sampler call (1: one at a time)."""
     from raftlm.tools.serve_reward import require_server_libraries
 
     require_server_libraries()
@@ -54,7 +55,7 @@ def openai_app(target: Target, name: str) -> Any:
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    batcher = Batcher(target)
+    batcher = Batcher(target, max_batch_requests)
     created = int(time.time())
     model_card = {"id": name, "object": "model", "created": created, "owned_by": "raftlm"}
 
