@@ -13,9 +13,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from raftlm.config import RewardConfig, RewardTerm
+from raftlm.config import RewardConfig, RewardTerm, field_choices
 from raftlm.rewards.remote import RemoteReward
 from raftlm.rewards.reward import Reward, RewardError, build_reward
+from raftlm.rewards.terms import ERROR_POLICIES
 from raftlm.tools.serve_reward import serving
 
 COMPLETIONS = ["good one", "bad one", "good two"]
@@ -126,3 +127,7 @@ def test_plain_and_async_terms_fail_alike():
             run(fn, "raise")
         messages.append(str(raised.value))
     assert messages[0] == messages[1]
+
+
+def test_the_configs_error_policies_are_the_registrys():
+    assert set(ERROR_POLICIES) == set(field_choices(RewardConfig, "on_error"))

@@ -36,6 +36,7 @@ from raftlm.rewards.functions import (
 from raftlm.rewards.kinds import TERM_KINDS, reward_fingerprint, term_kind
 from raftlm.rewards.model import ModelReward
 from raftlm.rewards.terms import (
+    ERROR_POLICIES,
     BackgroundLoop,
     RewardError,
     TermFailure,
@@ -99,11 +100,12 @@ class Reward:
     """
 
     def __init__(self, terms: list[Term | tuple[str, float, Callable]], on_error: str = "raise"):
-        if on_error not in {"raise", "skip"}:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if on_error not in ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {', '.join(ERROR_POLICIES)}, "
+                             f"got {on_error!r}")
         if not terms:
             raise ValueError("a reward needs at least one term")
-        self.on_error = on_error
+        self.stops_run = ERROR_POLICIES[on_error].stops_run
         self.terms: list[Term] = []
         seen: dict[str, int] = {}
         for term in terms:
@@ -204,19 +206,19 @@ class Reward:
             problem = invalid(value)
             if problem is None:
                 scores[i] = float(value)
-            elif self.on_error == "raise":
+            elif self.stops_run:
                 raise RewardError(_item_message(term.name, f"returned {problem}", i,
                                                 completions[i]))
         return scores
 
     def _partial(self, term: Term, failure: TermFailure, completions: list[str]) -> np.ndarray:
-        if self.on_error == "raise":
+        if self.stops_run:
             raise RewardError(f"reward '{term.name}' {failure}") from failure
         failed = {i for i, v in enumerate(failure.scores) if v is None}
         return self._checked(term, failure.scores, completions, failed)
 
     def _batch_failed(self, term: Term, err: Exception, n: int) -> np.ndarray:
-        if self.on_error == "raise":
+        if self.stops_run:
             raise RewardError(_failed(term, err)) from err
         return np.full(n, np.nan)
 
@@ -225,7 +227,7 @@ class Reward:
         if isinstance(values, WrongCount):
             raise RewardError(f"reward '{term.name}' {values}") from values
         if isinstance(values, Exception):
-            if self.on_error == "raise":
+            if self.stops_run:
                 raise RewardError(_failed(term, values, i, completion)) from values
             return math.nan
         values = as_list(values)
@@ -236,12 +238,12 @@ class Reward:
         problem = invalid(values[0])
         if problem is None:
             return float(values[0])
-        if self.on_error == "raise":
+        if self.stops_run:
             raise RewardError(_item_message(term.name, f"returned {problem}", i, completion))
         return math.nan
 
     def _after_items(self, term: Term, batch_err: Exception, scores: np.ndarray) -> np.ndarray:
-        if self.on_error == "raise":  # every item passed alone: the batch call itself is at fault
+        if self.stops_run:  # every item passed alone: the batch call itself is at fault
             raise RewardError(_failed(term, batch_err)) from batch_err
         return scores
 

@@ -25,10 +25,25 @@ import os
 import threading
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raftlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    """What `reward.on_error` does with a failure a candidate is to blame for."""
+
+    stops_run: bool  # raise a RewardError naming it; else the candidate gets NaN, counted
+
+
+# `reward.on_error`'s choices (the config lists these names).
+ERROR_POLICIES: dict[str, ErrorPolicy] = {
+    "raise": ErrorPolicy(stops_run=True),
+    "skip": ErrorPolicy(stops_run=False),
+}
 
 
 class RewardError(UserError, RuntimeError):
