@@ -7,17 +7,18 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from tiny import tiny_tokenizer
+from tiny import tiny_reward_model, tiny_tokenizer
 
 from raftlm.data.prompts import PromptRecord
 from raftlm.rewards.remote import RemoteReward
 from raftlm.rewards.reward import Reward, score
 from raftlm.rewards.verifiable import numeric_answer
 from raftlm.sampling.completion import Completion
-from raftlm.tools.serve_reward import reward_app, serving
+from raftlm.tools.serve_reward import load_reward_spec, reward_app, serving
 
 # What OpenRLHF's remote-RM client posts (openrlhf/utils/remote_rm_utils.py, `remote_rm_fn_ray`:
 # request_api_wrapper(url, {"query": queries, "prompts": prompts, "labels": labels})): each
@@ -131,3 +132,17 @@ def test_step_reaches_the_functions_that_declare_it_and_the_payload():
     assert steps == [40]
     assert bodies[0]["step"] == 40 and bodies[0]["stage"] == 3
     assert result.per_term["fn"].tolist() == [40.0, 40.0]
+
+
+def test_a_served_reward_model_scores_openrlhfs_queries_whole_as_its_server_does(tmp_path):
+    tok = tiny_tokenizer()
+    tiny_reward_model(seed=0, vocab_size=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = load_reward_spec(str(tmp_path), batch_size=2, device="cpu")
+    # OpenRLHF's serve_rm: tokenizer(queries, add_special_tokens=False, padding=True).
+    expected = rm.score_texts(OPENRLHF_REQUEST["query"])
+    templated_again = rm(PROMPTS, ["2 + 2 = 4", "It is 9."])  # its template around theirs
+    with serving(reward_app(rm, str(tmp_path))) as url:
+        rewards = request_api_wrapper(url + "/score", OPENRLHF_REQUEST)
+    assert rewards == pytest.approx(expected, abs=1e-6)
+    assert rewards != pytest.approx(templated_again, abs=1e-6)

@@ -50,11 +50,17 @@ class ModelReward:
         return prompt + completion
 
     def __call__(self, prompts: list, completions: list[str], **kwargs: Any) -> list[float]:
+        texts = [self._text(p, c) for p, c in zip(prompts, completions, strict=True)]
+        # A chat template writes its own special tokens; plain text gets the tokenizer's.
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        return self.score_texts(texts, add_special_tokens=not templated)
+
+    def score_texts(self, texts: list[str], add_special_tokens: bool = False) -> list[float]:
+        """Logit 0 of each whole text: by default a conversation already templated, its special
+        tokens in the text (OpenRLHF's `query`, scored as its reward-model server does)."""
         import torch
         from tqdm.auto import tqdm
 
-        texts = [self._text(p, c) for p, c in zip(prompts, completions, strict=True)]
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
         scores: list[float] = []
         starts = range(0, len(texts), self.batch_size)
         with torch.inference_mode():
@@ -63,7 +69,7 @@ class ModelReward:
                     texts[start : start + self.batch_size],
                     padding=True,
                     return_tensors="pt",
-                    add_special_tokens=not templated,  # the template holds its own specials
+                    add_special_tokens=add_special_tokens,
                 ).to(self.device)
                 logits = self.model(**batch).logits
                 scores += logits[:, 0].float().cpu().tolist()

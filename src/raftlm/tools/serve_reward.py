@@ -14,7 +14,8 @@ OpenRLHF's remote-RM client sends each `query` (templated prompt + response, spe
 kept), `prompts` (the templated prompts) and `labels` (its `--label_key` column), and reads
 `rewards` (and `scores`, for its dynamic filtering). Its request is served as `completions`: the
 query after its prompt, less a trailing end-of-turn token; `prompts` and `prompt_texts`: the
-templated prompts; the column `answer` (what raftlm's built-ins read): the labels.
+templated prompts; the column `answer` (what raftlm's built-ins read): the labels. A reward
+model scores each query whole instead, as OpenRLHF's `serve_rm` does.
 
 `async def` rewards run concurrently; plain functions and models run in a worker thread,
 `concurrency` calls at a time (1 by default: a model or a function that is not thread-safe).
@@ -75,15 +76,20 @@ def reward_app(fn: Callable[..., Any], name: str, concurrency: int = 1) -> Any:
 
     async def score(request: Request) -> Response:
         try:
-            kwargs = parse_request(json.loads(await request.body()), wants)
+            data = json.loads(await request.body())
+            kwargs = parse_request(data, wants)
         except ValueError as err:
             return JSONResponse({"error": f"bad request: {one_line(err)}"}, status_code=400)
+        # A reward model asked by OpenRLHF scores each query whole, as OpenRLHF's own server
+        # does: its prompts are already templated, and templating them again would be wrong.
+        whole = getattr(fn, "score_texts", None) if is_openrlhf(data) else None
+        call = (lambda: whole(data["query"])) if whole else (lambda: fn(**kwargs))
         try:
             if is_async(fn):
                 output = await fn(**kwargs)
             else:
                 async with slots:
-                    output = await run_in_threadpool(lambda: fn(**kwargs))
+                    output = await run_in_threadpool(call)
         except Exception as err:
             message = f"reward '{name}' raised {type(err).__name__}: {one_line(err)}"
             return JSONResponse({"error": message}, status_code=422)
@@ -114,7 +120,7 @@ def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
     ValueError naming what is wrong."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    if "completions" not in data and "query" in data:
+    if is_openrlhf(data):
         data = _from_openrlhf(data)
     prompts, completions = data.get("prompts"), data.get("completions")
     columns = data.get("columns") or {}
@@ -139,6 +145,11 @@ def parse_request(data: Any, wants: set[str]) -> dict[str, Any]:
         if key in wants:
             kwargs[key] = data.get(key)
     return kwargs
+
+
+def is_openrlhf(data: Any) -> bool:
+    """Whether a request body has OpenRLHF's shape ({query, prompts, labels})."""
+    return isinstance(data, dict) and "completions" not in data and "query" in data
 
 
 def _from_openrlhf(data: dict[str, Any]) -> dict[str, Any]:
