@@ -40,6 +40,28 @@ from raftlm.run.lock import LOCK_NAME
 from raftlm.run.signals import critical
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask can only
+    read by setting, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(path: str | Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private: 0600/0700, whatever the umask)
+    the mode an ordinary open or mkdir would have, so that what raftlm writes can be read by
+    whom the user's umask allows (a web server, another user, a container)."""
+    full = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, full & ~current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -57,6 +79,7 @@ def _write_and_rename(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        share_like_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -182,6 +205,7 @@ class RunDir:
         target.parent.mkdir(parents=True, exist_ok=True)
         with critical():
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+            share_like_umask(staging)
             try:
                 save_policy(staging / "policy")
                 write_trainer_state(staging, trainer_state)

@@ -19,7 +19,7 @@ import yaml
 
 from raftlm.config import EMBEDDED_MODEL
 from raftlm.errors import InvalidInput
-from raftlm.run.rundir import RunDir
+from raftlm.run.rundir import RunDir, share_like_umask
 from raftlm.tools.gguf_file import write_gguf
 from raftlm.tools.target import Target, load_target
 
@@ -51,7 +51,7 @@ def export(path: str | Path, out: str | Path, fmt: str, stage: int | None = None
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would hide the model from other users
+    share_like_umask(staging)  # mkdtemp's private 0700 would hide the model from other users
     try:
         write_hf_folder(model, target, staging)
         shutil.move(str(staging), out)  # the folder appears only when complete

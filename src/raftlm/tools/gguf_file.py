@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from raftlm.errors import InvalidInput
+from raftlm.run.rundir import share_like_umask
 
 GGUF_DTYPES = {"f16": np.float16, "f32": np.float32}
 # llama.cpp's token types (gguf.TokenType): what transformers' loader reads back as special.
@@ -41,7 +42,7 @@ def write_gguf(model: Any, tokenizer: Any, out: Path, dtype: str = "f16", name: 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
     os.close(fd)
-    os.chmod(staging, 0o644)  # mkstemp's private 0600 would hide the file from other users
+    share_like_umask(staging)  # mkstemp's private 0600 would hide the file from other users
     try:
         writer = gguf.GGUFWriter(staging, "llama")
         _write_hyperparameters(writer, config, name, dtype, gguf)
