@@ -7,9 +7,8 @@ import json
 import gguf
 import pytest
 import torch
-from tiny import CHATML, save_tiny_model, tiny_llama_config
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny import CHATML, save_tiny_model, tiny_bpe_tokenizer, tiny_llama_config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
@@ -26,24 +25,6 @@ REWARD_FILE = """
 def length(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
 """
-
-
-def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style, like SmolLM2's) trained in memory on sums:
-    GGUF's `gpt2` tokenizer model describes exactly this kind."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [f"What is {a} + {b}? {a} + {b} = {a + b}." for a in range(40) for b in range(40)]
-    core.train_from_iterator(texts + ["user assistant system Hello there Say"], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>",
-        eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -75,6 +75,33 @@ def tiny_reward_model(
     torch.manual_seed(seed)
     config = tiny_llama_config(vocab_size, num_labels=1)
     return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, like SmolLM2's) trained in memory on sums:
+    GGUF's `gpt2` tokenizer model describes exactly this kind."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [f"What is {a} + {b}? {a} + {b} = {a + b}." for a in range(40) for b in range(40)]
+    core.train_from_iterator(texts + ["user assistant system Hello there Say"], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>",
+        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def save_tiny_bpe_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with the byte-level BPE tokenizer (what `raftlm export --format
+    gguf` can write), saved as an HF folder."""
+    tokenizer = tiny_bpe_tokenizer()
+    tiny_causal_lm(seed, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def save_tiny_model(folder: Path, seed: int = 0) -> Path:

