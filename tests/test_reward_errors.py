@@ -65,25 +65,26 @@ USER_REWARD = textwrap.dedent("""\
 """)
 
 
-def test_a_user_functions_error_names_its_file_line_and_the_traceback_switch(tmp_path,
-                                                                             monkeypatch):
+@pytest.fixture
+def user_reward(tmp_path, monkeypatch) -> Reward:
+    """`my_rewards.py:brevity` from the working folder, as a config names it."""
     (tmp_path / "my_rewards.py").write_text(USER_REWARD)
     monkeypatch.chdir(tmp_path)
-    reward = build_reward(RewardConfig(terms=[RewardTerm(name="my_rewards.py:brevity")]))
+    return build_reward(RewardConfig(terms=[RewardTerm(name="my_rewards.py:brevity")]))
+
+
+def test_a_user_functions_error_names_its_file_line_and_the_traceback_switch(user_reward):
     with pytest.raises(RewardError) as raised:
-        reward(["p"] * 3, COMPLETIONS, {})
+        user_reward(["p"] * 3, COMPLETIONS, {})
     assert str(raised.value) == (
         "reward 'brevity' raised ZeroDivisionError: division by zero (my_rewards.py:2 in "
         "helper) for item 1 (completion: 'bad one'); RAFTLM_TRACEBACK=1 prints the traceback")
 
 
-def test_the_users_exception_is_kept_for_raftlm_traceback(tmp_path, monkeypatch):
+def test_the_users_exception_is_kept_for_raftlm_traceback(user_reward):
     # RAFTLM_TRACEBACK=1 makes the CLI re-raise: the chained traceback then shows the user's line.
-    (tmp_path / "my_rewards.py").write_text(USER_REWARD)
-    monkeypatch.chdir(tmp_path)
-    reward = build_reward(RewardConfig(terms=[RewardTerm(name="my_rewards.py:brevity")]))
     with pytest.raises(RewardError) as raised:
-        reward(["p"], ["bad one"], {})
+        user_reward(["p"], ["bad one"], {})
     assert isinstance(raised.value.__cause__, ZeroDivisionError)
 
 

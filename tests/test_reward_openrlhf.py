@@ -91,13 +91,18 @@ def records_and_completions(tok):
     return [record], [completions]
 
 
-def test_the_query_ends_with_the_end_of_turn_token_the_completion_stopped_on():
+def score_remotely(url: str) -> None:
+    """Score `records_and_completions` with a url term, the policy's tokenizer given."""
     tok = tiny_tokenizer()
-    app, bodies = recording_server()
     records, completions = records_and_completions(tok)
+    score(Reward([("rm", 1.0, RemoteReward(url + "/score"))]), records, completions,
+          tokenizer=tok)
+
+
+def test_the_query_ends_with_the_end_of_turn_token_the_completion_stopped_on():
+    app, bodies = recording_server()
     with serving(app) as url:
-        score(Reward([("rm", 1.0, RemoteReward(url + "/score"))]), records, completions,
-              tokenizer=tok)
+        score_remotely(url)
     assert bodies[0]["query"] == ["<user>Hi</user>ab<|im_end|>", "<user>Hi</user>cd"]
 
 
@@ -108,11 +113,8 @@ def test_serve_reward_tells_the_prompt_text_from_a_query_with_its_end_token():
         seen.extend(prompt_texts)
         return [0.0] * len(completions)
 
-    tok = tiny_tokenizer()
-    records, completions = records_and_completions(tok)
     with serving(reward_app(texts, "texts")) as url:
-        score(Reward([("rm", 1.0, RemoteReward(url + "/score"))]), records, completions,
-              tokenizer=tok)
+        score_remotely(url)
     assert seen == ["<user>Hi</user>", "<user>Hi</user>"]
 
 
