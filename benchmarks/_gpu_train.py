@@ -90,7 +90,7 @@ def offload_peaks(ctx: Context, offload: str) -> dict[str, float | None]:
     """Peak memory per phase of stage 2 (stage 1 creates the AdamW moments offload moves)."""
     import raftlm.loop as loop
     import raftlm.steps as steps
-    from raftlm.build import prepare_run
+    from raftlm.stage.build import prepare_run
 
     built = ctx.models(ctx.sizes[0])
     config = raft_config(ctx, f"offload-{offload}", lora=False, stages=2, offload=offload,
@@ -128,7 +128,7 @@ def section_offload(ctx: Context) -> list[Row]:
 
 
 def section_train_memory(ctx: Context) -> list[Row]:
-    from raftlm.build import prepare_run
+    from raftlm.stage.build import prepare_run
     from raftlm.training.batches import Example
 
     s, rows = ctx.settings, []

@@ -89,8 +89,8 @@ def child(name: str, offload: str) -> dict[str, Any]:
     """One stage in this (fresh) process; returns the measurements."""
     import torch
 
-    from raftlm.build import prepare_run
-    from raftlm.loop import raft_stage
+    from raftlm.stage.build import prepare_run
+    from raftlm.stage.loop import raft_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

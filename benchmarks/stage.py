@@ -1,6 +1,6 @@
 """One RAFT stage of the default config: raftlm against the loop users write today.
 
-raftlm: `raftlm.loop.raft_stage` on a fresh run of `configs/arithmetic.yaml` (evaluation off):
+raftlm: `raftlm.stage.loop.raft_stage` on a fresh run of `configs/arithmetic.yaml` (evaluation off):
 32 prompts x K=8, 64 new tokens, T=0.7, LoRA r=16, best per prompt with reward 1, 2 epochs of
 micro-batches of 8 (bf16 autocast when the config asks for it).
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from raftlm.build import prepare_run
+from raftlm.stage.build import prepare_run
 from raftlm.config import RaftConfig
-from raftlm.loop import raft_stage
+from raftlm.stage.loop import raft_stage
 from raftlm.models.loading import load_policy, resolve_dtype
 from raftlm.rewards.verifiable import numeric_answer
 from raftlm.training.batches import Example

@@ -13,7 +13,7 @@ import sys
 import accelerate
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import raftlm.build
+import raftlm.stage.build
 from raftlm.cli import main
 
 
@@ -28,5 +28,5 @@ class FSDP2OnCPU(accelerate.Accelerator):
         accelerate.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-raftlm.build.Accelerator = FSDP2OnCPU
+raftlm.stage.build.Accelerator = FSDP2OnCPU
 sys.exit(main(sys.argv[1:]))

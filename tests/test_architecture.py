@@ -14,10 +14,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raftlm"
 
 LAYERS: list[tuple[str, list[str]]] = [
-    ("reference math and config", ["raftlm.errors", "raftlm.core", "raftlm.core_checks",
-                                   "raftlm.core_objectives",
-                                   "raftlm.core_sampling", "raftlm.config",
-                                   "raftlm.config_schema"]),
+    ("reference math and config", ["raftlm.errors", "raftlm.core", "raftlm.core.checks",
+                                   "raftlm.core.objectives",
+                                   "raftlm.core.collectors", "raftlm.config",
+                                   "raftlm.config.schema"]),
     ("foundations", ["raftlm.models", "raftlm.data", "raftlm.run"]),
     ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training"]),
     ("evaluation", ["raftlm.evaluation"]),

@@ -1,5 +1,5 @@
-"""raft.sampling: fixed | dynamic | gvm (raftlm.sampling_modes) on a tiny model: what each mode
-samples, that decisions come from (seed, stage, prompt, sample index) alone, exact resume inside
+"""raft.collector: fixed | dynamic | gvm (raftlm.stage.collectors) on a tiny model: what each
+collector samples, that decisions come from (seed, stage, prompt, sample index) alone, exact resume inside
 a stage, and two processes agreeing with one."""
 
 import json
@@ -16,14 +16,14 @@ from raftlm.config import ConfigError, field_choices
 from raftlm.data.prompts import PromptRecord
 from raftlm.run.journal import StageJournal
 from raftlm.run.rundir import RunDir
-from raftlm.sampling.completion import Completion
-from raftlm.sampling_modes import SAMPLING_MODES, gvm_counts, useful_prompts
-from raftlm.steps import Candidates
+from raftlm.stage.collectors import COLLECTORS, gvm_counts
+from raftlm.stage.rank import useful_prompts
+from raftlm.stage.rollouts import Rollout, Rollouts
 
 # min_reward 0.15 on the digit share: some of the tiny model's prompts carry a signal, some not
-DYNAMIC = {"raft": {"sampling": "dynamic", "max_sampling_rounds": 3},
+DYNAMIC = {"raft": {"collector": "dynamic", "dynamic": {"max_rounds": 3}},
            "selection": {"min_reward": 0.15}}
-GVM = {"raft": {"sampling": "gvm", "gvm_first_samples": 2, "gvm_max_samples": 6},
+GVM = {"raft": {"collector": "gvm", "gvm": {"first_samples": 2, "max_samples": 6}},
        "selection": {"min_reward": 0.15}}
 
 
@@ -53,27 +53,56 @@ def texts_by_prompt(rows: list[dict]) -> dict[int, list[str]]:
     return out
 
 
-def test_sampling_modes_are_the_config_choices():
-    assert set(SAMPLING_MODES) == set(field_choices(RaftConfig, "raft.sampling"))
+def test_collectors_are_the_config_choices():
+    assert set(COLLECTORS) == set(field_choices(RaftConfig, "raft.collector"))
 
 
 def test_gvm_needs_a_reward_that_counts_as_accepted(workspace, tiny_model_dir):
-    with pytest.raises(ConfigError, match="raft.gvm_accept_reward"):
-        make_config(workspace, tiny_model_dir, raft={"sampling": "gvm"})
+    with pytest.raises(ConfigError, match="raft.gvm.accept_reward"):
+        make_config(workspace, tiny_model_dir, raft={"collector": "gvm"})
     accepted = make_config(workspace, tiny_model_dir,
-                           raft={"sampling": "gvm", "gvm_accept_reward": 1.0})
-    assert accepted.raft.gvm_accept_reward == 1.0
+                           raft={"collector": "gvm", "gvm": {"accept_reward": 1.0}})
+    assert accepted.raft.gvm.accept_reward == 1.0
+
+
+def test_the_flat_names_of_last_release_still_work_with_a_note(workspace, tiny_model_dir,
+                                                               capsys):
+    old = make_config(workspace, tiny_model_dir, raft={
+        "sampling": "gvm", "gvm_accept_reward": 1.0, "gvm_first_samples": 3,
+        "max_sampling_rounds": 2}, generation={"vllm_gpu_memory_utilization": 0.7})
+    assert (old.raft.collector, old.raft.gvm.accept_reward, old.raft.gvm.first_samples,
+            old.raft.dynamic.max_rounds) == ("gvm", 1.0, 3, 2)
+    assert old.generation.vllm.gpu_memory_utilization == 0.7
+    notes = capsys.readouterr().err
+    assert "raft.gvm_first_samples is now raft.gvm.first_samples" in notes
+    assert "raft.sampling is now raft.collector" in notes
+    with pytest.raises(ConfigError, match="raft.sampling and raft.collector are the same"):
+        make_config(workspace, tiny_model_dir, raft={"sampling": "gvm", "collector": "fixed"})
+
+
+def test_an_import_path_names_a_collector_of_ones_own(workspace, tiny_model_dir):
+    """Half of each stage's prompts, K samples each: a collector is a short policy over the
+    one Collect primitive, named like a reward function."""
+    (workspace / "halves.py").write_text(
+        "from raftlm.stage.collectors import Collector\n"
+        "def collect(run, prompts, collect):\n"
+        "    half = prompts[: len(prompts) // 2]\n"
+        "    return collect(half, [run.config.raft.samples_per_prompt] * len(half))\n"
+        "HALVES = Collector(collect, rewards_between_rounds=False)\n")
+    result = train(config(workspace, tiny_model_dir, {}, raft={
+        "collector": f"{workspace / 'halves.py'}:HALVES", "stages": 1}))
+    assert len(texts_by_prompt(stage_rows(result.run_dir, 1))) == 2  # of b = 4
 
 
 # Decisions on hand-made candidates ---------------------------------------------------------------
 
-def candidates(rewards: list[list[float]], texts: list[list[str]] | None = None) -> Candidates:
+def candidates(rewards: list[list[float]], texts: list[list[str]] | None = None) -> Rollouts:
     texts = texts or [[f"answer {p} {j}" for j in range(len(row))] for p, row in
                       enumerate(rewards)]
     prompts = [PromptRecord(p, "q", "q", [1, 2], {}) for p in range(len(rewards))]
-    responses = [[Completion(text=t, token_ids=[5] * 3, finish_reason="stop",
-                             token_log_probs=[-0.1, -0.2, -0.3]) for t in row] for row in texts]
-    return Candidates(prompts, responses, np.array(rewards, dtype=np.float64))
+    responses = [[Rollout(text=t, token_ids=[5] * 3, finish_reason="stop",
+                          token_log_probs=[-0.1, -0.2, -0.3]) for t in row] for row in texts]
+    return Rollouts(prompts, responses, np.array(rewards, dtype=np.float64))
 
 
 def test_a_prompt_is_useful_to_raft_when_a_response_passes_min_reward(workspace, tiny_model_dir):
@@ -91,8 +120,8 @@ def test_a_prompt_is_useful_to_grpo_when_its_rewards_differ(workspace, tiny_mode
 def test_gvm_gives_rarely_accepted_prompts_more_and_never_accepted_ones_their_first_round(
         workspace, tiny_model_dir):
     cfg = make_config(workspace, tiny_model_dir, raft={
-        "sampling": "gvm", "prompts_per_stage": 3, "samples_per_prompt": 8,
-        "gvm_first_samples": 4, "gvm_max_samples": 16, "gvm_accept_reward": 1.0})
+        "collector": "gvm", "prompts_per_stage": 3, "samples_per_prompt": 8,
+        "gvm": {"first_samples": 4, "max_samples": 16, "accept_reward": 1.0}})
     table = candidates([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     counts = gvm_counts(table, cfg)
     assert sum(counts) == 3 * 8 and counts[2] == 4 and counts[1] > counts[0] > 4
@@ -143,10 +172,10 @@ def test_gvm_extends_the_first_round_within_the_budget(workspace, tiny_model_dir
 
 def test_gvm_on_a_backend_that_reseeds_samples_only_the_missing_responses(
         workspace, tiny_model_dir, monkeypatch):
-    import raftlm.sampling_modes
+    import raftlm.stage.collect
 
-    asked, original = [], raftlm.sampling_modes.generate
-    monkeypatch.setattr(raftlm.sampling_modes, "generate", lambda *args, **kwargs: (
+    asked, original = [], raftlm.stage.collect.generate
+    monkeypatch.setattr(raftlm.stage.collect, "generate", lambda *args, **kwargs: (
         asked.append(list(args[3])), original(*args, **kwargs))[1])
     result = train(config(workspace, tiny_model_dir, GVM, generation={"backend": "hf"},
                           raft={"stages": 1}))

@@ -6,7 +6,6 @@ from typing import ClassVar
 import pytest
 
 from raftlm.config import (
-    OBJECTIVES,
     ConfigError,
     GenerationConfig,
     RaftConfig,
@@ -14,7 +13,8 @@ from raftlm.config import (
     field_help,
     option,
 )
-from raftlm.config_schema import build, check_choices
+from raftlm.config.schema import build, check_choices
+from raftlm.config.sections import OBJECTIVES
 
 
 def write(tmp_path, text):

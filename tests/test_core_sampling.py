@@ -1,9 +1,9 @@
-"""The sampling modes' reference math (raftlm.core_sampling): useful-prompt test, GVM's rule."""
+"""The sampling modes' reference math (raftlm.core.collectors): useful-prompt test, GVM's rule."""
 
 import numpy as np
 import pytest
 
-from raftlm.core_sampling import (
+from raftlm.core.collectors import (
     acceptance_rates,
     allocate_samples,
     gvm_allocation,

@@ -20,7 +20,7 @@ from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
 from raftlm.sampling.generate import generate
 from raftlm.training.batches import Example
-from raftlm.training.trainer import SFTTrainer
+from raftlm.training.trainer import PolicyTrainer
 
 CPU = torch.device("cpu")
 SAMPLED_KEYS = ("eval/sampled_reward_mean", "eval/best_of_k_reward", "eval/sampled_accuracy",
@@ -133,7 +133,7 @@ def test_kl_is_positive_after_a_training_step(workspace, tiny_model_dir, lora):
     config = make_config(workspace, tiny_model_dir, lora=lora)
     policy, tokenizer = load_policy(config.model, CPU, torch.float32)
     _, prompts = load_prompt_sets(config, tokenizer)
-    trainer = SFTTrainer(policy, TrainingConfig(learning_rate=5e-2, micro_batch_size=4), 4,
+    trainer = PolicyTrainer(policy, TrainingConfig(learning_rate=5e-2, micro_batch_size=4), 4,
                          Accelerator(cpu=True), tokenizer.pad_token_id, seed=0)
     examples = [Example(r.token_ids, tokenizer.encode("7777")) for r in prompts.records]
     trainer.train(examples * 4, stage=1)  # 4 optimizer steps towards answering "7777"

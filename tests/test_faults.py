@@ -80,7 +80,7 @@ def forkserver(workspace):
     context = multiprocessing.get_context("forkserver")
     # What a run imports lazily, too: every child would pay for it again.
     context.set_forkserver_preload([
-        "raftlm.cli", "raftlm.loop", "raftlm.run.report", "test_faults", "peft",
+        "raftlm.cli", "raftlm.stage.loop", "raftlm.run.report", "test_faults", "peft",
         "transformers.models.llama.modeling_llama", "matplotlib.backends.backend_agg"])
     return context
 
@@ -115,8 +115,8 @@ def uninterrupted(forkserver, workspace: Path) -> tuple[dict, float]:
 # raft.sampling modes whose stages take several rounds (docs/sampling.md); min_reward 0.15 on
 # the digit share leaves some prompts without a signal, so dynamic draws more and gvm allocates.
 SAMPLING_MODES = {
-    "dynamic": {"raft": {"sampling": "dynamic", "max_sampling_rounds": 3}},
-    "gvm": {"raft": {"sampling": "gvm", "gvm_first_samples": 2, "gvm_max_samples": 6}},
+    "dynamic": {"raft": {"collector": "dynamic", "dynamic": {"max_rounds": 3}}},
+    "gvm": {"raft": {"collector": "gvm", "gvm": {"first_samples": 2, "max_samples": 6}}},
 }
 
 

@@ -16,9 +16,9 @@ from tiny import write_digits_task
 
 from raftlm.cli import main as cli_main
 from raftlm.config import RaftConfig
+from raftlm.jobs.steps import finetune_stage, generate_stage, score_stage, select_stage
+from raftlm.jobs.workdir import WorkMismatch
 from raftlm.run.journal import StageJournal
-from raftlm.tools.jobs import finetune_stage, generate_stage, score_stage, select_stage
-from raftlm.tools.workdir import WorkMismatch
 
 REWARD_FILE = """
 def digits(prompts, completions, answer, **columns):

@@ -9,8 +9,8 @@ from tiny import write_digits_task
 
 from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
-from raftlm.loop import summary_line
 from raftlm.rewards.reward import RewardError
+from raftlm.stage.loop import summary_line
 
 REWARD_FILE = """
 def digits(prompts, completions, answer, **columns):

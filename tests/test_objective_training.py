@@ -7,17 +7,25 @@ import pytest
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
-from test_objectives import chosen, stage_table
+from test_objectives import chosen, stage_table, training_examples
 from tiny import tiny_causal_lm, tiny_llama_config
 from transformers import LlamaForCausalLM
 
 import raftlm
-from raftlm import core_objectives as ref
-from raftlm.config import GenerationConfig, TrainingConfig
+from raftlm.config import GenerationConfig, RaftConfig, TrainingConfig
+from raftlm.core import objectives as ref
+from raftlm.stage.rank import shaped_rewards
+from raftlm.stage.rollouts import Rollout, Rollouts
 from raftlm.training import losses, objectives
-from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
-from raftlm.training.objectives import TrainingExample
-from raftlm.training.trainer import NonFiniteLossError, SFTTrainer
+from raftlm.training.batches import (
+    IGNORE,
+    Example,
+    TrainingExample,
+    collate,
+    response_log_probs,
+    token_nll,
+)
+from raftlm.training.trainer import NonFiniteLossError, PolicyTrainer
 
 CPU = torch.device("cpu")
 EXAMPLES = [Example([5, 6], [8, 9, 10]), Example([7], [11, 12]), Example([5], [9])]
@@ -41,7 +49,7 @@ def with_old(model, examples, temperature, weight=1.0):
 
 def trainer_for(model, generation=None, **training):
     config = TrainingConfig(**{"learning_rate": 1e-2, "micro_batch_size": 8, **training})
-    return SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0,
+    return PolicyTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0,
                       generation=generation)
 
 
@@ -53,9 +61,9 @@ def parameters(model):
 
 def test_ratio_objective_starts_at_ratio_one_from_a_forward_pass_of_pi_old():
     model = tiny_causal_lm(seed=2)
-    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    examples = [TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
     config = TrainingConfig(objective="raft++", learning_rate=1e-2, micro_batch_size=4)
-    trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+    trainer = PolicyTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
     stats = trainer.train(examples, stage=1)
     assert stats["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["train/clip_fraction"] == 0.0
@@ -64,10 +72,10 @@ def test_ratio_objective_starts_at_ratio_one_from_a_forward_pass_of_pi_old():
 
 def test_several_passes_move_the_ratio_and_clip_it():
     model = tiny_causal_lm(seed=2)
-    examples = [objectives.TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
+    examples = [TrainingExample(e.prompt_ids, e.response_ids, 1.0) for e in EXAMPLES]
     config = TrainingConfig(objective="raft++", learning_rate=5e-2, micro_batch_size=4,
                             epochs=6)
-    stats = SFTTrainer(model, config, 10, Accelerator(cpu=True), 2, 0).train(examples, 1)
+    stats = PolicyTrainer(model, config, 10, Accelerator(cpu=True), 2, 0).train(examples, 1)
     assert stats["train/ratio_max"] > 1.2
     assert stats["train/clip_fraction"] > 0
 
@@ -89,7 +97,7 @@ def test_reward_weighted_moves_log_probs_like_the_bandit_reference():
     tokens = np.random.default_rng(rng_seed).choice(vocab, size=k, p=np.full(vocab, 1 / vocab))
     rewards = [reward("p", int(tok)) for tok in tokens]
     kept = np.argsort(rewards)[-k // 2:]
-    examples = [objectives.TrainingExample([1, 3], [int(tokens[i])], rewards[i]) for i in kept]
+    examples = [TrainingExample([1, 3], [int(tokens[i])], rewards[i]) for i in kept]
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab, tie_word_embeddings=False)).double()
@@ -287,18 +295,40 @@ def test_grpo_advantages_follow_the_configured_scale(scale):
     rewards = [[0.0, 1.0, 1.0, 0.5], [2.0, 0.0, 0.0, 0.0]]
     prompts, responses, table = stage_table(rewards)
     config = TrainingConfig(objective="grpo", advantage_scale=scale)
-    examples, _ = objectives.training_examples(prompts, responses, table,
-                                               chosen(np.zeros((2, 4))), config, 1)
+    examples, _ = training_examples(prompts, responses, table,
+                                    chosen(np.zeros((2, 4))), config, 1)
     expected, _ = ref.group_advantages(table, scale=scale, ddof=1)
     np.testing.assert_allclose([e.weight for e in examples], expected.flatten())
 
 
 def test_overlong_penalty_falls_linearly_over_the_buffer_before_max_new_tokens():
     rewards = np.array([[1.0, 1.0, 1.0, np.nan]])
-    lengths = np.array([[10, 13, 16, 16]])
-    config = TrainingConfig(overlong_buffer=4, overlong_penalty=0.5)
-    shaped = objectives.shaped_rewards(rewards, lengths, config, max_new_tokens=16)
+    rollouts = Rollouts([None], [[Rollout("", [0] * n, "eos") for n in (10, 13, 16, 16)]],
+                        rewards)
+
+    def shaped(**training):
+        return shaped_rewards(rollouts, RaftConfig(generation=GenerationConfig(max_new_tokens=16),
+                                                   training=TrainingConfig(**training)))
+
     # expected length 16 - 4 = 12: 10 -> 0, 13 -> -1/4 * 0.5, 16 -> -4/4 * 0.5
-    np.testing.assert_allclose(shaped, [[1.0, 0.875, 0.5, np.nan]])
-    off = objectives.shaped_rewards(rewards, lengths, TrainingConfig(), max_new_tokens=16)
-    np.testing.assert_array_equal(off, rewards)
+    np.testing.assert_allclose(shaped(overlong_buffer=4, overlong_penalty=0.5),
+                               [[1.0, 0.875, 0.5, np.nan]])
+    np.testing.assert_array_equal(shaped(), rewards)
+
+
+@pytest.mark.parametrize("objective", list(objectives.OBJECTIVES))
+def test_tokens_a_loss_mask_marks_0_get_no_loss_under_every_objective(objective):
+    """A tool's output inside a response (loss mask 0) is context, never a target: it gets no
+    loss and counts in no token total, whatever the objective."""
+    masked = TrainingExample([1, 3], [5, 6, 7], 0.5, [-1.0, -1.0, -1.0], loss_mask=[1, 0, 1])
+    batch = collate([masked], pad_id=0)
+    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, 5, IGNORE, 7]
+    nll = token_nll(tiny_causal_lm(), batch)
+    mask = (batch["labels"][:, 1:] != IGNORE).float()
+    tensors = {**objectives.token_tensors([masked], nll.shape[1]), "mask": mask}
+    loss, stats = objectives.token_loss(TrainingConfig(objective=objective), -nll, tensors)
+    loss = loss.detach()
+    assert stats["tokens"] == 2.0
+    assert float(loss[0, 2]) == 0.0 and float(loss[0, 1]) != 0.0 and float(loss[0, 3]) != 0.0
+    unmasked = collate([TrainingExample([1, 3], [5, 6, 7])], pad_id=0)
+    assert unmasked["labels"][0].tolist() == [IGNORE, IGNORE, 5, 6, 7]  # no mask: all trained

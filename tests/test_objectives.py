@@ -13,14 +13,21 @@ from test_distributed import accelerate_launch
 from tiny import save_tiny_model, tiny_causal_lm, write_digits_task
 
 from raftlm import RaftConfig, train
-from raftlm import core_objectives as ref
 from raftlm.config import ConfigError, TrainingConfig, field_choices
-from raftlm.rewards.selection import Selection
-from raftlm.sampling.completion import Completion
+from raftlm.core import objectives as ref
+from raftlm.stage import rank
+from raftlm.stage.rank import Selection
+from raftlm.stage.rollouts import Rollout, Rollouts
 from raftlm.training import losses, objectives
 from raftlm.training.batches import IGNORE, Example, collate, token_nll
-from raftlm.training.objectives import OBJECTIVES, check_objective_config
-from raftlm.training.trainer import SFTTrainer
+from raftlm.training.objectives import (
+    LOSSES,
+    OBJECTIVES,
+    WEIGHTINGS,
+    check_objective_config,
+    objective_of,
+)
+from raftlm.training.trainer import PolicyTrainer
 
 
 @pytest.fixture
@@ -135,9 +142,14 @@ def test_rank_weights_give_zero_to_all_equal_groups_and_to_the_worst_answer():
 
 def stage_table(rewards, log_probs=None):
     prompts = [SimpleNamespace(id=f"p{i}", token_ids=[5, i]) for i in range(len(rewards))]
-    responses = [[Completion(f"r{p}{j}", [10 + j, 2], "eos", log_probs)
+    responses = [[Rollout(f"r{p}{j}", [10 + j, 2], "eos", log_probs)
                   for j in range(len(row))] for p, row in enumerate(rewards)]
     return prompts, responses, np.array(rewards, dtype=float)
+
+
+def training_examples(prompts, responses, rewards, selection, config, stage):
+    return rank.training_examples(Rollouts(prompts, responses, rewards), rewards, selection,
+                                  config, stage)
 
 
 def chosen(mask, eligible=None):
@@ -149,7 +161,7 @@ def chosen(mask, eligible=None):
 def test_raft_plus_plus_trains_the_selected_responses_with_advantage_one():
     prompts, responses, rewards = stage_table([[0.0, 1.0], [1.0, 0.0]])
     mask = np.array([[False, True], [False, False]])
-    examples, stats = objectives.training_examples(
+    examples, stats = training_examples(
         prompts, responses, rewards, chosen(mask), TrainingConfig(objective="raft++"), 1)
     assert [(e.prompt_ids, e.response_ids, e.weight) for e in examples] == [([5, 0], [11, 2], 1.0)]
     assert stats["train/groups_dropped"] == 0
@@ -158,7 +170,7 @@ def test_raft_plus_plus_trains_the_selected_responses_with_advantage_one():
 def test_grpo_trains_all_k_of_groups_with_a_reward_spread():
     prompts, responses, rewards = stage_table([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     none = np.zeros_like(rewards, dtype=bool)
-    examples, stats = objectives.training_examples(
+    examples, stats = training_examples(
         prompts, responses, rewards, chosen(none), TrainingConfig(objective="grpo"), 1)
     assert [e.prompt_ids for e in examples] == [[5, 0]] * 4
     unbiased = 0.5 / np.sqrt(1 / 3)  # (r - mean) / std with ddof=1
@@ -173,7 +185,7 @@ def test_group_objectives_leave_out_candidates_that_failed_the_response_filters(
     group's mean and std; before, every valid reward counted."""
     prompts, responses, rewards = stage_table([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     eligible = np.array([[True, True, True, False], [True, False, False, False]])
-    examples, stats = objectives.training_examples(
+    examples, stats = training_examples(
         prompts, responses, rewards, chosen(np.zeros((2, 4)), eligible),
         TrainingConfig(objective=objective), 1)
     assert [(e.prompt_ids, e.response_ids[0] - 10) for e in examples] == [
@@ -190,9 +202,9 @@ def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
     mask = np.ones_like(rewards, dtype=bool)
     config = TrainingConfig(objective="reward_weighted")
     with pytest.raises(ValueError, match="stage 3, prompt p1: reward -0.5 .*weight_transform"):
-        objectives.training_examples(prompts, responses, rewards, chosen(mask), config, 3)
+        training_examples(prompts, responses, rewards, chosen(mask), config, 3)
     config.weight_transform = "minmax"
-    examples, _ = objectives.training_examples(prompts, responses, rewards, chosen(mask),
+    examples, _ = training_examples(prompts, responses, rewards, chosen(mask),
                                                config, 3)
     assert [e.weight for e in examples] == [1.0, 1.0]  # weight-0 responses are left out
 
@@ -200,7 +212,7 @@ def test_reward_weighted_refuses_a_negative_weight_naming_stage_and_prompt():
 def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():
     prompts, responses, rewards = stage_table([[0.0, 1.0]], log_probs=[-0.5, -1.5])
     mask = np.array([[False, True]])
-    examples, stats = objectives.training_examples(
+    examples, stats = training_examples(
         prompts, responses, rewards, chosen(mask), TrainingConfig(objective="raft++"), 1)
     assert examples[0].old_log_probs == [-0.5, -1.5]
     assert stats["train/entropy"] == pytest.approx(1.0)
@@ -208,7 +220,7 @@ def test_recorded_log_probs_reach_the_examples_and_give_the_entropy():
 
 def test_entropy_is_absent_when_the_sampler_recorded_no_log_probs():
     prompts, responses, rewards = stage_table([[0.0, 1.0]])
-    _, stats = objectives.training_examples(
+    _, stats = training_examples(
         prompts, responses, rewards, chosen(np.array([[False, True]])), TrainingConfig(), 1)
     assert stats["train/entropy"] is None
 
@@ -222,7 +234,7 @@ def test_sft_objective_takes_exactly_the_step_raftlm_always_took():
     """The pre-objectives step, written out: the stage's seeded shuffle, token-pooled NLL,
     clipping, AdamW; the weights must come out bit for bit the same."""
     model = tiny_causal_lm(seed=4)
-    trainer = SFTTrainer(model, TrainingConfig(learning_rate=1e-2, micro_batch_size=4), 10,
+    trainer = PolicyTrainer(model, TrainingConfig(learning_rate=1e-2, micro_batch_size=4), 10,
                          Accelerator(cpu=True), pad_id=2, seed=0)
     stats = trainer.train(EXAMPLES, stage=1)
 
@@ -262,12 +274,42 @@ def test_token_loss_returns_its_ratio_and_kl_statistics_as_sums():
                                    "ratio_sum": 1 + np.exp(-1), "ratio_max": 1.0})
 
 
+def preset(name):
+    return objective_of(TrainingConfig(objective=name))
+
+
 def test_config_objective_choices_are_the_registrys_keys():
     assert set(field_choices(TrainingConfig, "objective")) == set(OBJECTIVES)
-    assert {n for n, o in OBJECTIVES.items() if o.uses_ratio} == {"raft++", "reinforce_rej",
-                                                                  "grpo"}
-    assert {n for n, o in OBJECTIVES.items() if o.trains_on_all_samples} == {"reinforce_rej",
-                                                                             "grpo"}
+    assert set(field_choices(TrainingConfig, "weighting")) == set(WEIGHTINGS)
+    assert set(field_choices(TrainingConfig, "loss")) == set(LOSSES)
+    assert {n for n in OBJECTIVES if preset(n).loss.uses_ratio} == {"raft++", "reinforce_rej",
+                                                                    "grpo"}
+    assert {n for n in OBJECTIVES if preset(n).weighting.group} == {"reinforce_rej", "grpo"}
+
+
+def test_a_weighting_and_a_loss_combine_independently_of_the_preset():
+    """verl picks the advantage estimator and the policy loss apart: group-normalised
+    advantages with the plain weighted NLL is a row, not a new objective."""
+    mixed = objective_of(TrainingConfig(objective="sft", weighting="group_normalised",
+                                        loss="weighted_nll"))
+    assert mixed == objectives.Objective(WEIGHTINGS["group_normalised"], LOSSES["weighted_nll"])
+    assert objective_of(TrainingConfig(objective="grpo", loss="nll")).weighting.group
+
+
+def test_an_import_path_names_a_weighting_of_ones_own(tmp_path):
+    own = tmp_path / "mine.py"
+    own.write_text("import numpy as np\nfrom raftlm.training.objectives import Weighting\n"
+                   "HALF = Weighting(lambda r, c: (np.where(np.isnan(r), np.nan, 0.5), "
+                   "np.ones(len(r), bool)))\nNOT_ONE = 3\n")
+    config = TrainingConfig(weighting=f"{own}:HALF")
+    prompts, responses, rewards = stage_table([[0.0, 1.0]])
+    examples, _ = training_examples(prompts, responses, rewards,
+                                    chosen(np.array([[False, True]])), config, 1)
+    assert [e.weight for e in examples] == [0.5]
+    with pytest.raises(ConfigError, match="training.weighting .*expected a Weighting record"):
+        objective_of(TrainingConfig(weighting=f"{own}:NOT_ONE"))
+    with pytest.raises(ConfigError, match="training.weighting: expected one of unit"):
+        objective_of(TrainingConfig(weighting="units"))
 
 
 # Config ---------------------------------------------------------------------------------------
@@ -341,9 +383,9 @@ def test_every_objective_trains_and_resumes_end_to_end(workspace, objective):
     last = result.metrics[2]
     assert last["train/optimizer_steps"] > result.metrics[1]["train/optimizer_steps"]
     assert last["train/kl_penalty"] >= 0 and "eval/kl_to_initial" in last
-    assert ("train/clip_fraction" in last) == OBJECTIVES[objective].uses_ratio
+    assert ("train/clip_fraction" in last) == preset(objective).loss.uses_ratio
     assert last["train/n_examples"] == (15 - 3 * last["train/groups_dropped"]
-                                        if OBJECTIVES[objective].trains_on_all_samples
+                                        if preset(objective).weighting.group
                                         else last["train/n_selected"])
 
 

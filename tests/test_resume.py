@@ -114,17 +114,17 @@ def test_resume_inside_sampling_reuses_finished_samples_and_ends_identical(
 
 
 def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, monkeypatch):
-    from raftlm.training.trainer import SFTTrainer
+    from raftlm.training.trainer import PolicyTrainer
 
-    original_train = SFTTrainer.train
-    monkeypatch.setattr(SFTTrainer, "train", lambda self, examples, stage: (
+    original_train = PolicyTrainer.train
+    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
         (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
     with pytest.raises(Killed):
         train(config_for(workspace, tiny_model_dir, stages=1))
-    monkeypatch.setattr(SFTTrainer, "train", original_train)
-    import raftlm.steps
+    monkeypatch.setattr(PolicyTrainer, "train", original_train)
+    import raftlm.stage.collect
 
-    monkeypatch.setattr(raftlm.steps, "score", lambda *args: pytest.fail("scored again"))
+    monkeypatch.setattr(raftlm.stage.collect, "score", lambda *args: pytest.fail("scored again"))
     resumed = train(config_for(workspace, tiny_model_dir, stages=1), resume=True)
     assert [m["stage"] for m in resumed.metrics] == [0, 1]
 
@@ -167,9 +167,9 @@ def test_a_journal_scored_under_another_reward_config_is_refused(tmp_path):
 
 
 def test_resume_refuses_a_changed_reward_inside_a_stage(workspace, tiny_model_dir, monkeypatch):
-    from raftlm.training.trainer import SFTTrainer
+    from raftlm.training.trainer import PolicyTrainer
 
-    monkeypatch.setattr(SFTTrainer, "train", lambda self, examples, stage: (
+    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
         (_ for _ in ()).throw(Killed)))
     config = config_for(workspace, tiny_model_dir, stages=1)
     with pytest.raises(Killed):

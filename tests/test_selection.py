@@ -3,11 +3,11 @@
 import numpy as np
 
 from raftlm.config import SelectionConfig
-from raftlm.rewards.selection import select
+from raftlm.stage.rank import select
 
 
 def run_select(rewards, texts=None, lengths=None, **settings):
-    from raftlm.rewards.selection import select
+    from raftlm.stage.rank import select
 
     rewards = np.array(rewards, dtype=float)
     p, k = rewards.shape
@@ -51,7 +51,7 @@ def test_too_short_responses_are_dropped():
 
 
 def test_truncated_responses_are_dropped_when_asked():
-    from raftlm.rewards.selection import select
+    from raftlm.stage.rank import select
 
     rewards = np.array([[0.9, 0.1]])
     config = SelectionConfig(drop_truncated=True)
@@ -109,7 +109,7 @@ def test_eligible_marks_what_passed_the_response_filters_only():
 
 def test_selection_strategies_registry_matches_the_config_choices():
     from raftlm.config import SelectionConfig as Config
-    from raftlm.config_schema import field_choices
-    from raftlm.rewards.selection import SELECTION_STRATEGIES
+    from raftlm.config.schema import field_choices
+    from raftlm.stage.rank import SELECTION_STRATEGIES
 
     assert set(SELECTION_STRATEGIES) == set(field_choices(Config, "strategy"))

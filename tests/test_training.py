@@ -9,7 +9,7 @@ from tiny import tiny_causal_lm
 from raftlm.config import TrainingConfig
 from raftlm.core import token_pooled_nll
 from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
-from raftlm.training.trainer import SFTTrainer
+from raftlm.training.trainer import PolicyTrainer
 
 
 def test_collate_masks_prompt_and_padding_tokens():
@@ -63,7 +63,7 @@ def test_response_log_probs_match_the_pooled_loss_definition():
 def test_training_lowers_the_loss_of_the_selected_responses():
     model = tiny_causal_lm()
     config = TrainingConfig(learning_rate=1e-2, epochs=5, micro_batch_size=2)
-    trainer = SFTTrainer(model, config, total_steps=100, accelerator=Accelerator(cpu=True),
+    trainer = PolicyTrainer(model, config, total_steps=100, accelerator=Accelerator(cpu=True),
                          pad_id=2, seed=0)
     examples = [Example([5, 6], [8, 9, 10]), Example([7], [11, 12])]
     before = token_pooled_nll(response_log_probs(model, examples, 2, 2, torch.device("cpu")))
@@ -82,7 +82,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = tiny_causal_lm(seed=3)
         config = TrainingConfig(learning_rate=1e-2, micro_batch_size=micro,
                                 gradient_accumulation_steps=accum, max_grad_norm=0)
-        trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+        trainer = PolicyTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
         trainer.train(examples, stage=1)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], atol=3e-5, rtol=1e-4)
@@ -91,7 +91,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_schedule_spans_the_run_across_stages():
     model = tiny_causal_lm()
     config = TrainingConfig(learning_rate=1.0, lr_scheduler="linear", micro_batch_size=1)
-    trainer = SFTTrainer(model, config, total_steps=4, accelerator=Accelerator(cpu=True),
+    trainer = PolicyTrainer(model, config, total_steps=4, accelerator=Accelerator(cpu=True),
                          pad_id=2, seed=0)
     examples = [Example([5], [8]), Example([6], [9])]
     first = trainer.train(examples, stage=1)
@@ -102,9 +102,9 @@ def test_schedule_spans_the_run_across_stages():
 
 def test_trainer_state_round_trip_restores_optimizer_and_schedule():
     config = TrainingConfig(learning_rate=0.1, lr_scheduler="cosine", micro_batch_size=1)
-    first = SFTTrainer(tiny_causal_lm(), config, 10, Accelerator(cpu=True), 2, 0)
+    first = PolicyTrainer(tiny_causal_lm(), config, 10, Accelerator(cpu=True), 2, 0)
     first.train([Example([5], [8])], stage=1)
-    second = SFTTrainer(tiny_causal_lm(), config, 10, Accelerator(cpu=True), 2, 0)
+    second = PolicyTrainer(tiny_causal_lm(), config, 10, Accelerator(cpu=True), 2, 0)
     second.load_state_dict(first.state_dict())
     assert second.step == 1
     assert second.scheduler.get_last_lr() == first.scheduler.get_last_lr()
@@ -122,7 +122,7 @@ def test_bf16_autocast_computes_every_step_with_the_current_weights():
         model = tiny_causal_lm(seed=4)
         config = TrainingConfig(learning_rate=1e-2, epochs=epochs, micro_batch_size=1,
                                 bf16_autocast=autocast)
-        trainer = SFTTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+        trainer = PolicyTrainer(model, config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
         for stage in range(1, calls + 1):
             trainer.train(example, stage=stage)
         weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sampling modes compared (issue 18, docs/sampling.md): raft.sampling fixed vs dynamic vs
+# The sampling modes compared (issue 18, docs/sampling.md): raft.collector fixed vs dynamic vs
 # gvm on the default task (configs/arithmetic.yaml) with sft, 3 seeds each, and with grpo, one
 # seed each; on the built-in `larger` (4 stages) and on the low-signal `multiplication` (stage-1
 # pass@8 about 0.16 for the embedded model) the modes with sft, one seed.
@@ -54,7 +54,7 @@ run_one() {  # task:mode:objective:seed
     cmd=($RAFTLM train --resume "$dir")
   else
     cmd=($RAFTLM train --config configs/arithmetic.yaml --set "data.task=$task"
-         --set "raft.stages=$stages" --set "raft.sampling=${mode%+all}"
+         --set "raft.stages=$stages" --set "raft.collector=${mode%+all}"
          --set "training.objective=$objective" --set "evaluation.every=$EVERY"
          --set "run.seed=$seed" --set "run.output_dir=$dir" --set run.overwrite=true
          --set run.threads=1 --set tracking.report=false "${extra[@]}")

@@ -18,7 +18,7 @@ __all__ = ["RaftConfig", "__version__", "raft_alignment", "raft_iteration", "tra
 def __getattr__(name: str) -> Any:
     # `train` pulls in torch and transformers; import it only when asked for.
     if name == "train":
-        from raftlm.loop import train
+        from raftlm.stage.loop import train
 
         return train
     raise AttributeError(f"module 'raftlm' has no attribute {name!r}")

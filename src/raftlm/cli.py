@@ -32,7 +32,7 @@ def load_config(args: argparse.Namespace) -> RaftConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raftlm.loop import train
+    from raftlm.stage.loop import train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -95,7 +95,7 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raftlm.build import evaluate_checkpoint
+    from raftlm.stage.build import evaluate_checkpoint
     from raftlm.run.rundir import atomic_write_text
     from raftlm.run.tracking import json_safe
 

@@ -30,13 +30,16 @@ class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names it."""
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None,
+           import_path: bool = False) -> Any:
     """A dataclass field with a default and a help line (lists/dicts copied per instance).
 
     ``choices`` are the field's only valid values, written here once: ``--help`` lists them,
     ``validate`` checks them, and registries test that their keys equal them (``field_choices``).
+    With ``import_path``, ``pkg.mod:obj`` or ``file.py:obj`` is valid too (a record of the
+    user's own, which the registry loads: ``raftlm.config.registry.lookup``).
     """
-    metadata: dict[str, Any] = {"help": help}
+    metadata: dict[str, Any] = {"help": help, "import_path": import_path}
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
@@ -140,7 +143,8 @@ def check_choices(obj: Any, prefix: str = "") -> None:
         name, value = prefix + f.name, getattr(obj, f.name)
         choices = _choices(f, hints[f.name])
         for i, item in enumerate(value if isinstance(value, list) else [value]):
-            if choices and item is not None and item not in choices:
+            own = f.metadata.get("import_path") and isinstance(item, str) and ":" in item
+            if choices and item is not None and item not in choices and not own:
                 at = f"{name}[{i}]" if isinstance(value, list) else name
                 close = difflib.get_close_matches(str(item), choices, n=1, cutoff=0.6)
                 fix = f"; did you mean {close[0]!r}?" if close else ""

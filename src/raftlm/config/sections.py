@@ -1,33 +1,21 @@
-"""Run configuration: plain dataclasses, loaded from YAML, overridable with ``key.sub=value``.
-
-Every field carries its default and a one-line help (``raftlm train --help`` prints them).
-Validation happens once, at load, and names the offending field.
+"""The sections of a run's configuration: plain dataclasses, every field with its default and
+a one-line help (``raftlm train --help`` prints them). `raft_config.py` assembles them into
+``RaftConfig`` and validates once, at load, naming the offending field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import yaml
-
-from raftlm.config_schema import (
-    ConfigError,
-    build,
-    check_choices,
-    field_choices,
-    option,
-    with_overrides,
-)
-from raftlm.config_schema import field_help as _field_help
-from raftlm.core_objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
-
-__all__ = ["ConfigError", "RaftConfig", "field_choices", "field_help", "option"]
+from raftlm.config.schema import ConfigError, option
+from raftlm.core.objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo")
+WEIGHTINGS = ("unit", "reward", "centred", "group_normalised")
+LOSSES = ("nll", "weighted_nll", "clipped_ratio")
+COLLECTORS = ("fixed", "dynamic", "gvm")
 
 
 @dataclass
@@ -82,26 +70,49 @@ class DataConfig:
 
 
 @dataclass
+class DynamicConfig:
+    """raft.collector: dynamic (DAPO's dynamic sampling)."""
+
+    max_rounds: int = option(4, "Most rounds of drawing and sampling a stage.")
+
+
+@dataclass
+class GvmConfig:
+    """raft.collector: gvm (GVM-RAFT's allocation of the stage's samples)."""
+
+    first_samples: int = option(4, "n0, first-round samples per prompt (its minimum).")
+    max_samples: int = option(16, "Most samples per prompt.")
+    budget: int = option(0, "Samples per stage, first round included; 0 = b x K.")
+    accept_reward: float | None = option(
+        None, "A response is accepted at this reward or above; null: selection.min_reward.")
+    alpha: float = option(1e-3, "alpha in n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)).")
+    beta: float = option(2.0, "beta in the same rule.")
+    grad_norm: str = option(
+        "logits", "G_i, from the recorded log-probs (logits: |d log pi / d logits|, "
+        "docs/sampling.md) or none (1: acceptance rates alone).", choices=("logits", "none"))
+
+
+@dataclass
 class RaftStageConfig:
     stages: int = option(10, "T: number of RAFT stages.")
     prompts_per_stage: int = option(32, "b: prompts drawn per stage.")
     samples_per_prompt: int = option(8, "K: responses sampled per prompt.")
-    sampling: str = option(
+    collector: str = option(
         "fixed", "How a stage spends its samples (docs/sampling.md): fixed (b prompts x K); "
         "dynamic (draw more prompts, K each, until b carry a learning signal); gvm (GVM-RAFT: "
-        "a first round, then the budget per prompt by acceptance rate and gradient norm).",
-        choices=("fixed", "dynamic", "gvm"))
-    max_sampling_rounds: int = option(4, "dynamic: most rounds of drawing and sampling a stage.")
-    gvm_first_samples: int = option(4, "gvm: n0, first-round samples per prompt (its minimum).")
-    gvm_max_samples: int = option(16, "gvm: most samples per prompt.")
-    gvm_budget: int = option(0, "gvm: samples per stage, first round included; 0 = b x K.")
-    gvm_accept_reward: float | None = option(
-        None, "gvm: a response is accepted at this reward or above; null: selection.min_reward.")
-    gvm_alpha: float = option(1e-3, "gvm: alpha in n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1)).")
-    gvm_beta: float = option(2.0, "gvm: beta in the same rule.")
-    gvm_grad_norm: str = option(
-        "logits", "gvm: G_i, from the recorded log-probs (logits: |d log pi / d logits|, "
-        "docs/sampling.md) or none (1: acceptance rates alone).", choices=("logits", "none"))
+        "a first round, then the budget per prompt by acceptance rate and gradient norm); or "
+        "pkg.mod:obj / file.py:obj naming a Collector of your own.",
+        choices=COLLECTORS, import_path=True)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    gvm: GvmConfig = field(default_factory=GvmConfig)
+
+
+@dataclass
+class VllmConfig:
+    """generation.backend: vllm."""
+
+    tensor_parallel_size: int = option(1, "Tensor-parallel GPUs.")
+    gpu_memory_utilization: float = option(0.5, "GPU memory fraction.")
 
 
 @dataclass
@@ -114,8 +125,7 @@ class GenerationConfig:
     top_k: int = option(0, "Sample among the k most likely tokens; 0 disables.")
     stop_strings: list[str] = option([], "Stop a response after any of these strings.")
     batch_size: int = option(64, "Sequences decoded together.")
-    vllm_tensor_parallel_size: int = option(1, "vLLM backend: tensor-parallel GPUs.")
-    vllm_gpu_memory_utilization: float = option(0.5, "vLLM backend: GPU memory fraction.")
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -223,8 +233,16 @@ class TrainingConfig:
     bf16_autocast: bool = option(
         False, "Train under bf16 autocast (fp32 weights kept; sampling keeps model.dtype): "
         "~2x faster steps on CPUs with AVX-512 bf16 and on GPUs.")
-    objective: str = option("sft", "Fine-tuning objective (docs/objectives.md).",
-                            choices=OBJECTIVES)
+    objective: str = option("sft", "Fine-tuning objective (docs/objectives.md): a preset "
+                            "(weighting, loss) pair.", choices=OBJECTIVES)
+    weighting: str | None = option(
+        None, "Replaces the objective's weighting: unit, reward, centred, group_normalised, or "
+        "pkg.mod:obj / file.py:obj naming a Weighting; null: the objective's.",
+        choices=WEIGHTINGS, import_path=True)
+    loss: str | None = option(
+        None, "Replaces the objective's per-token loss: nll, weighted_nll, clipped_ratio, or "
+        "pkg.mod:obj / file.py:obj naming a Loss; null: the objective's.",
+        choices=LOSSES, import_path=True)
     clip_eps: float = option(0.2, "Ratio objectives: PPO clip range, rho in [1-eps, 1+eps].")
     dual_clip: float | None = option(None, "Ratio objectives: dual-clip constant c > 1 for "
                                      "negative advantages (e.g. 3); None disables.")
@@ -273,128 +291,3 @@ class TrackingConfig:
     log_completions: int = option(0, "Every N stages, a table of the stage's sampled completions "
                                   "(prompt, response, each term's reward, selected) to W&B and "
                                   "TensorBoard; 0 = never.")
-
-
-@dataclass
-class RaftConfig:
-    """Everything a RAFT run needs. Load with ``RaftConfig.from_yaml(path, overrides)``."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    raft: RaftStageConfig = field(default_factory=RaftStageConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    offload: str = option("none", "phases: policy and reward model never co-resident.",
-                          choices=("none", "phases"))
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RaftConfig:
-        """Load a YAML file, apply ``key.sub=value`` overrides, validate."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-        return cls.from_dict(raw, overrides, source=str(path))
-
-    @classmethod
-    def from_dict(
-        cls, raw: dict, overrides: list[str] | None = None, source: str = "config"
-    ) -> RaftConfig:
-        raw = with_overrides(raw, overrides or [])
-        config = build(cls, raw, where=source)
-        try:
-            config.validate()
-        except ConfigError as err:  # say which file, as the type errors do
-            raise ConfigError(f"{source}: {err}") from None
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def validate(self) -> None:
-        """Check values that types alone cannot; raise ConfigError naming the field."""
-        check_choices(self)
-        checks = [
-            ("raft.stages", self.raft.stages >= 1, ">= 1"),
-            ("raft.prompts_per_stage", self.raft.prompts_per_stage >= 1, ">= 1"),
-            ("raft.samples_per_prompt", self.raft.samples_per_prompt >= 1, ">= 1"),
-            ("raft.max_sampling_rounds", self.raft.max_sampling_rounds >= 1, ">= 1"),
-            ("raft.gvm_first_samples", self.raft.gvm_first_samples >= 1, ">= 1"),
-            ("raft.gvm_max_samples", self.raft.gvm_max_samples >= self.raft.gvm_first_samples,
-             ">= raft.gvm_first_samples"),
-            ("raft.gvm_budget", self.raft.gvm_budget >= 0, ">= 0"),
-            ("raft.gvm_alpha", self.raft.gvm_alpha >= 0, ">= 0"),
-            ("raft.gvm_accept_reward", self.raft.sampling != "gvm" or self.raft.gvm_accept_reward
-             is not None or self.selection.min_reward is not None,
-             "a number when raft.sampling=gvm and selection.min_reward is null (which reward "
-             "counts as accepted)"),
-            ("generation.max_new_tokens", self.generation.max_new_tokens >= 1, ">= 1"),
-            ("generation.temperature", self.generation.temperature > 0, "> 0"),
-            ("generation.top_p", 0 < self.generation.top_p <= 1, "in (0, 1]"),
-            ("generation.top_k", self.generation.top_k >= 0, ">= 0"),
-            ("generation.batch_size", self.generation.batch_size >= 1, ">= 1"),
-            ("reward.terms", len(self.reward.terms) >= 1, "at least one reward term"),
-            ("selection.top_fraction", 0 < self.selection.top_fraction <= 1, "in (0, 1]"),
-            ("selection.top_k", self.selection.top_k >= 1, ">= 1"),
-            ("training.learning_rate", self.training.learning_rate > 0, "> 0"),
-            ("training.epochs", self.training.epochs >= 1, ">= 1"),
-            ("training.micro_batch_size", self.training.micro_batch_size >= 1, ">= 1"),
-            ("training.gradient_accumulation_steps",
-             self.training.gradient_accumulation_steps >= 1, ">= 1"),
-            ("evaluation.every", self.evaluation.every >= 1, ">= 1"),
-            ("tracking.log_completions", self.tracking.log_completions >= 0, ">= 0"),
-            *self._objective_checks(),
-        ]
-        for i, term in enumerate(self.reward.terms):
-            term.check(f"reward.terms[{i}]")
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
-        if self.data.task is None and not self.data.train_file and not self.data.dataset:
-            raise ConfigError("data: set `task` (built-in), `train_file` or `dataset`")
-        if self.data.train_file and self.data.dataset:
-            raise ConfigError("data: set `train_file` or `dataset`, not both")
-        if self.data.eval_split and not self.data.dataset:
-            raise ConfigError("data.eval_split: needs data.dataset")
-        if self.data.eval_split and self.data.eval_file:
-            raise ConfigError("data: set `eval_file` or `eval_split`, not both")
-
-    def _objective_checks(self) -> list[tuple[str, bool, str]]:
-        t = self.training
-        return [
-            ("training.clip_eps", t.clip_eps > 0, "> 0"),
-            ("training.dual_clip", t.dual_clip is None or t.dual_clip > 1, "> 1 or null"),
-            ("training.kl_coef", t.kl_coef >= 0, ">= 0"),
-            ("training.kl_coef", t.kl_coef == 0 or self.model.lora.enabled,
-             "0 without LoRA (the initial policy is the base with the adapter disabled)"),
-            ("training.clip_eps_high", t.clip_eps_high is None or t.clip_eps_high > 0,
-             "> 0 or null"),
-            ("training.loss_norm_tokens", t.loss_norm_tokens >= 0, ">= 0"),
-            ("training.group_std_ddof", t.group_std_ddof in (0, 1), "0 or 1"),
-            ("training.overlong_buffer", t.overlong_buffer >= 0, ">= 0"),
-            ("training.overlong_penalty", t.overlong_penalty >= 0, ">= 0"),
-        ]  # settings across sections: raftlm.training.objectives.check_objective_config
-
-    def _get(self, dotted: str) -> Any:
-        value: Any = self
-        for part in dotted.split("."):
-            value = getattr(value, part.split("[")[0], None)
-        return value
-
-
-def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help, default) for every field of ``cls`` (RaftConfig), for ``--help``."""
-    return _field_help(cls or RaftConfig, prefix)

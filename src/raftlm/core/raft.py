@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from raftlm.core_checks import (
+from raftlm.core.checks import (
     as_sequence,
     check_fraction,
     check_positive_int,

@@ -40,8 +40,8 @@ def resumable(args: argparse.Namespace, run: Callable[[], Any]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from raftlm.tools.jobs import generate_stage
-    from raftlm.tools.workdir import parse_shard
+    from raftlm.jobs.steps import generate_stage
+    from raftlm.jobs.workdir import parse_shard
 
     shard = parse_shard(args.shard)
     config = job_config(args, None)
@@ -50,21 +50,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from raftlm.tools.jobs import score_stage
+    from raftlm.jobs.steps import score_stage
 
     config = job_config(args, args.work)
     return resumable(args, lambda: score_stage(config, args.work, args.stage))
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from raftlm.tools.jobs import select_stage
+    from raftlm.jobs.steps import select_stage
 
     select_stage(job_config(args, args.work), args.work, args.stage, args.out, args.datasets_out)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from raftlm.tools.jobs import finetune_stage
+    from raftlm.jobs.steps import finetune_stage
 
     config = job_config(args, args.data)
     return resumable(args, lambda: finetune_stage(config, args.data, args.out, args.from_dir,

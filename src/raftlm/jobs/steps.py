@@ -1,6 +1,6 @@
 """RAFT as separate jobs: `raftlm generate | score | select | finetune`, one step each.
 
-Each step is the very function `loop.raft_stage` calls (`steps.py`), run on its own with only
+Each step is the very function `raftlm.stage.loop.raft_stage` calls, run on its own with only
 what it needs built — generate: the policy and the prompts; score: the reward; select: nothing
 heavy; finetune: the policy and its optimizer — and its input and output in a work folder
 (`workdir.py`). So a stage run as four jobs equals the stage `raftlm train` runs: the same
@@ -21,43 +21,15 @@ import json
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raftlm.build import (
-    build_policy,
-    build_trainer,
-    checkpoint_prompt_order,
-    make_accelerator,
-    restore,
-    set_threads,
-    write_checkpoint,
-)
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptOrder, PromptRecord, load_prompt_sets
-from raftlm.models.distributed import process_state, whole_model
-from raftlm.models.loading import merged_adapter
-from raftlm.rewards.reward import build_reward
-from raftlm.run.journal import StageJournal
-from raftlm.run.lock import run_lock
-from raftlm.run.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
-from raftlm.run.tracking import Tracker, json_safe
-from raftlm.sampling.generate import GENERATION_BACKENDS
-from raftlm.sampling_modes import sampling_stats
-from raftlm.steps import (
-    Candidates,
-    Timer,
-    candidate_metrics,
-    candidate_rows,
-    fine_tune,
-    generate_candidates,
-    rank,
-    score_candidates,
-    scoring_fingerprint,
-)
-from raftlm.tools.workdir import (
+from raftlm.jobs.workdir import (
     CANDIDATES_FILE,
     WorkMismatch,
     candidate_table,
@@ -77,9 +49,41 @@ from raftlm.tools.workdir import (
     write_job,
     write_shard,
 )
+from raftlm.models.distributed import process_state, whole_model
+from raftlm.models.loading import merged_adapter
+from raftlm.rewards.reward import Reward, build_reward
+from raftlm.run.journal import StageJournal
+from raftlm.run.lock import run_lock
+from raftlm.run.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from raftlm.run.tracking import Tracker, json_safe
+from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.stage.build import (
+    build_policy,
+    build_trainer,
+    checkpoint_prompt_order,
+    make_accelerator,
+    restore,
+    set_threads,
+    write_checkpoint,
+)
+from raftlm.stage.collect import Collect, Timer, scoring_fingerprint
+from raftlm.stage.collectors import collector, collector_stats
+from raftlm.stage.finetune import fine_tune
+from raftlm.stage.rank import rank
+from raftlm.stage.record import candidate_metrics, candidate_rows, fmt, reward_summary
+from raftlm.stage.rollouts import Rollouts, reward_rows_to_rollouts
 from raftlm.training.objectives import check_objective_config
 
 Checkpoint = tuple[int, Path]
+
+
+@dataclass
+class JobParts:
+    """What the Collect primitive uses of a run, for a job that builds only part of one."""
+
+    config: RaftConfig
+    tokenizer: Any = None
+    reward: Reward | None = None
 
 
 def policy_source(from_dir: Path | None) -> tuple[Checkpoint | None, dict[str, Any] | None]:
@@ -119,10 +123,12 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
     """Sample K responses to each of the stage's prompts in this shard; returns the shard's
     file. A killed job continues where it stopped; a finished shard is not sampled again."""
     _single_process("generate")
-    if config.raft.sampling != "fixed":
-        raise WorkMismatch(f"raft.sampling={config.raft.sampling} decides from rewards between "
-                           "rounds of sampling; raftlm generate samples a fixed stage (b prompts "
-                           "x K): use raftlm train, or raft.sampling=fixed")
+    if collector(config.raft.collector).rewards_between_rounds:
+        raise WorkMismatch(
+            f"raft.collector={config.raft.collector} decides how many more samples to draw from "
+            "the rewards of its earlier rounds, so sampling and scoring cannot be separate jobs; "
+            "raftlm generate samples a fixed stage (b prompts x K): use raftlm train for it, or "
+            "raft.collector=fixed")
     set_threads(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()
     checkpoint, source = policy_source(from_dir)
@@ -159,12 +165,11 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
             reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
         model = accelerator.prepare(model)  # as in training: the same mixed-precision forward
         began = time.perf_counter()
+        collect = Collect(JobParts(config, tokenizer), stage, journal)
         with whole_model(accelerator, model) as whole, merged_adapter(whole) as policy:
-            responses = generate_candidates(policy, tokenizer, mine,
-                                            config.raft.samples_per_prompt, config, stage,
-                                            journal)
+            responses = collect.sample(policy, mine, [config.raft.samples_per_prompt] * len(mine))
         width = max((len(r) for r in responses), default=0)
-        rows = candidate_table(Candidates(mine, responses, np.full((len(mine), width), np.nan)))
+        rows = candidate_table(Rollouts(mine, responses, np.full((len(mine), width), np.nan)))
         write_shard(out, {"stage": stage, "index": index, "count": count,
                           "fingerprint": fingerprint, "seconds": time.perf_counter() - began},
                     rows)
@@ -225,8 +230,11 @@ def score_stage(config: RaftConfig, work: Path, stage: int | None = None) -> Pat
                                               "fingerprint": job["fingerprint"],
                                               "scoring": fingerprint})
         with timer("reward"):
-            scored = score_candidates(reward, candidates.prompts, candidates.responses, stage,
-                                      journal)
+            collect = Collect(JobParts(config, reward=reward), stage, journal)
+            rows = collect.score(candidates.prompts, candidates.responses)
+            scored = reward_rows_to_rollouts(
+                candidates.prompts, candidates.responses, rows,
+                sorted({name for row in rows for name in row["terms"]}))
         write_jsonl(out, candidate_table(scored))
         job = {k: v for k, v in read_job(folder).items() if k != "selected"}
         write_job(folder, {**job, "scoring": fingerprint, **timer.seconds})
@@ -268,15 +276,14 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
 
         Dataset.from_list(kept).save_to_disk(str(datasets_out))
     print(f"stage {stage}: {len(kept)} of {len(rows)} responses kept "
-          f"(reward {_fmt(record['train/reward_mean'])} -> selected "
-          f"{_fmt(record['train/reward_selected_mean'])}) -> {out}")
+          f"({reward_summary(record)}) -> {out}")
     return out
 
 
-def scored_candidates(folder: Path, config: RaftConfig) -> Candidates:
-    """A scored stage's candidates, with the `sampling/*` numbers of the fixed mode."""
+def scored_candidates(folder: Path, config: RaftConfig) -> Rollouts:
+    """A scored stage's rollouts, with the `sampling/*` numbers of one fixed round."""
     candidates = candidates_from_rows(read_jsonl(folder / CANDIDATES_FILE))
-    candidates.sampling = sampling_stats(candidates, config, rounds=1)
+    candidates.collector_stats = collector_stats(candidates, config, rounds=1)
     return candidates
 
 
@@ -288,10 +295,6 @@ def _phase_seconds(folder: Path, job: dict[str, Any]) -> dict[str, float]:
     if "time/reward_s" in job:
         seconds["time/reward_s"] = job["time/reward_s"]
     return seconds
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 # --------------------------------------------------------------------------- finetune
@@ -350,7 +353,7 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
         tracker.close()
     if main:
         print(f"stage {stage}: trained on {stats['tokens/trained']} tokens "
-              f"(sft_loss {_fmt(stats['train/sft_loss'])}) -> {path}")
+              f"(sft_loss {fmt(stats['train/sft_loss'])}) -> {path}")
     return path
 
 

@@ -13,9 +13,10 @@ It is shaped like a run directory, so `raftlm report WORK` reads it::
     WORK/stages/NNN/candidates.jsonl          every sample with its rewards (score), selected flag
                                               and training weight (select)
 
-Rows are `raftlm train`'s `candidates.jsonl` rows (`steps.candidate_rows`) plus what the later
-steps need and a row of that file lacks: the prompt's token ids and columns (the reward reads
-them), the response's token ids and the log-probs the sampler recorded (pi_old), and `weight`.
+Rows are `raftlm train`'s `candidates.jsonl` rows (`stage.record.candidate_rows`) plus what
+the later steps need and a row of that file lacks: the prompt's token ids and columns (the
+reward reads them), the response's token ids and the log-probs the sampler recorded (pi_old),
+and `weight`.
 Floats go through JSON's shortest round-trip form, so every number comes back bit for bit.
 
 A fingerprint is a short hash per config section that decides a step's output; a later step
@@ -38,13 +39,15 @@ from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptRecord
 from raftlm.errors import InvalidInput
 from raftlm.run.rundir import atomic_write_text, read_jsonl
-from raftlm.sampling.completion import Completion
-from raftlm.steps import Candidates, Ranked, candidate_rows, scoring_fingerprint
+from raftlm.stage.collect import scoring_fingerprint
+from raftlm.stage.rank import Ranked
+from raftlm.stage.record import candidate_rows
+from raftlm.stage.rollouts import Rollout, Rollouts
 
 JOB_FILE = "job.json"
 CANDIDATES_FILE = "candidates.jsonl"
 SPEED_ONLY = {"model": ("cache_dir", "gradient_checkpointing"),
-              "generation": ("batch_size", "vllm_gpu_memory_utilization")}
+              "generation": ("batch_size", "vllm.gpu_memory_utilization")}
 
 
 class WorkMismatch(InvalidInput):
@@ -60,7 +63,13 @@ def _digest(value: Any) -> str:
 
 def _section(config: RaftConfig, name: str) -> dict[str, Any]:
     values = dataclasses.asdict(getattr(config, name))
-    return {k: v for k, v in values.items() if k not in SPEED_ONLY.get(name, ())}
+    for dotted in SPEED_ONLY.get(name, ()):
+        *path, key = dotted.split(".")
+        node = values
+        for part in path:
+            node = node[part]
+        node.pop(key)
+    return values
 
 
 def sampling_fingerprint(config: RaftConfig, policy: dict[str, Any] | None) -> dict[str, str]:
@@ -197,7 +206,7 @@ def read_shards(folder: Path, job: dict[str, Any]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- rows
 
 
-def candidate_table(candidates: Candidates, ranked: Ranked | None = None
+def candidate_table(candidates: Rollouts, ranked: Ranked | None = None
                     ) -> list[dict[str, Any]]:
     """`candidates.jsonl` rows (those of `raftlm train`) plus prompt and response token ids,
     prompt columns, recorded log-probs and, once ranked, each response's training weight."""
@@ -213,7 +222,7 @@ def candidate_table(candidates: Candidates, ranked: Ranked | None = None
     return rows
 
 
-def example_weights(candidates: Candidates, ranked: Ranked) -> dict[tuple[int, int], float]:
+def example_weights(candidates: Rollouts, ranked: Ranked) -> dict[tuple[int, int], float]:
     """(prompt, sample) -> weight (or advantage) of each response the objective trains on.
     Examples hold their response's own token-id list, which identifies the candidate."""
     where = {id(r.token_ids): (p, j) for p, row in enumerate(candidates.responses)
@@ -221,11 +230,11 @@ def example_weights(candidates: Candidates, ranked: Ranked) -> dict[tuple[int, i
     return {where[id(e.response_ids)]: float(e.weight) for e in ranked.examples}
 
 
-def candidates_from_rows(rows: list[dict[str, Any]]) -> Candidates:
-    """The stage's `Candidates` from rows of `candidate_table`, prompts in row order; rewards
+def candidates_from_rows(rows: list[dict[str, Any]]) -> Rollouts:
+    """The stage's `Rollouts` from rows of `candidate_table`, prompts in row order; rewards
     NaN where a row has none (not scored yet)."""
     prompts: list[PromptRecord] = []
-    responses: list[list[Completion]] = []
+    responses: list[list[Rollout]] = []
     groups: list[list[dict[str, Any]]] = []
     for row in rows:
         if not prompts or prompts[-1].id != row["prompt_id"]:
@@ -235,8 +244,8 @@ def candidates_from_rows(rows: list[dict[str, Any]]) -> Candidates:
             groups.append([])
         if row["sample"] != len(responses[-1]):
             raise WorkMismatch(f"prompt {row['prompt_id']}: sample {row['sample']} out of order")
-        responses[-1].append(Completion(row["response"], row["token_ids"], row["finish_reason"],
-                                        row["token_log_probs"]))
+        responses[-1].append(Rollout(row["response"], row["token_ids"], row["finish_reason"],
+                                     row["token_log_probs"]))
         groups[-1].append(row)
     width = max((len(g) for g in groups), default=0)
     rewards = np.full((len(groups), width), np.nan)
@@ -247,7 +256,7 @@ def candidates_from_rows(rows: list[dict[str, Any]]) -> Candidates:
             rewards[p, j] = np.nan if row["reward"] is None else row["reward"]
             for name, value in (row.get("rewards") or {}).items():
                 per_term[name][p, j] = np.nan if value is None else value
-    return Candidates(prompts, responses, rewards, per_term)
+    return Rollouts(prompts, responses, rewards, per_term)
 
 
 def sft_rows(rows: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:

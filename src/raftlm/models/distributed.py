@@ -3,7 +3,7 @@
 Every process runs the same program (`accelerate launch -m raftlm train ...`). In a stage each
 process samples and scores a contiguous shard of the prompts; the candidates are gathered so that
 every process ranks the same full table (a global top fraction, as in the paper) and trains on
-the same selected set, each taking its share of every optimizer step (`SFTTrainer`).
+the same selected set, each taking its share of every optimizer step (`PolicyTrainer`).
 
 A sample's randomness comes from (run seed, stage, prompt id, sample index) alone, so the
 candidates do not depend on the number of processes beyond floating-point noise.

@@ -10,14 +10,14 @@ model folder and kept for the run: building it costs tens of seconds. Before eve
 policy's current weights reach it:
 
 - LoRA: the adapter is saved to a temporary folder and sent as a new `LoRARequest` (vLLM caches
-  adapters by id, so every sync gets the next id). Works with any `vllm_tensor_parallel_size`.
+  adapters by id, so every sync gets the next id). Works with any `vllm.tensor_parallel_size`.
 - Full fine-tuning: the weights are copied in place into the engine's model (`load_weights`
   through `LLM.collective_rpc`, as TRL's colocate mode does). That needs the engine inside this
-  process, i.e. `vllm_tensor_parallel_size: 1`.
+  process, i.e. `vllm.tensor_parallel_size: 1`.
 
 With several processes each runs its own engine (vLLM's `external_launcher` inside the
 `accelerate launch` processes) on its shard of the prompts; tensor parallelism is then 1.
-The engine reserves `vllm_gpu_memory_utilization` of the GPU for weights and KV cache next to
+The engine reserves `vllm.gpu_memory_utilization` of the GPU for weights and KV cache next to
 the training policy for the whole run; size it (and the policy) to fit together.
 """
 
@@ -72,15 +72,15 @@ def sampling_params_kwargs(config: GenerationConfig, num_samples: int, seed: int
 def engine_kwargs(config: GenerationConfig, folder: str, lora_rank: int | None,
                   num_processes: int) -> dict[str, Any]:
     """`vllm.LLM` arguments for the policy's base model `folder`."""
-    tp = config.vllm_tensor_parallel_size
+    tp = config.vllm.tensor_parallel_size
     if num_processes > 1 and tp != 1:
         raise ValueError(
-            f"generation.vllm_tensor_parallel_size: expected 1 with {num_processes} processes "
+            f"generation.vllm.tensor_parallel_size: expected 1 with {num_processes} processes "
             f"(each process runs its own engine on its shard of the prompts), got {tp}"
         )
     kwargs: dict[str, Any] = {
         "model": folder, "tokenizer": folder, "dtype": "auto", "tensor_parallel_size": tp,
-        "gpu_memory_utilization": config.vllm_gpu_memory_utilization, "seed": 0,
+        "gpu_memory_utilization": config.vllm.gpu_memory_utilization, "seed": 0,
     }
     if tp == 1:
         # In-process engine: weights can be loaded in place, and it runs inside torchrun's
@@ -184,7 +184,7 @@ class _Engine:
         if not self.in_process:
             raise NotImplementedError(
                 "generation.backend=vllm with full fine-tuning loads the weights into the engine "
-                "in place, which needs generation.vllm_tensor_parallel_size: 1 (or use LoRA)"
+                "in place, which needs generation.vllm.tensor_parallel_size: 1 (or use LoRA)"
             )
         weights = list(_full_tensors(model, lambda name: True).items())
         self.llm.collective_rpc(_load_weights, args=(weights,))

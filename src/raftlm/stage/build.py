@@ -1,4 +1,6 @@
-"""Wiring: build every component a RAFT run needs from its config (or from a checkpoint)."""
+"""Wiring: build every component a RAFT run needs from its config (or from a checkpoint).
+
+Every command builds through it, so a checkpoint means the same thing to all of them."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
 from raftlm.sampling.generate import GENERATION_BACKENDS
-from raftlm.training.objectives import OBJECTIVES, check_objective_config
-from raftlm.training.trainer import SFTTrainer, planned_optimizer_steps
+from raftlm.stage.rank import expected_selected
+from raftlm.training.objectives import check_objective_config
+from raftlm.training.trainer import PolicyTrainer, planned_optimizer_steps
 
 
 @dataclass
@@ -41,7 +44,7 @@ class Run:
     run_dir: RunDir
     accelerator: Accelerator
     tokenizer: Any
-    trainer: SFTTrainer
+    trainer: PolicyTrainer
     reward: Reward  # under `offload: phases`, wrapped so that it takes turns with the policy
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
@@ -65,18 +68,6 @@ class Run:
         merged into the weights, the fastest form to sample from."""
         with self.whole_policy() as whole, merged_adapter(whole) as policy:
             yield policy
-
-
-def expected_selected(config: RaftConfig) -> int:
-    """Nominal selected examples per stage (filters only lower it); sizes the LR schedule."""
-    b, k, sel = config.raft.prompts_per_stage, config.raft.samples_per_prompt, config.selection
-    if OBJECTIVES[config.training.objective].trains_on_all_samples:
-        return b * k  # these train on all K responses (groups with a reward spread)
-    if sel.strategy == "best_per_prompt":
-        return b
-    if sel.strategy == "top_k_per_prompt":
-        return b * min(sel.top_k, k)
-    return max(1, int(b * k * sel.top_fraction))
 
 
 def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
@@ -159,16 +150,16 @@ def build_policy(config: RaftConfig, device: torch.device, dtype: torch.dtype,
 
 
 def build_trainer(config: RaftConfig, model: Any, accelerator: Accelerator, pad_id: int
-                  ) -> SFTTrainer:
+                  ) -> PolicyTrainer:
     """AdamW and the learning-rate schedule over the whole run's planned steps."""
     total_steps = planned_optimizer_steps(
         expected_selected(config), config.raft.stages, config.training
     )
-    return SFTTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed,
+    return PolicyTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed,
                       generation=config.generation)
 
 
-def restore(checkpoint: tuple[int, Path], trainer: SFTTrainer, prompt_order: PromptOrder) -> int:
+def restore(checkpoint: tuple[int, Path], trainer: PolicyTrainer, prompt_order: PromptOrder) -> int:
     """Load a checkpoint's optimizer, schedule, RNG and prompt cursor; returns its stage."""
     stage, path = checkpoint
     trainer_state = read_trainer_state(path)
@@ -184,7 +175,7 @@ def checkpoint_prompt_order(path: Path) -> dict[str, Any]:
     return state["prompt_order"] if "prompt_order" in state else state["sampler"]  # before rename
 
 
-def build_offloaded_reward(config: RaftConfig, trainer: SFTTrainer) -> Reward:
+def build_offloaded_reward(config: RaftConfig, trainer: PolicyTrainer) -> Reward:
     """The configured reward; under `offload: phases`, wrapped so that its models take turns
     with the policy (and its optimizer state) on the accelerator."""
     reward = build_reward(config.reward)
@@ -216,7 +207,7 @@ def save_checkpoint(run: Run, stage: int) -> Path | None:
                             run.config.run.keep_checkpoints)
 
 
-def write_checkpoint(trainer: SFTTrainer, tokenizer: Any, prompt_order: PromptOrder,
+def write_checkpoint(trainer: PolicyTrainer, tokenizer: Any, prompt_order: PromptOrder,
                      run_dir: RunDir, stage: int, keep: int) -> Path | None:
     """`save_checkpoint` from the parts it writes (`raftlm finetune` has no whole `Run`)."""
     accelerator = trainer.accelerator

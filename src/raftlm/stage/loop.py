@@ -25,20 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raftlm.build import Run, exclusive_run_dir, prepare_run, save_checkpoint
 from raftlm.config import RaftConfig
 from raftlm.evaluation.evaluate import evaluate
 from raftlm.run.report import write_report
 from raftlm.run.rundir import write_jsonl
-from raftlm.sampling_modes import SAMPLING_MODES
-from raftlm.steps import (
-    Timer,
-    candidate_metrics,
-    candidate_rows,
-    fine_tune,
-    open_journal,
-    rank,
-)
+from raftlm.stage.build import Run, exclusive_run_dir, prepare_run, save_checkpoint
+from raftlm.stage.collect import Collect, Timer, open_journal
+from raftlm.stage.collectors import collect_stage
+from raftlm.stage.finetune import fine_tune
+from raftlm.stage.rank import rank
+from raftlm.stage.record import candidate_metrics, candidate_rows, reward_summary
 
 
 @dataclass
@@ -72,29 +68,29 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     config, timer = run.config, Timer()
 
     # 1. Collect: b prompts, K responses each from the current policy, every response scored
-    #    (each process samples and scores its own shard); or, per `raft.sampling`, more prompts
-    #    until b are useful (dynamic) or a per-prompt budget (gvm). Finished samples and rewards
-    #    go to the stage's journal at once; those an interrupted attempt finished are reused.
+    #    (each process samples and scores its own shard); or, per `raft.collector`, more
+    #    prompts until b are useful (dynamic) or a per-prompt budget (gvm). Finished samples
+    #    and rewards go to the stage's journal at once; an interrupted attempt's are reused.
     prompts = [run.train_prompts.records[i]
                for i in run.prompt_order.draw(config.raft.prompts_per_stage)]
     journal = open_journal(run.run_dir.stage_dir(stage), run.accelerator.process_index, config,
                            [p.id for p in prompts])
-    candidates = SAMPLING_MODES[config.raft.sampling](run, prompts, journal, stage, timer)
+    rollouts = collect_stage(run, prompts, Collect(run, stage, journal, timer))
 
-    # 2. Rank: keep the best (of all processes' candidates), with weights or advantages.
-    ranked = rank(candidates, config, stage)
+    # 2. Rank: keep the best (of all processes' rollouts), with weights or advantages.
+    ranked = rank(rollouts, config, stage)
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
-        train_stats = fine_tune(run.trainer, candidates, ranked, stage, run.tokenizer.pad_token_id,
+        train_stats = fine_tune(run.trainer, rollouts, ranked, stage, run.tokenizer.pad_token_id,
                                 config.generation.temperature)
 
-    # 4. Record: candidates, metrics, evaluation, checkpoint.
-    rows = candidate_rows(candidates, ranked.selection.mask)
+    # 4. Record: rollouts, metrics, evaluation, checkpoint.
+    rows = candidate_rows(rollouts, ranked.selection.mask)
     if run.accelerator.is_main_process:
         write_jsonl(run.run_dir.candidates_path(stage), rows)
     run.tracker.log_completions(stage, rows)
-    metrics = {**candidate_metrics(candidates, ranked), **train_stats, **timer.seconds}
+    metrics = {**candidate_metrics(rollouts, ranked), **train_stats, **timer.seconds}
     record_evaluation(run, stage, metrics)
     save_checkpoint(run, stage)
     journal.remove()
@@ -122,11 +118,8 @@ def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
 def summary_line(stage: int, stages: int, m: dict[str, Any]) -> str:
     parts = [f"stage {stage}/{stages}"]
     if "train/reward_mean" in m:
-        parts.append(
-            f"reward {_fmt(m['train/reward_mean'])} -> selected "
-            f"{_fmt(m['train/reward_selected_mean'])} (n={m['train/n_selected']})"
-        )
-    if m.get("sampling/rounds", 1) > 1:  # dynamic or gvm sampled more than one round
+        parts.append(f"{reward_summary(m)} (n={m['train/n_selected']})")
+    if m.get("sampling/rounds", 1) > 1:  # the collector sampled more than one round
         parts.append(f"{m['sampling/samples']} samples in {m['sampling/rounds']} rounds, "
                      f"{m['sampling/useful_prompts']}/{m['sampling/prompts_drawn']} prompts useful")
     if m.get("train/sft_loss") is not None:
@@ -138,6 +131,3 @@ def summary_line(stage: int, stages: int, m: dict[str, Any]) -> str:
     times = [f"{k[5:-2]} {v:.0f}s" for k, v in m.items() if k.startswith("time/")]
     return " | ".join(parts + ([", ".join(times)] if times else []))
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

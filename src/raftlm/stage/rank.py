@@ -1,20 +1,30 @@
-"""Rank: choose which sampled responses to fine-tune on.
+"""Rank: everything the stage knows about which rollouts to train on, and with what weight.
 
-Filters first mark unusable candidates as invalid (NaN reward), then a strategy from the NumPy
-core picks among the rest. The core selectors never pick NaN, so filters compose with every
-strategy without special cases.
+In order: DAPO's overlong shaping of the rewards (`shaped_rewards`), the filters (they mark
+unusable rollouts invalid, NaN), a selection strategy of the NumPy core (which never picks NaN,
+so filters compose with every strategy), then the objective's weighting turns the selection
+into training examples. The collectors ask the same questions of a round (`ranked_view`,
+`useful_prompts`) so that "useful" means what Rank will do with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from raftlm.config import SelectionConfig
+from raftlm.config import ConfigError, RaftConfig, SelectionConfig, TrainingConfig
 from raftlm.core import best_per_prompt_mask, top_fraction_mask, top_k_per_prompt_mask
+from raftlm.core.collectors import has_reward_spread
+from raftlm.core.objectives import overlong_penalty
+from raftlm.stage.rollouts import Rollouts
+from raftlm.training.batches import TrainingExample
+from raftlm.training.objectives import objective_of
 
 
 @dataclass
@@ -29,6 +39,42 @@ class Selection:
     @property
     def n_selected(self) -> int:
         return int(self.mask.sum())
+
+
+@dataclass
+class Ranked:
+    """The Rank step's decision: what to train on, with which weight or advantage."""
+
+    selection: Selection
+    examples: list[TrainingExample]
+    stats: dict[str, Any]  # train/groups_dropped, train/n_examples, train/entropy
+
+
+def rank(rollouts: Rollouts, config: RaftConfig, stage: int) -> Ranked:
+    """Shaping, filters and the selection strategy, then the objective's training examples."""
+    rewards = shaped_rewards(rollouts, config)
+    selection = select(
+        rewards, [[r.text for r in row] for row in rollouts.responses],
+        rollouts.table(lambda r: len(r.token_ids)), config.selection,
+        rollouts.table(lambda r: r.finish_reason == "length", False),
+        tie_break=np.random.default_rng([config.run.seed, stage]).random(rewards.shape),
+    )
+    _warn_about_all_equal_prompts(rewards, selection, config)
+    examples, stats = training_examples(rollouts, rewards, selection, config.training, stage)
+    return Ranked(selection, examples, stats)
+
+
+def shaped_rewards(rollouts: Rollouts, config: RaftConfig) -> np.ndarray:
+    """The [P, K] rewards plus DAPO's soft overlong penalty of each response's token length
+    (`training.overlong_buffer`, `training.overlong_penalty`; unchanged when either is 0).
+    NaN rewards stay NaN."""
+    lengths = rollouts.table(lambda r: len(r.token_ids))
+    return np.asarray(rollouts.rewards, dtype=np.float64) + overlong_penalty(
+        lengths, config.generation.max_new_tokens, config.training.overlong_buffer,
+        config.training.overlong_penalty)
+
+
+# --------------------------------------------------------------------------- selection
 
 
 def select(
@@ -78,7 +124,8 @@ def select(
     if config.deduplicate:
         drop("duplicate", _duplicates(responses, rewards.shape))
 
-    mask = SELECTION_STRATEGIES[config.strategy](rewards, config, int(present.sum()), tie_break)
+    mask = SELECTION_STRATEGIES[config.strategy].select(rewards, config, int(present.sum()),
+                                                        tie_break)
     if config.min_reward is not None:
         below = mask & (rewards < config.min_reward)
         dropped["below_min_reward"] = int(below.sum())
@@ -86,14 +133,134 @@ def select(
     return Selection(mask=mask, eligible=eligible, dropped=dropped)
 
 
-SELECTION_STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
+@dataclass(frozen=True)
+class SelectionStrategy:
     # (filtered rewards [P, K], config, number of real candidates, tie-break keys) -> mask
-    "best_per_prompt": lambda rewards, config, n, ties: best_per_prompt_mask(rewards),
-    "top_k_per_prompt": lambda rewards, config, n, ties: top_k_per_prompt_mask(
-        rewards, config.top_k),
-    "top_fraction": lambda rewards, config, n, ties: top_fraction_mask(
-        rewards, config.top_fraction, n, ties),
+    select: Callable[[np.ndarray, SelectionConfig, int, np.ndarray | None], np.ndarray]
+    # (b, K, config) -> responses kept per stage before filters: sizes the LR schedule
+    nominal: Callable[[int, int, SelectionConfig], int]
+
+
+SELECTION_STRATEGIES: dict[str, SelectionStrategy] = {
+    "best_per_prompt": SelectionStrategy(
+        lambda rewards, config, n, ties: best_per_prompt_mask(rewards),
+        lambda b, k, config: b),
+    "top_k_per_prompt": SelectionStrategy(
+        lambda rewards, config, n, ties: top_k_per_prompt_mask(rewards, config.top_k),
+        lambda b, k, config: b * min(config.top_k, k)),
+    "top_fraction": SelectionStrategy(
+        lambda rewards, config, n, ties: top_fraction_mask(rewards, config.top_fraction, n,
+                                                           ties),
+        lambda b, k, config: max(1, int(b * k * config.top_fraction))),
 }
+
+
+def expected_selected(config: RaftConfig) -> int:
+    """Nominal training examples per stage (filters only lower it); sizes the LR schedule."""
+    b, k = config.raft.prompts_per_stage, config.raft.samples_per_prompt
+    if objective_of(config.training).weighting.group:
+        return b * k  # these train on all K responses (groups with a reward spread)
+    return SELECTION_STRATEGIES[config.selection.strategy].nominal(b, k, config.selection)
+
+
+# --------------------------------------------------------------------------- collectors ask
+
+
+def ranked_view(rollouts: Rollouts, config: RaftConfig) -> tuple[np.ndarray, Selection]:
+    """The rewards Rank sees (shaped) and the selection of each prompt's row on its own
+    (strategy best_per_prompt: the filters and min_reward decide whether anything of a prompt
+    can be kept, whatever the strategy)."""
+    rewards = shaped_rewards(rollouts, config)
+    selection = select(
+        rewards, [[r.text for r in row] for row in rollouts.responses],
+        rollouts.table(lambda r: len(r.token_ids)),
+        dataclasses.replace(config.selection, strategy="best_per_prompt"),
+        rollouts.table(lambda r: r.finish_reason == "length", False))
+    return rewards, selection
+
+
+def useful_prompts(rollouts: Rollouts, config: RaftConfig) -> np.ndarray:
+    """bool [P]: the prompts that carry a learning signal for the configured objective — for
+    the RAFT family at least one response passes selection (filters, min_reward); for group
+    weightings (grpo, reinforce_rej) eligible rewards that are not all equal."""
+    rewards, selection = ranked_view(rollouts, config)
+    if objective_of(config.training).weighting.group:
+        return has_reward_spread(np.where(selection.eligible, rewards, np.nan))
+    return selection.mask.any(axis=1)
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Selection,
+                      config: TrainingConfig, stage: int
+                      ) -> tuple[list[TrainingExample], dict[str, float | None]]:
+    """The Rank step's output for the configured objective: the responses to train on, each
+    with its weight or advantage (and recorded log-probs and loss mask), plus the stage's rank
+    statistics (`train/groups_dropped`, `train/n_examples`, `train/entropy`).
+
+    Group weightings train on every eligible response (`selection.eligible`: a valid reward
+    that passed the response filters) of the prompts they keep; the others on
+    `selection.mask`. Weights and advantages are computed from eligible rewards only.
+
+    `train/entropy` is -mean of the recorded token log-probs of all sampled responses: an
+    estimate of the token entropy of the sampling distribution softmax(logits / T) (unbiased
+    without top-p / top-k truncation); None when the sampler recorded none.
+    """
+    weighting = objective_of(config).weighting
+    prompts, responses = rollouts.prompts, rollouts.responses
+    rewards = np.where(selection.eligible, np.asarray(rewards, dtype=np.float64), np.nan)
+    weights, keep = weighting.weights(rewards, config)
+    if weighting.group:
+        chosen = keep[:, None] & ~np.isnan(rewards)
+    else:
+        chosen = np.asarray(selection.mask, dtype=bool)
+    if weighting.nonnegative:
+        negative = chosen & (weights < 0)
+        if negative.any():
+            p, j = (int(i[0]) for i in np.nonzero(negative))
+            raise ConfigError(
+                f"stage {stage}, prompt {prompts[p].id}: reward {rewards[p, j]:g} is a "
+                f"negative weight for {config.objective} (its weighting multiplies the "
+                "log-likelihood); set training.weight_transform to minmax or rank")
+        # A weight-0 response carries no gradient: leave it out of the step (and of the
+        # token count) instead of spending forward and backward passes on it.
+        chosen = chosen & (weights != 0)
+    examples = [
+        TrainingExample(prompts[p].token_ids, responses[p][j].token_ids, float(weights[p, j]),
+                        responses[p][j].token_log_probs, responses[p][j].loss_mask)
+        for p, j in zip(*np.nonzero(chosen))
+    ]
+    recorded = [lp for row in responses for r in row if (lp := r.token_log_probs) is not None]
+    entropy = -float(np.mean(np.concatenate(recorded))) if recorded and any(
+        len(lp) for lp in recorded) else None
+    return examples, {
+        "train/groups_dropped": int((~keep).sum()) if weighting.group else 0,
+        "train/n_examples": len(examples),
+        "train/entropy": entropy,
+    }
+
+
+_warned: set[str] = set()
+
+
+def _warn_about_all_equal_prompts(rewards: np.ndarray, selection: Selection,
+                                  config: RaftConfig) -> None:
+    """Once per run: with a 0/1 reward, best_per_prompt and no min_reward, the 'best' of a
+    prompt whose answers are all wrong is a wrong answer, and RAFT imitates it."""
+    sel = config.selection
+    if "all_equal" in _warned or sel.min_reward is not None or sel.drop_uniform_prompts:
+        return
+    valid = ~np.isnan(rewards)
+    low = np.nanmin(np.where(valid, rewards, np.inf), axis=1)
+    high = np.nanmax(np.where(valid, rewards, -np.inf), axis=1)
+    uniform = (valid.sum(axis=1) > 1) & (low == high) & selection.mask.any(axis=1)
+    if uniform.any() and not objective_of(config.training).weighting.group:
+        _warned.add("all_equal")
+        print(f"raftlm: note: {int(uniform.sum())} prompt(s) had all rewards equal (e.g. every "
+              "answer wrong) and one of them was kept for training; set selection.min_reward "
+              "or selection.drop_uniform_prompts to train only on better-than-average answers",
+              file=sys.stderr)
 
 
 def _padded(rows: np.ndarray | list[list], shape: tuple[int, ...], fill: object) -> np.ndarray:

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from raftlm.build import load_for_eval
+from raftlm.stage.build import load_for_eval
 from raftlm.config import RaftConfig
 from raftlm.errors import InvalidInput
 from raftlm.models.loading import load_policy, resolve_dtype
+from raftlm.models.names import check_model_path
 from raftlm.run.rundir import RunDir
 
 
@@ -64,8 +65,7 @@ def load_target(path: str | Path, stage: int | None = None, dtype: str | None = 
         return Target(model.eval(), tokenizer, config, run_dir, stage, checkpoint)
     if stage is not None:
         raise InvalidInput(f"--stage needs a run directory; {path} has no config.yaml")
-    if not str(path).startswith("embedded:") and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"no run directory (config.yaml) or model at {path}")
+    check_model_path(str(path), field="RUN_DIR|MODEL")
     config = RaftConfig()
     config.model = dataclasses.replace(
         config.model, path=str(path), lora=dataclasses.replace(config.model.lora, enabled=False))

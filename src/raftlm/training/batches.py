@@ -17,14 +17,28 @@ IGNORE = -100
 
 @dataclass
 class Example:
-    """One (prompt, response) pair to imitate, as token ids."""
+    """One (prompt, response) pair to train on, as token ids."""
 
     prompt_ids: list[int]
     response_ids: list[int]
 
 
+@dataclass
+class TrainingExample(Example):
+    """An example as the Rank step hands it to training: its weight (reward weight or
+    advantage), the sampling policy's log-probs of its response tokens when the sampler
+    recorded them (pi_old), and which response tokens are the model's (`loss_mask`, 1 per
+    token trained on; None: all of them)."""
+
+    weight: float = 1.0
+    old_log_probs: list[float] | None = None
+    loss_mask: list[int] | None = None
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels with prompt and padding masked."""
+    """Right-padded input ids, attention mask and labels with prompt and padding masked, and
+    the response tokens a `loss_mask` marks 0 (not the model's: they get no loss, for every
+    objective, and count in no token total)."""
     width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -34,6 +48,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         labels[row, len(example.prompt_ids) : len(ids)] = torch.tensor(example.response_ids)
+        loss_mask = getattr(example, "loss_mask", None)  # a plain Example trains every token
+        if loss_mask is not None:
+            masked = torch.tensor(loss_mask, dtype=torch.bool).logical_not()
+            labels[row, len(example.prompt_ids) : len(ids)][masked] = IGNORE
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

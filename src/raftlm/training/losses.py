@@ -1,4 +1,4 @@
-"""Per-token losses of the RAFT family in torch; `raftlm.core_objectives` holds the NumPy twins
+"""Per-token losses of the RAFT family in torch; `raftlm.core.objectives` holds the NumPy twins
 (same names, same clamps) they are tested against.
 
 Token tensors are [B, T] aligned with `raftlm.training.batches.token_nll` (0 where masked).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from raftlm.core_objectives import K3_CLAMP, LOG_RATIO_CLAMP
+from raftlm.core.objectives import K3_CLAMP, LOG_RATIO_CLAMP
 
 
 def weighted_nll(log_probs: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
@@ -57,7 +57,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm_token
     """The numerator of one optimizer step's loss from a micro-batch's per-token losses.
 
     The step divides the sum of its micro-batches' numerators by `step_denominator` (over all
-    processes), which gives `raftlm.core_objectives.aggregate_loss` of the whole step.
+    processes), which gives `raftlm.core.objectives.aggregate_loss` of the whole step.
     """
     if mode == "token_mean":
         return per_token.sum()

@@ -38,7 +38,7 @@ from raftlm.run.progress import progress
 from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
 from raftlm.training.losses import aggregate, step_denominator
 from raftlm.training.objectives import (
-    OBJECTIVES,
+    objective_of,
     sampling_mismatch,
     token_loss,
     token_tensors,
@@ -67,7 +67,7 @@ def planned_optimizer_steps(examples_per_stage: int, stages: int, config: Traini
     return max(1, stages * config.epochs * math.ceil(examples_per_stage / per_step))
 
 
-class SFTTrainer:
+class PolicyTrainer:
     """AdamW + schedule + clipping over the run; `train(examples)` runs one stage's epochs."""
 
     def __init__(
@@ -85,11 +85,11 @@ class SFTTrainer:
         self.pad_id = pad_id
         self.seed = seed
         generation = generation or GenerationConfig()
-        self.objective = OBJECTIVES[config.objective]
+        self.objective = objective_of(config)
         # pi (and pi_0 in the KL term) at the temperature pi_old was recorded at.
         self.temperature = training_temperature(config, generation.temperature)
         self.norm_tokens = config.loss_norm_tokens or generation.max_new_tokens
-        if self.objective.uses_ratio or config.kl_coef > 0:
+        if self.objective.loss.uses_ratio or config.kl_coef > 0:
             disable_dropout(model)
             warning = sampling_mismatch(config, generation.temperature, generation.top_p,
                                         generation.top_k)
@@ -120,7 +120,7 @@ class SFTTrainer:
         """E epochs over the stage's examples (identical on every process, each taking its share
         of every optimizer step); returns stage statistics."""
         cfg, acc = self.config, self.accelerator
-        if self.objective.uses_ratio:
+        if self.objective.loss.uses_ratio:
             examples = self._with_old_log_probs(examples)
         self._stats = {"clipped": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0.0,
                        "kl": 0.0}
@@ -178,7 +178,7 @@ class SFTTrainer:
                                        device=acc.device), "sum").tolist()
         clipped, ratio_sum, tokens, kl = sums
         stats = {}
-        if self.objective.uses_ratio and tokens:
+        if self.objective.loss.uses_ratio and tokens:
             ratio_max = float(acc.gather(torch.tensor([s["ratio_max"]], device=acc.device)).max())
             stats.update({"train/clip_fraction": clipped / tokens,
                           "train/ratio_mean": ratio_sum / tokens, "train/ratio_max": ratio_max})
@@ -262,7 +262,8 @@ class SFTTrainer:
         cfg = self.config
         nll = token_nll(self.model, batch, self.temperature)
         mask = (batch["labels"][:, 1:] != IGNORE).float()
-        if cfg.objective == "sft" and cfg.kl_coef == 0 and cfg.loss_aggregation == "token_mean":
+        if (self.objective.loss.plain_nll and cfg.kl_coef == 0
+                and cfg.loss_aggregation == "token_mean"):
             if count:
                 self._stats["tokens"] += float(mask.sum())
             return nll.sum()  # exactly the SFT loss raftlm always had

@@ -1,0 +1,1 @@
+"""RAFT as separate jobs: `raftlm generate | score | select | finetune` (docs/phases.md)."""
