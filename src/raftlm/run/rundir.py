@@ -103,14 +103,25 @@ class RunDir:
         self.root = Path(root)
 
     @classmethod
-    def create(cls, root: str | Path, overwrite: bool) -> RunDir:
+    def create(cls, root: str | Path, overwrite: bool,
+               say: Callable[[str], None] = print) -> RunDir:
+        """A new run in `root`: refused where a run kept something (a checkpoint, a stage's
+        journal) unless `overwrite`; a run that stopped before keeping anything (it failed in
+        its baseline evaluation or first stage) is started over, which `say` tells in a line."""
         run = cls(root)
         if run.root.exists() and any(not p.name.startswith(".") for p in run.root.iterdir()):
-            if not overwrite:
+            if not overwrite and not run.config_path.is_file():
+                raise FileExistsError(f"{run.root} is not empty and holds no run (no "
+                                      "config.yaml); choose another run.output_dir, or pass "
+                                      "--overwrite to delete what is there")
+            kept = run.kept_work()
+            if not overwrite and kept:
                 raise FileExistsError(
-                    f"{run.root} already holds a run; pass --overwrite to replace it "
-                    f"or --resume {run.root} to continue it"
-                )
+                    f"{run.root} already holds a run ({kept}); continue it with `raftlm train "
+                    f"--resume {run.root}`, or pass --overwrite to replace it")
+            if not overwrite:
+                say(f"{run.root}: the run there stopped before its first stage finished (no "
+                    "checkpoint); starting it over")
             for path in run.root.iterdir():  # all but the lock this process holds
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -118,6 +129,19 @@ class RunDir:
                     path.unlink()
         run.root.mkdir(parents=True, exist_ok=True)
         return run
+
+    def kept_work(self) -> str | None:
+        """What a resume of this run would reuse, in words (None: nothing): its checkpoints or
+        the finished samples in a stage's journal."""
+        stages = [stage for stage, _ in self.checkpoints()]
+        if stages:
+            return f"checkpoints of stages {stages[0]}-{stages[-1]}" if len(stages) > 1 else \
+                f"the checkpoint of stage {stages[0]}"
+        for journal in sorted(self.root.glob("stages/*/journal.rank*.jsonl")):
+            with journal.open("rb") as lines:
+                if sum(1 for _ in lines) > 1:  # more than its header
+                    return f"finished samples of stage {int(journal.parent.name)} in its journal"
+        return None
 
     def remove_temporaries(self) -> list[Path]:
         """Delete what killed writers left: dot-named temporary files and checkpoint staging
