@@ -11,15 +11,12 @@ receive them; a function that does not declare one does not get it.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raftlm.config import ConfigError
+from raftlm.config.registry import load_object
 from raftlm.rewards.verifiable import BUILTIN_REWARDS
 
 if TYPE_CHECKING:
@@ -35,33 +32,9 @@ PER_ITEM_KEYWORDS = ("prompt_texts", "queries")  # one value per completion
 
 def load_function(spec: str) -> Callable[..., Any]:
     """Load ``package.module:function`` or ``path/to/file.py:function`` (relative to cwd)."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(
-            f"reward {spec!r}: expected 'package.module:function' or 'file.py:function'"
-        )
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(f"reward {spec!r}: file not found: {path}")
-        name = f"raftlm_user_reward_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # so pickling and dataclasses inside the file work
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as err:
-            raise ConfigError(f"reward {spec!r}: importing {path} failed: {err!r}") from err
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise ConfigError(f"reward {spec!r}: cannot import module '{target}': {err}") from err
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise ConfigError(f"reward {spec!r}: '{target}' has no attribute '{attr}'")
+    fn = load_object(spec, "reward")
     if not callable(fn):
-        raise ConfigError(f"reward {spec!r}: '{attr}' is not callable")
+        raise ConfigError(f"reward {spec!r}: '{spec.rpartition(':')[2]}' is not callable")
     return fn
 
 
