@@ -1,6 +1,6 @@
 """raft.collector: fixed | dynamic | gvm (raftlm.stage.collectors) on a tiny model: what each
-collector samples, that decisions come from (seed, stage, prompt, sample index) alone, exact resume inside
-a stage, and two processes agreeing with one."""
+collector samples, that decisions come from (seed, stage, prompt, sample index) alone, exact
+resume inside a stage, and two processes agreeing with one."""
 
 import json
 from collections import Counter

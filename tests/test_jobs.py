@@ -263,3 +263,15 @@ def test_finetune_under_accelerate_launch_trains_like_one_process(workspace):
     [ours], [theirs] = rows(workspace / "one/metrics.jsonl"), rows(workspace / "two/metrics.jsonl")
     for key in ("train/optimizer_steps", "tokens/trained", "train/n_selected"):
         assert ours[key] == theirs[key], key
+
+
+@pytest.mark.parametrize("collector", ["dynamic", "gvm"])
+def test_generate_says_why_a_collector_that_decides_from_rewards_cannot_be_split(
+        workspace, collector):
+    """dynamic and gvm choose their later rounds from the rewards of earlier ones: sampling and
+    scoring in separate jobs cannot run them, and generate says so before loading anything."""
+    config = load(workspace, f"raft.collector={collector}", "selection.min_reward=0.5")
+    with pytest.raises(WorkMismatch, match=f"raft.collector={collector} decides how many more "
+                                           "samples to draw from the rewards"):
+        generate_stage(config, workspace / "work")
+    assert not (workspace / "work").exists()

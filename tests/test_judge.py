@@ -112,8 +112,6 @@ def test_the_grade_is_the_whole_answer_within_the_range_not_a_number_inside_it()
             Reward([("judge", 1.0, judge)])(["p"], ["4"], {})
 
 
-@pytest.mark.xfail(strict=True, reason="the config's judge defaults are the lead's to wire: "
-                   "JudgeConfig.parse = GRADE_PARSE, JudgeConfig.grade_range = [0, 10]")
 def test_the_configs_default_grade_is_anchored_and_range_checked():
     config = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m")
     assert config.parse == GRADE_PARSE

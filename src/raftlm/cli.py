@@ -95,9 +95,9 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raftlm.stage.build import evaluate_checkpoint
     from raftlm.run.rundir import atomic_write_text
     from raftlm.run.tracking import json_safe
+    from raftlm.stage.build import evaluate_checkpoint
 
     config = load_config(args)
     if args.checkpoint is not None and not args.checkpoint.is_dir():

@@ -52,7 +52,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str | None = option(None, "Built-in task: arithmetic, larger, multiplication.")
+    task: str | None = option(None, "Built-in task (prompts with an `answer` column).",
+                              choices=("arithmetic", "larger", "multiplication"))
     train_file: str | None = option(None, "Prompt file: .jsonl, .json, .csv or .parquet.")
     eval_file: str | None = option(None, "Held-out prompt file (same formats).")
     prompt_field: str = option("prompt", "Column with the prompt: text or chat messages.")
@@ -139,8 +140,15 @@ class JudgeConfig:
         "Rate the response from 0 to 10.\n\nPrompt: {prompt}\n\nResponse: {completion}\n\n"
         "Answer with the number only.",
         "The user message; {prompt}, {completion} and prompt-file columns are filled in.")
-    parse: str = option(r"-?\d+(?:\.\d+)?", "Regex; its first match in the answer (its first "
-                        "group, if it has one) is the score.")
+    parse: str = option(
+        r"(?i)^\s*(?:(?:score|rating|grade)\s*[:=]?\s*)?"
+        r"(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*\.?\s*$",
+        "Regex; its first match in the answer (its first group, if it has one) is the score. "
+        "The default takes a whole answer that is one grade ('7', '7/10', 'Score: 7.5'), never "
+        "a number inside other text ('98 + 94 = ').")
+    grade_range: list[float] | None = option(
+        [0.0, 10.0], "[low, high]: a grade outside it is that item's failure (reward.on_error); "
+        "null: any number.")
     max_tokens: int = option(16, "Longest judge answer.")
     temperature: float = option(0.0, "The judge's sampling temperature.")
     system: str | None = option(None, "A system message before the template's.")
@@ -187,6 +195,10 @@ class RewardTerm:
                 ("http://", "https://")), "an http:// or https:// URL"),
             ("judge.model", not self.judge or bool(self.judge.model), "a model name"),
             ("judge.max_tokens", not self.judge or self.judge.max_tokens >= 1, ">= 1"),
+            ("judge.grade_range", not self.judge or self.judge.grade_range is None or (
+                len(self.judge.grade_range) == 2
+                and self.judge.grade_range[0] < self.judge.grade_range[1]),
+             "[low, high] with low < high, or null"),
         ]:
             if not ok:
                 value = self

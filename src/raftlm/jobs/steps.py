@@ -51,6 +51,7 @@ from raftlm.jobs.workdir import (
 )
 from raftlm.models.distributed import process_state, whole_model
 from raftlm.models.loading import merged_adapter
+from raftlm.rewards.kinds import reward_fingerprint
 from raftlm.rewards.reward import Reward, build_reward
 from raftlm.run.journal import StageJournal
 from raftlm.run.lock import run_lock
@@ -66,7 +67,7 @@ from raftlm.stage.build import (
     set_threads,
     write_checkpoint,
 )
-from raftlm.stage.collect import Collect, Timer, scoring_fingerprint
+from raftlm.stage.collect import Collect, Timer
 from raftlm.stage.collectors import collector, collector_stats
 from raftlm.stage.finetune import fine_tune
 from raftlm.stage.rank import rank
@@ -219,7 +220,7 @@ def score_stage(config: RaftConfig, work: Path, stage: int | None = None) -> Pat
     folder = stage_folder(work, stage)
     job = read_job(folder)
     check_sampled_with(folder, job, config, job["policy"])
-    fingerprint, out = scoring_fingerprint(config), folder / CANDIDATES_FILE
+    fingerprint, out = reward_fingerprint(config.reward), folder / CANDIDATES_FILE
     if job.get("scoring") == fingerprint and out.is_file():
         print(f"stage {stage}: already scored ({out})")
         return out

@@ -38,8 +38,8 @@ import numpy as np
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptRecord
 from raftlm.errors import InvalidInput
+from raftlm.rewards.kinds import reward_fingerprint
 from raftlm.run.rundir import atomic_write_text, read_jsonl
-from raftlm.stage.collect import scoring_fingerprint
 from raftlm.stage.rank import Ranked
 from raftlm.stage.record import candidate_rows
 from raftlm.stage.rollouts import Rollout, Rollouts
@@ -109,7 +109,7 @@ def check_scored_with(folder: Path, job: dict[str, Any], config: RaftConfig) -> 
     if job.get("scoring") is None:
         raise WorkMismatch(f"{folder}: not scored yet; run raftlm score on it first")
     check_same(folder, "scored under another reward config (reward.* differs)",
-               job["scoring"], scoring_fingerprint(config), "run raftlm score on it again")
+               job["scoring"], reward_fingerprint(config.reward), "run raftlm score on it again")
 
 
 # --------------------------------------------------------------------------- folders

@@ -142,8 +142,7 @@ def answer_text(answer: Any, url: str) -> str:
 
 def build_judge_term(term: RewardTerm) -> JudgeReward:
     """`judge:` an LLM judge."""
-    # `judge.grade_range` is read only where the config has the field (the config wires it).
-    grade_range = getattr(term.judge, "grade_range", None)
+    grade_range = term.judge.grade_range
     return JudgeReward(term.judge, term.concurrency, term.timeout_s, term.retry_s,
                        tuple(grade_range) if grade_range else None)
 

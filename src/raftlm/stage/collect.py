@@ -13,8 +13,6 @@ brought from 4 to 12 samples gets the 12 it would have got at once, and N proces
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -27,6 +25,7 @@ import numpy as np
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptOrder, PromptRecord, PromptSet
 from raftlm.models.distributed import gather, shard
+from raftlm.rewards.kinds import reward_fingerprint
 from raftlm.rewards.reward import Reward, RewardResult, score
 from raftlm.run.journal import StageJournal
 from raftlm.sampling.completion import Completion
@@ -77,6 +76,7 @@ class Collect:
     stage: int
     journal: StageJournal
     timer: Timer = field(default_factory=Timer)
+    step: int | None = None  # the optimizer step the stage starts from (reward terms may ask)
     samples: dict[int, list[Rollout]] = field(default_factory=dict)  # this attempt's, by id
     reward_rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by prompt id
     rounds: int = 0  # calls so far: the collector's rounds of sampling
@@ -159,7 +159,8 @@ class Collect:
 
         if todo:
             score(self.run.reward, [prompts[i] for i in todo],
-                  [responses[i][start[i]:] for i in todo], stage=self.stage, on_scored=keep)
+                  [responses[i][start[i]:] for i in todo], stage=self.stage, step=self.step,
+                  on_scored=keep, tokenizer=self.run.tokenizer)
         return [_prefix(self.reward_rows[p.id], len(row)) for p, row in zip(prompts, responses)]
 
     def close(self) -> None:
@@ -175,20 +176,13 @@ def open_journal(folder: Path, process_index: int, config: RaftConfig,
     header = {"stage": int(folder.name), "prompt_ids": prompt_ids,
               "samples_per_prompt": config.raft.samples_per_prompt,
               "generation": dataclasses.asdict(config.generation), "seed": config.run.seed,
-              "scoring": scoring_fingerprint(config)}
+              "scoring": reward_fingerprint(config.reward)}
     journal = StageJournal(folder, process_index, header,
                            reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
     if journal.discarded and process_index == 0:
         announce(f"stage {int(folder.name)}: not reusing its earlier samples "
                  f"({journal.discarded})")
     return journal
-
-
-def scoring_fingerprint(config: RaftConfig) -> str:
-    """A short hash of what turns samples into rewards: a journal's rewards are reused only
-    under the same reward config."""
-    text = json.dumps(dataclasses.asdict(config.reward), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _EMPTY: dict[str, Any] = {"rewards": [], "terms": {}}

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from raftlm.stage.build import load_for_eval
 from raftlm.config import RaftConfig
 from raftlm.errors import InvalidInput
 from raftlm.models.loading import load_policy, resolve_dtype
 from raftlm.models.names import check_model_path
 from raftlm.run.rundir import RunDir
+from raftlm.stage.build import load_for_eval
 
 
 @dataclass
