@@ -12,7 +12,17 @@ import yaml
 from tiny import save_tiny_model
 
 from raftlm.cli import main as cli_main
-from raftlm.run.progress import PlainProgress, progress, progress_seconds, set_quiet
+from raftlm.config import RaftConfig
+from raftlm.run.progress import (
+    PlainProgress,
+    count_decoded,
+    count_finished,
+    decode_progress,
+    progress,
+    progress_seconds,
+    set_quiet,
+)
+from raftlm.sampling import generate as generate_module
 
 
 @pytest.fixture(autouse=True)
@@ -67,13 +77,64 @@ def test_quiet_silences_progress(monkeypatch):
     bar.set_postfix_str("12 tok/s")
     bar.close()
     assert out.getvalue() == ""
-    assert bar.format_dict["n"] == 0  # a disabled bar still answers report_progress
+    assert bar.format_dict["n"] == 0  # a disabled bar still answers count_finished
 
 
 def test_a_bad_interval_is_named(monkeypatch):
     monkeypatch.setenv("RAFTLM_PROGRESS_SECONDS", "soon")
     with pytest.raises(ValueError, match="RAFTLM_PROGRESS_SECONDS"):
         progress_seconds()
+
+
+def test_a_decoding_bar_advances_with_each_token_before_any_sequence_finishes():
+    bar = decode_progress(total=4, max_new_tokens=10, desc="eval", file=io.StringIO())
+    count_decoded(bar, 4)  # one step of four sequences: a tenth of each one's budget
+    assert bar.n == pytest.approx(0.4)
+    assert bar.format_dict["rate"] is None or bar.format_dict["rate"] > 0
+    assert bar.postfix.startswith("0 done")
+
+
+def test_sequences_that_stop_early_still_complete_the_bar():
+    bar = decode_progress(total=4, max_new_tokens=10, desc="eval", file=io.StringIO())
+    for _ in range(3):
+        count_decoded(bar, 4)
+    count_finished(bar, 4, 12)  # all four stopped at eos after 3 tokens
+    assert bar.n == pytest.approx(4) and bar.finished == 4 and bar.tokens == 12
+    assert "12" not in bar.postfix or "tok/s" in bar.postfix
+
+
+def test_the_sampler_moves_the_bar_before_its_first_sequence_finishes(model, tok, monkeypatch):
+    bars = []
+
+    def spy(*args, **kwargs):
+        bar = decode_progress(*args, **kwargs, file=io.StringIO())
+        real_update, first = bar.update, []
+        bar.update = lambda n=1: (first or first.append((bar.n + n, bar.finished)), real_update(n))
+        bar.first_update = first
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(generate_module, "decode_progress", spy)
+    prompts = [tok("Say 1")["input_ids"], tok("Say 2")["input_ids"]]
+    rows = generate_module.generate(model, tok, prompts, 3, RaftConfig().generation,
+                                    max_new_tokens=6, seeds=[0, 1])
+    (bar,) = bars
+    (n, finished), = bar.first_update
+    assert finished == 0 and n > 0  # moved by the first step's tokens
+    assert bar.n == pytest.approx(6) and bar.finished == 6
+    assert bar.tokens == sum(len(c.token_ids) for row in rows for c in row)
+
+
+def test_a_long_bar_in_a_log_thins_its_lines(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])  # tqdm's clock
+    out = io.StringIO()
+    bar = PlainProgress(total=1500, desc="eval", unit="seq", file=out, interval=10)
+    for _ in range(1500):  # 25 minutes, one update a second
+        clock[0] += 1
+        bar.update(1)
+    bar.close()
+    assert 10 <= len(out.getvalue().splitlines()) <= 30  # every 10 s would be 150 lines
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def report_progress(bar, new_tokens: int, sequences: int = 1) -> None:
-    """Advance a tqdm bar of sequences and show the token rate next to it."""
-    bar.tokens = getattr(bar, "tokens", 0) + new_tokens
-    bar.update(sequences)
-    elapsed = bar.format_dict["elapsed"]
-    if elapsed > 0:
-        bar.set_postfix_str(f"{bar.tokens / elapsed:.0f} tok/s", refresh=False)
-
-
 def cut_at_stop(ids: list[int], eos_ids: set[int], stops: Sequence[str], tokenizer
          ) -> tuple[list[int], str]:
     """Trim HF's padded output after the first eos or the token completing a stop string."""

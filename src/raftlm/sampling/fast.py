@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raftlm.run.progress import count_decoded, count_finished
 from raftlm.sampling.choice import choose_tokens, pick_tokens, uniform
-from raftlm.sampling.completion import report_progress
 from raftlm.sampling.decoding import (
     PromptKV,
     SlotCache,
@@ -126,6 +126,8 @@ def sample(
                 prompt_kv.copy_into(cache, admitted, batch.width)
             logits = decode_step(model, cache, *batch.inputs(device))
             chosen, log_probs = _choose(logits, batch, filters)
+            if progress is not None:
+                count_decoded(progress, len(batch.running()))  # a token for each running row
             finished = batch.advance(chosen, log_probs, finish_reason)
             if on_token is not None:  # the rows left are the ones that took a token and go on
                 for row in batch.rows:
@@ -136,7 +138,7 @@ def sample(
                 if on_finish is not None:
                     on_finish(row.prompt, row.sample, results[row.prompt][row.sample])
                 if progress is not None:
-                    report_progress(progress, len(row.ids))
+                    count_finished(progress, 1, len(row.ids))
             if not queue:
                 # Nothing left to refill with: idle rows still cost compute, so the batch
                 # shrinks to the rows still running.

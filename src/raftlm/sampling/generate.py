@@ -24,7 +24,7 @@ import torch
 
 from raftlm.config import GenerationConfig
 from raftlm.models.distributed import gather, shard
-from raftlm.run.progress import progress
+from raftlm.run.progress import decode_progress
 from raftlm.sampling import vllm as vllm_backend
 from raftlm.sampling.completion import Completion, eos_token_ids, to_completion
 from raftlm.sampling.fast import sample
@@ -137,7 +137,8 @@ def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> 
     skip = {(i, j) for i, j in request.done if i < len(per_prompt) and j < per_prompt[i]}
     finished = None if on_finish is None else (
         lambda i, j, raw: on_finish(i, j, _completion(tokenizer, raw, config)))
-    with _decoding(model, sum(per_prompt) - len(skip), request.desc) as bar:
+    with _decoding(model, sum(per_prompt) - len(skip), request.max_new_tokens,
+                   request.desc) as bar:
         raw = sample(
             model, tokenizer, request.prompts, per_prompt, seeds=request.seeds,
             max_new_tokens=request.max_new_tokens, eos_ids=eos_token_ids(model, tokenizer),
@@ -156,7 +157,7 @@ def _generate_hf(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows
         return _greedy_then_sampled(_generate_hf, model, tokenizer, request)
     if not any(request.counts):
         return [[] for _ in request.prompts]
-    with _decoding(model, sum(request.counts), request.desc) as bar:
+    with _decoding(model, sum(request.counts), request.max_new_tokens, request.desc) as bar:
         raw = generate_hf(model, tokenizer, request.prompts, request.counts, request.config,
                           request.seeds, request.greedy, request.max_new_tokens,
                           eos_token_ids(model, tokenizer), bar)
@@ -199,12 +200,12 @@ def _greedy_then_sampled(backend: Decode, model: Any, tokenizer: Any, request: G
 
 
 @contextmanager
-def _decoding(model: Any, total: int, desc: str) -> Iterator[Any]:
-    """Eval and inference mode with a progress bar of ``total`` sequences; the model's
-    training mode comes back after."""
+def _decoding(model: Any, total: int, max_new_tokens: int, desc: str) -> Iterator[Any]:
+    """Eval and inference mode with a progress bar of ``total`` sequences (counted in tokens:
+    `raftlm.run.progress.decode_progress`); the model's training mode comes back after."""
     was_training = model.training
     model.eval()
-    bar = progress(total=total, desc=desc, unit="seq", leave=False)
+    bar = decode_progress(total, max_new_tokens, desc)
     try:
         with torch.inference_mode():
             yield bar

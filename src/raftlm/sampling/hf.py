@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from raftlm.run.progress import count_finished
 from raftlm.sampling.choice import choose_tokens, uniform
-from raftlm.sampling.completion import cut_at_stop, report_progress
+from raftlm.sampling.completion import cut_at_stop
 
 
 def generate_hf(model, tokenizer, prompts, num_samples: list[int], config, seeds, greedy,
@@ -80,7 +81,7 @@ def generate_hf(model, tokenizer, prompts, num_samples: list[int], config, seeds
                    for r in rows] * (count // returns)
             results.append([(ids, reason, lp[: len(ids)]) for ids, reason, lp in cut])
             new_tokens += sum(len(ids) for ids, _, _ in results[-1])
-        report_progress(bar, new_tokens, len(batch) * count)
+        count_finished(bar, len(batch) * count, new_tokens, decoded=False)
     return results
 
 
