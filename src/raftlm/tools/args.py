@@ -19,3 +19,10 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool,
 def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="No progress bars or progress lines (summaries stay).")
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`: torch's CPU threads (`raftlm.run.threads.configure_threads`)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads [default: one per core, or OMP_NUM_THREADS; idle "
+                             "threads sleep rather than spin, so a busy machine stays usable].")

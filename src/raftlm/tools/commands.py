@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.errors import InvalidInput
-from raftlm.tools.args import add_quiet_arg
-from raftlm.tools.job_commands import add_job_commands
+from raftlm.jobs.commands import add_job_commands
+from raftlm.tools.args import add_quiet_arg, add_threads_arg
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from raftlm.run.threads import configure_threads
     from raftlm.tools.export import export
 
+    configure_threads(args.threads)
     out = export(args.target, args.out, args.format, args.stage, args.dtype)
     print(f"exported ({args.format}): {out}")
     return 0
@@ -29,10 +31,12 @@ def generation_settings(args: argparse.Namespace, target: Any) -> Any:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from raftlm.run.threads import configure_threads
     from raftlm.tools.chat import sample_responses
     from raftlm.tools.target import load_target
 
     columns = dict(parse_column(c) for c in args.column)
+    configure_threads(args.threads)
     target = load_target(args.target, args.stage)
     results, problem = sample_responses(target, args.prompt, args.n,
                                         generation_settings(args, target), columns, args.seed)
@@ -54,10 +58,12 @@ def parse_column(text: str) -> tuple[str, str]:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from raftlm.run.progress import set_quiet
+    from raftlm.run.threads import configure_threads
     from raftlm.tools.chat import chat
     from raftlm.tools.target import load_target
 
     set_quiet(True)  # progress bars would interleave with the streamed reply
+    configure_threads(args.threads)
     target = load_target(args.target, args.stage)
     chat(target, generation_settings(args, target))
     return 0
@@ -80,11 +86,13 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from raftlm.run.progress import set_quiet
+    from raftlm.run.threads import configure_threads
     from raftlm.tools.serve import openai_app, served_name
     from raftlm.tools.serve_reward import bind, serve_forever
     from raftlm.tools.target import load_target
 
     set_quiet(True)  # a progress bar per request would flood the log
+    configure_threads(args.threads)
     target = load_target(args.target, args.stage)
     name = args.name or served_name(target, args.target)
     sock = bind(args.host, args.port)
@@ -144,6 +152,8 @@ def add_verbose_flags(commands: Any) -> None:
 
 
 def add_target_args(parser: argparse.ArgumentParser) -> None:
+    """The model a tool acts on (a run's stage or a model path) and the threads it runs on."""
+    add_threads_arg(parser)
     parser.add_argument("target", metavar="RUN_DIR|MODEL",
                         help="A run directory, an HF model folder, a .gguf file or "
                              "embedded:smollm2-135m-instruct.")
