@@ -104,6 +104,36 @@ def test_chat_sends_the_whole_conversation_each_turn(model_dir, monkeypatch):
     assert "<|im_start|>user\nAnd you?<|im_end|>\n<|im_start|>assistant\n" in prompts[-1]
 
 
+def test_help_and_reset_are_handled_by_chat_not_sent_to_the_model(model_dir, monkeypatch):
+    target = load_target(model_dir)
+    sent = []
+    real_generate = chat_module.generate
+
+    def spy(model, tokenizer, token_ids, *args, **kwargs):
+        sent.append(tokenizer.decode(token_ids[0]))
+        return real_generate(model, tokenizer, token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "generate", spy)
+    lines = iter(["/help", "Hi", "/reset", "/nonsense", "Again", "/exit"])
+    shown: list[str] = []
+    messages = chat(target, short(target, 2), read_line=lambda _: next(lines),
+                    write=shown.append)
+    assert not any("/help" in p or "/reset" in p or "/nonsense" in p for p in sent)
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Again"]  # reset forgot
+    assert sent[-1].startswith("<|im_start|>user\nAgain<|im_end|>")
+    text = "".join(shown)
+    assert "/reset" in text and "forgotten" in text and "unknown command /nonsense" in text
+
+
+def test_chat_replies_get_chats_own_length_not_the_runs(run_dir, monkeypatch):
+    used = []
+    monkeypatch.setattr(chat_module, "chat", lambda target, generation, **_: used.append(
+        generation.max_new_tokens) or [])
+    assert cli_main(["chat", str(run_dir)]) == 0
+    assert cli_main(["chat", str(run_dir), "--max-new-tokens", "40"]) == 0
+    assert used == [256, 40]  # the run samples 6 tokens per response
+
+
 def test_a_reply_is_written_in_pieces_as_it_is_sampled(model_dir):
     target = load_target(model_dir)
     settings = short(target)

@@ -28,6 +28,13 @@ from raftlm.tools.target import Target
 
 STREAM_TOKENS = 4  # tokens decoded per sampler call while streaming a chat reply
 EXIT_COMMANDS = {"/exit", "/quit"}
+RESET_COMMANDS = {"/reset", "/clear"}
+HELP = """\
+Commands (never sent to the model):
+  /help           this list
+  /reset, /clear  forget the conversation and start a new one
+  /exit, /quit    quit (Ctrl-D too)
+"""
 
 
 @dataclass
@@ -96,16 +103,27 @@ def chat(target: Target, generation: GenerationConfig, read_line: Callable[[str]
         raise InvalidInput("chat needs a tokenizer with a chat template; use `raftlm sample`")
     write = write or _write_stdout
     messages: list[dict] = []
-    write("Chat with the model: /exit or Ctrl-D to quit.\n")
+    write("Chat with the model: /help for commands, /exit or Ctrl-D to quit.\n")
     while True:
         try:
             line = read_line("you> ")
         except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt
             write("\n")
             break
-        if line.strip() in EXIT_COMMANDS:
+        command = line.strip()
+        if command in EXIT_COMMANDS:
             break
-        if not line.strip():
+        if not command:
+            continue
+        if command == "/help":
+            write(HELP)
+            continue
+        if command in RESET_COMMANDS:
+            messages = []
+            write("(conversation forgotten; a new one starts)\n")
+            continue
+        if command.startswith("/") and " " not in command:
+            write(f"unknown command {command}; /help lists them\n")
             continue
         messages.append({"role": "user", "content": line})
         write("assistant> ")

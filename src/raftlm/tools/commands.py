@@ -12,6 +12,10 @@ from raftlm.errors import InvalidInput
 from raftlm.jobs.commands import add_job_commands
 from raftlm.tools.args import add_quiet_arg, add_threads_arg
 
+# A chat reply's default length: a conversation's, not the run's `generation.max_new_tokens`
+# (sized for the task's answers, often a few dozen tokens).
+CHAT_MAX_NEW_TOKENS = 256
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raftlm.run.threads import configure_threads
@@ -165,7 +169,9 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                         help="Longest response [default: the run's generation.max_new_tokens]"
-                        if max_new_tokens is None else "Longest reply.")
+                        if max_new_tokens is None else
+                        f"Longest reply [default: {max_new_tokens}, not the run's "
+                        "generation.max_new_tokens].")
     parser.add_argument("--temperature", type=float,
                         help="Sampling temperature [default: the run's].")
 
@@ -206,10 +212,11 @@ def add_tool_commands(commands: Any) -> None:
     chat = commands.add_parser(
         "chat", help="Chat with a run's policy or a model in the terminal.",
         description="Multi-turn chat with the training chat template; replies stream as they "
-                    "are sampled. /exit or Ctrl-D quits.",
+                    "are sampled. /help lists the commands, /reset starts a new conversation, "
+                    "/exit or Ctrl-D quits.",
     )
     add_target_args(chat)
-    add_sampling_args(chat, 256)
+    add_sampling_args(chat, CHAT_MAX_NEW_TOKENS)
     chat.set_defaults(handler=cmd_chat)
 
     serve_reward = commands.add_parser(
