@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from tiny import save_tiny_bpe_model
 
+from raftlm.cli import main as cli_main
 from raftlm.config import ModelConfig
+from raftlm.models.cache import entry_lock
 from raftlm.models.loading import materialize_model
 from raftlm.tools.export import export
 
@@ -73,3 +75,28 @@ def test_a_conversion_is_readable_as_the_umask_allows(gguf_model, tmp_path):
     finally:
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o755
+
+
+def test_cache_list_shows_each_conversion_with_its_size(gguf_model, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    folder = materialize_model(ModelConfig(path=str(gguf_model), cache_dir=str(cache)))
+    capsys.readouterr()
+    assert cli_main(["cache", "list", "--dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert str(folder) in out and " KB  " in out
+    assert "1 converted model(s)" in out and "raftlm cache clean" in out
+
+
+def test_cache_clean_deletes_conversions_but_not_one_in_progress(gguf_model, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    done = materialize_model(ModelConfig(path=str(gguf_model), cache_dir=str(cache)))
+    busy = cache / "other-0123456789"
+    busy.mkdir()
+    left = cache / ".gone-0123456789.converting-abc"  # a killed conversion's staging folder
+    left.mkdir()
+    with entry_lock(busy):  # another raftlm converting it now
+        assert cli_main(["cache", "clean", "--dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert not done.exists() and not left.exists() and busy.exists()
+    assert f"kept {busy}" in out and "deleted 2 converted model(s)" in out
+    assert sorted(p.name for p in cache.iterdir()) == [".other-0123456789.lock", busy.name]

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
-import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from raftlm.config import LoraConfig, ModelConfig
+from raftlm.models.cache import entry_for, entry_lock, staging_prefix
 from raftlm.models.names import EMBEDDED_MODELS, check_model_path
 from raftlm.run.rundir import share_like_umask
 
@@ -75,46 +72,19 @@ def materialize_model(config: ModelConfig) -> Path:
     gguf_path = folder / gguf_file
     if not gguf_path.is_file():
         raise FileNotFoundError(f"model.gguf_file: no such file: {gguf_path}")
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = Path(config.cache_dir).expanduser() / f"{gguf_path.stem}-{key.hexdigest()[:10]}"
+    target = entry_for(config.cache_dir, gguf_path)
     if (target / "config.json").is_file():
         return target
-    with conversion_lock(target):
+    with entry_lock(target):  # one process converts; the others wait for its copy
         if not (target / "config.json").is_file():  # another process converted it meanwhile
             _convert_gguf(folder, gguf_file, target)
     return target
 
 
-def conversion_lock_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.lock")
-
-
-@contextmanager
-def conversion_lock(target: Path, wait: bool = True) -> Iterator[bool]:
-    """Hold the lock of cache entry `target`, so that one process converts it while others
-    wait for it (flock: dropped by the kernel when its holder dies). With ``wait=False``,
-    yields False at once when another process holds it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(conversion_lock_path(target), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                yield False
-                return
-            print(f"Waiting for another raftlm converting the model into {target}...",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     """Dequantize `folder/gguf_file` into the HF folder `target`, which appears complete."""
-    print(f"Converting {gguf_file} to safetensors in {target} (once)...")
+    print(f"Converting {gguf_file} to safetensors in {target} (once; `raftlm cache` lists "
+          "and cleans these)...")
     with _gguf_reader_bar_follows_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file,
@@ -126,7 +96,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.converting-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=staging_prefix(target)))
     share_like_umask(staging)
     try:
         model.save_pretrained(staging)

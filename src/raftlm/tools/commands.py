@@ -146,6 +146,45 @@ def add_init_command(commands: Any) -> None:
     init.set_defaults(handler=cmd_init)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from raftlm.models.cache import cache_entries, clean_cache, human_size
+
+    if args.action == "clean":
+        deleted, busy = clean_cache(args.dir)
+        for entry in busy:
+            print(f"kept {entry.path} (a raftlm is converting it now)")
+        freed = human_size(sum(e.size for e in deleted))
+        print(f"deleted {len(deleted)} converted model(s) from {args.dir}, {freed} freed")
+        return 0
+    entries = cache_entries(args.dir)
+    for entry in entries:
+        note = "" if entry.complete else "  (left by a stopped conversion; clean deletes it)"
+        print(f"{human_size(entry.size):>10}  {entry.path}{note}")
+    total = human_size(sum(e.size for e in entries))
+    print(f"{len(entries)} converted model(s) in {args.dir}, {total}"
+          + ("; `raftlm cache clean` deletes them" if entries else ""))
+    return 0
+
+
+def add_cache_command(commands: Any) -> None:
+    """`raftlm cache [list|clean]`: the GGUF models raftlm converted to safetensors."""
+    from raftlm.config import ModelConfig
+
+    cache = commands.add_parser(
+        "cache", help="List or delete the converted GGUF models in raftlm's cache.",
+        description="A .gguf model (the embedded one included) is dequantized to safetensors "
+                    "once, on first use, into model.cache_dir (hundreds of MB each). `list` "
+                    "shows them with their sizes; `clean` deletes them (a later use converts "
+                    "again). Nothing else is stored there.",
+    )
+    cache.add_argument("action", nargs="?", choices=["list", "clean"], default="list",
+                       help="list [default] or clean.")
+    default = ModelConfig().cache_dir
+    cache.add_argument("--dir", default=default,
+                       help=f"The cache folder (a run's model.cache_dir) [default: {default}].")
+    cache.set_defaults(handler=cmd_cache)
+
+
 def add_verbose_flags(commands: Any) -> None:
     """Give every `raftlm` sub-command registered so far `--verbose`: libraries' warnings and
     progress bars, hidden by default (`raftlm.run.progress.configure_output`), shown."""
@@ -177,9 +216,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
 
 
 def add_tool_commands(commands: Any) -> None:
-    """Add `init`, `export`, `sample`, `chat`, `serve-reward`, `serve` and the jobs (`generate`,
-    `score`, `select`, `finetune`) to the `raftlm` sub-commands."""
+    """Add `init`, `cache`, `export`, `sample`, `chat`, `serve-reward`, `serve` and the jobs
+    (`generate`, `score`, `select`, `finetune`) to the `raftlm` sub-commands."""
     add_init_command(commands)
+    add_cache_command(commands)
     export = commands.add_parser(
         "export", help="Export a run's policy as an HF folder or a GGUF file.",
         description="hf: a standalone HF folder (LoRA merged, tokenizer, generation config, "
