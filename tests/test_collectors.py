@@ -230,3 +230,40 @@ def test_two_processes_take_the_same_decisions_as_one(workspace, tiny_model_dir,
     assert {k: v for k, v in twos.items() if k.startswith("sampling/")} == {
         k: v for k, v in ones.items() if k.startswith("sampling/")}
     assert ones["sampling/rounds"] == 2
+
+
+def test_a_group_objective_finds_no_signal_in_the_overlong_penalty_alone(workspace,
+                                                                         tiny_model_dir):
+    """31.8: DAPO's useful-prompt test reads accuracy: all answers right but of different
+    lengths differ only by the overlong penalty, which is no signal about the task."""
+    cfg = make_config(workspace, tiny_model_dir, generation={"max_new_tokens": 6},
+                      training={"objective": "grpo", "overlong_buffer": 4})
+    table = candidates([[1.0, 1.0], [1.0, 0.0]])
+    table.responses[0][1].token_ids = [5] * 6  # long: shaped 1.0 - penalty, raw still 1.0
+    assert useful_prompts(table, cfg).tolist() == [False, True]
+
+
+def test_dynamic_sets_aside_the_prompts_without_a_signal(workspace, tiny_model_dir):
+    """31.3: the prompts dynamic drew but did not use are marked, so Rank leaves them out of
+    its statistics (the batch std of advantage_scale batch)."""
+    from types import SimpleNamespace
+
+    from raftlm.data.prompts import PromptOrder
+    from raftlm.stage.collectors import dynamic
+
+    cfg = make_config(workspace, tiny_model_dir, raft={"prompts_per_stage": 2,
+                                                       "samples_per_prompt": 2},
+                      training={"objective": "grpo"})
+    pool = [PromptRecord(p, "q", "q", [1, 2], {}) for p in range(6)]
+    rewards = {0: [1.0, 0.0], 1: [0.0, 0.0], 2: [0.0, 0.0], 3: [0.0, 1.0]}
+    run = SimpleNamespace(config=cfg, train_prompts=SimpleNamespace(records=pool),
+                          prompt_order=PromptOrder(6, 0))
+    run.prompt_order.draw(2)  # the stage's first b prompts: ids 0 and 1 are passed in below
+
+    def collect(prompts, counts):
+        return Rollouts(prompts, [[Rollout("a", [5], "eos", [-0.1])] * n for n in counts],
+                        np.array([rewards.get(p.id, [0.0, 0.0]) for p in prompts]))
+
+    out = dynamic(run, pool[:2], collect)
+    useful = useful_prompts(out, cfg)
+    assert useful.sum() >= 1 and out.set_aside.tolist() == (~useful).tolist()

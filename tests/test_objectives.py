@@ -426,3 +426,47 @@ def test_multiplication_task_asks_for_two_digit_products_with_disjoint_splits():
     for row in train_rows[:50]:
         a, b = (int(x) for x in row["prompt"].removeprefix("What is ").rstrip("?").split(" * "))
         assert 10 <= a <= 99 and 10 <= b <= 99 and row["answer"] == str(a * b)
+
+
+# Where the round's features meet (issue 31) ----------------------------------------------------
+
+def test_prompts_a_collector_set_aside_are_in_no_batch_statistic():
+    """31.3: dynamic + advantage_scale batch: DAPO computes advantages after its filter, so
+    the prompts the extra rounds set aside must not widen the batch std."""
+    rewards = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    prompts, responses, table = stage_table(rewards)
+    config = TrainingConfig(objective="grpo", advantage_scale="batch")
+    rollouts = Rollouts(prompts, responses, table, set_aside=np.array([False, False, True, True]))
+    examples, _ = rank.training_examples(rollouts, table, chosen(np.zeros((4, 2))), config, 1)
+    kept, _ = training_examples(prompts[:2], responses[:2], table[:2], chosen(np.zeros((2, 2))),
+                                config, 1)
+    np.testing.assert_allclose([e.weight for e in examples], [e.weight for e in kept])
+    with_all, _ = training_examples(prompts, responses, table, chosen(np.zeros((4, 2))),
+                                    config, 1)
+    # the bug: the set-aside prompts' zeros shrink the batch std and inflate every advantage
+    assert abs(with_all[0].weight) > abs(examples[0].weight)
+
+
+def test_mask_truncated_keeps_a_cut_response_in_the_group_statistics_but_not_in_the_loss():
+    """31.4: TRL's mask_truncated_completions: the truncated response still counts in its
+    group's mean and std; drop_truncated (selection) removes it from both."""
+    prompts, responses, table = stage_table([[1.0, 0.0, 0.0, 1.0]])
+    responses[0][3].finish_reason = "length"
+    config = TrainingConfig(objective="grpo", mask_truncated=True)
+    examples, stats = training_examples(prompts, responses, table, chosen(np.zeros((1, 4))),
+                                        config, 1)
+    full, _ = training_examples(prompts, responses, table, chosen(np.zeros((1, 4))),
+                                TrainingConfig(objective="grpo"), 1)
+    assert [e.weight for e in examples] == [e.weight for e in full[:3]]  # same advantages
+    assert len(examples) == 3 and stats["train/masked_truncated"] == 1
+
+
+def test_reward_weighted_on_raw_rewards_with_the_overlong_penalty_is_refused_at_load():
+    """31.9: the penalty can make a shaped reward negative; reward_weighted with
+    weight_transform none would stop mid-run on a reward the user never sees."""
+    settings = ["training.objective=reward_weighted", "training.overlong_buffer=2"]
+    config = RaftConfig.from_dict({"data": {"task": "arithmetic"}}, settings)
+    with pytest.raises(ConfigError, match="training.weight_transform: expected minmax or rank"):
+        check_objective_config(config)
+    config.training.weight_transform = "minmax"
+    check_objective_config(config)

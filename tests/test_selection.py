@@ -113,3 +113,14 @@ def test_selection_strategies_registry_matches_the_config_choices():
     from raftlm.stage.rank import SELECTION_STRATEGIES
 
     assert set(SELECTION_STRATEGIES) == set(field_choices(Config, "strategy"))
+
+
+def test_uniformity_is_judged_on_what_the_response_filters_leave():
+    """Issue 31.1: the only correct answer of prompt 0 was truncated; the two wrong ones left
+    are all equal, so the prompt carries no signal and best_per_prompt must not imitate one."""
+    config = SelectionConfig(drop_truncated=True, drop_uniform_prompts=True)
+    truncated = np.array([[True, False, False], [False, False, False]])
+    sel = select(np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), [["a", "b", "c"], ["d", "e", "f"]],
+                 [[5] * 3] * 2, config, truncated=truncated)
+    assert sel.mask.tolist() == [[False, False, False], [True, False, False]]
+    assert sel.dropped["truncated"] == 1 and sel.dropped["uniform_prompt"] == 2

@@ -224,7 +224,9 @@ class SelectionConfig:
     top_fraction: float = option(0.25, "top_fraction: share of all candidates kept.")
     top_k: int = option(1, "top_k_per_prompt: responses kept per prompt.")
     min_reward: float | None = option(None, "Drop selected responses below this reward.")
-    drop_uniform_prompts: bool = option(False, "Drop prompts whose K rewards are all equal.")
+    drop_uniform_prompts: bool = option(
+        False, "Drop prompts whose rewards are all equal among the responses the response "
+        "filters (too short, truncated, reject_pattern) leave.")
     min_response_tokens: int = option(1, "Drop responses shorter than this.")
     drop_truncated: bool = option(False, "Drop responses cut at max_new_tokens (never stopped).")
     reject_pattern: str | None = option(None, "Drop responses matching this regex.")
@@ -280,6 +282,10 @@ class TrainingConfig:
     overlong_buffer: int = option(0, "DAPO's soft overlong penalty: the last N tokens before "
                                   "generation.max_new_tokens where the reward falls linearly; "
                                   "0 disables.")
+    mask_truncated: bool = option(
+        False, "Responses cut at max_new_tokens stay in the statistics (group mean and std, "
+        "selection) but get no loss (TRL's mask_truncated_completions, DAPO); "
+        "selection.drop_truncated removes them from the statistics too.")
     overlong_penalty: float = option(1.0, "The overlong penalty at max_new_tokens (subtracted "
                                      "from the reward before ranking); 0 disables.")
 

@@ -50,7 +50,9 @@ def dynamic(run: StageRun, prompts: list[PromptRecord], collect: Collect) -> Rol
         if useful >= b or len(parts) == config.raft.dynamic.max_rounds:
             break
         prompts = _draw_unseen(run, b - useful, seen)
-    return concatenate(parts)
+    rollouts = concatenate(parts)
+    rollouts.set_aside = ~useful_prompts(rollouts, config)
+    return rollouts
 
 
 def gvm(run: StageRun, prompts: list[PromptRecord], collect: Collect) -> Rollouts:

@@ -104,12 +104,6 @@ def select(
         dropped[name] = int(where.sum())
         rewards[where] = np.nan
 
-    if config.drop_uniform_prompts:
-        valid = ~np.isnan(rewards)
-        spread = np.nanmax(rewards, axis=1, initial=-np.inf, where=valid) - np.nanmin(
-            rewards, axis=1, initial=np.inf, where=valid
-        )
-        drop("uniform_prompt", (spread == 0)[:, None] & valid)
     response_filters = [("too_short", _padded(response_lengths, rewards.shape, 0)
                          < config.min_response_tokens)]
     if config.drop_truncated and truncated is not None:
@@ -121,6 +115,14 @@ def select(
     for name, where in response_filters:
         drop(name, where)
         eligible &= ~where
+    if config.drop_uniform_prompts:
+        # Judged on what the response filters leave: a prompt whose only different answer was
+        # filtered (e.g. its one correct answer truncated) has no signal left to rank by.
+        valid = ~np.isnan(rewards)
+        spread = np.nanmax(rewards, axis=1, initial=-np.inf, where=valid) - np.nanmin(
+            rewards, axis=1, initial=np.inf, where=valid
+        )
+        drop("uniform_prompt", (spread == 0)[:, None] & valid)
     if config.deduplicate:
         drop("duplicate", _duplicates(responses, rewards.shape))
 
@@ -181,11 +183,14 @@ def ranked_view(rollouts: Rollouts, config: RaftConfig) -> tuple[np.ndarray, Sel
 
 def useful_prompts(rollouts: Rollouts, config: RaftConfig) -> np.ndarray:
     """bool [P]: the prompts that carry a learning signal for the configured objective — for
-    the RAFT family at least one response passes selection (filters, min_reward); for group
-    weightings (grpo, reinforce_rej) eligible rewards that are not all equal."""
-    rewards, selection = ranked_view(rollouts, config)
+    the RAFT family at least one response passes selection (filters, min_reward, on the
+    shaped rewards Rank selects by); for group weightings (grpo, reinforce_rej) eligible raw
+    rewards that are not all equal."""
+    _, selection = ranked_view(rollouts, config)
     if objective_of(config.training).weighting.group:
-        return has_reward_spread(np.where(selection.eligible, rewards, np.nan))
+        # On the raw rewards, as DAPO filters on accuracy: the overlong penalty alone (all
+        # answers right, of different lengths) makes a spread but no signal about the task.
+        return has_reward_spread(np.where(selection.eligible, rollouts.rewards, np.nan))
     return selection.mask.any(axis=1)
 
 
@@ -210,11 +215,18 @@ def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Select
     weighting = objective_of(config).weighting
     prompts, responses = rollouts.prompts, rollouts.responses
     rewards = np.where(selection.eligible, np.asarray(rewards, dtype=np.float64), np.nan)
+    if rollouts.set_aside is not None:
+        rewards[rollouts.set_aside] = np.nan
     weights, keep = weighting.weights(rewards, config)
     if weighting.group:
         chosen = keep[:, None] & ~np.isnan(rewards)
     else:
         chosen = np.asarray(selection.mask, dtype=bool)
+    masked = {}
+    if config.mask_truncated:  # in the statistics above, out of the loss
+        truncated = rollouts.table(lambda r: r.finish_reason == "length", False) & chosen
+        chosen = chosen & ~truncated
+        masked = {"train/masked_truncated": int(truncated.sum())}
     if weighting.nonnegative:
         negative = chosen & (weights < 0)
         if negative.any():
@@ -238,6 +250,7 @@ def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Select
         "train/groups_dropped": int((~keep).sum()) if weighting.group else 0,
         "train/n_examples": len(examples),
         "train/entropy": entropy,
+        **masked,
     }
 
 

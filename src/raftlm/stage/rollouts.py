@@ -48,6 +48,10 @@ class Rollouts:
     rewards: np.ndarray  # float [P, max count]: the weighted sum; NaN = invalid or no rollout
     per_term: dict[str, np.ndarray] = field(default_factory=dict)  # each term's [P, max count]
     collector_stats: dict[str, Any] = field(default_factory=dict)  # sampling/* of the collector
+    # bool [P]: prompts the collector drew but set aside (dynamic: no learning signal). They
+    # stay recorded and counted, but no statistic of Rank (a batch std) includes them, as
+    # DAPO computes advantages after its filter. None: none set aside.
+    set_aside: np.ndarray | None = None
 
     def table(self, value: Callable[[Rollout], Any], fill: Any = 0) -> np.ndarray:
         """`value(rollout)` of every rollout as a [P, max count] array (`fill` where none)."""

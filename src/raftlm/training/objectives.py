@@ -151,6 +151,15 @@ def check_objective_config(config: RaftConfig) -> None:
         raise ConfigError(f"raft.samples_per_prompt: expected >= 2 for training.objective="
                           f"{config.training.objective} (advantages compare K responses), "
                           f"got {k}")
+    training = config.training
+    if (objective.weighting.nonnegative and training.weight_transform == "none"
+            and training.overlong_buffer > 0 and training.overlong_penalty > 0):
+        # The penalty is subtracted from the reward before weighting: a correct but long answer
+        # would get a negative weight mid-run, quoting a shaped reward the user never sees.
+        raise ConfigError("training.weight_transform: expected minmax or rank with the overlong "
+                          f"penalty (training.overlong_buffer={training.overlong_buffer}): "
+                          f"{training.objective} weights by the shaped reward, which the "
+                          "penalty can make negative; got none")
     buffer = config.training.overlong_buffer
     if buffer > config.generation.max_new_tokens:
         raise ConfigError(f"training.overlong_buffer: expected <= generation.max_new_tokens "
