@@ -3,16 +3,17 @@
 A server process (`openai_app` on uvicorn, 127.0.0.1, a free port) serves a random model;
 C client threads, each with the official `openai` client, send chat-completion requests
 back to back (max_tokens 32, temperature 1, no seed) until --requests have been answered.
-Reported: requests/s and completion tokens/s at each C, once with dynamic batching (queued
-requests share one sampler call) and once one request per sampler call (the old behaviour).
+Reported: requests/s and completion tokens/s at each C, with continuous batching (requests
+share the sampler's batch) and with one request per sampler call (the old behaviour).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py [--requests 64] [--hidden 256]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve.py [--requests 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,18 +100,26 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256, help="the random model's width")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = save_model(Path(tmp) / "model", args.hidden, args.layers)
         print(f"random Llama hidden {args.hidden}, {args.layers} layers; {args.requests} "
-              f"requests of max_tokens {args.max_tokens} per row")
-        print(f"{'mode':<22}{'clients':>8}{'req/s':>9}{'tok/s':>9}")
-        for mode, max_batch in (("batched", 256), ("one at a time", 1)):
-            with server(model, max_batch) as url:
-                for clients in (1, 4, 16):
-                    rate, token_rate = throughput(url, clients, args.requests, args.max_tokens)
-                    print(f"{mode:<22}{clients:>8}{rate:>9.1f}{token_rate:>9.0f}", flush=True)
-
+              f"requests of max_tokens {args.max_tokens}; median of {args.repeats}, the two "
+              "servers measured in turn (other jobs on the machine shift both alike)")
+        print(f"{'clients':>8}{'batched req/s':>15}{'tok/s':>8}{'one at a time req/s':>21}"
+              f"{'tok/s':>8}")
+        with server(model, 256) as batched, server(model, 1) as one_at_a_time:
+            for clients in (1, 4, 16):
+                rates: dict[str, list[tuple[float, float]]] = {batched: [], one_at_a_time: []}
+                for _ in range(args.repeats):
+                    for url in rates:
+                        rates[url].append(throughput(url, clients, args.requests,
+                                                     args.max_tokens))
+                row = [statistics.median(r[k] for r in rates[url])
+                       for url in (batched, one_at_a_time) for k in (0, 1)]
+                print(f"{clients:>8}{row[0]:>15.1f}{row[1]:>8.0f}{row[2]:>21.1f}{row[3]:>8.0f}",
+                      flush=True)
 
 if __name__ == "__main__":
     main()

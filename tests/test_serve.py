@@ -170,6 +170,21 @@ def test_concurrent_requests_share_sampler_calls_and_keep_their_answers(client, 
     assert batcher.calls - calls < 1 + 8
 
 
+def test_a_request_joins_the_sampler_call_already_running(client, served):
+    batcher = served[1].state.batcher
+    settings = dict(max_tokens=200, temperature=1.0)
+    alone = ask(client, seed=5, **settings).choices[0].message.content
+    calls = batcher.calls
+    running = iter(ask(client, seed=6, n=8, stream=True, **settings))
+    while not next(running).choices[0].delta.content:
+        pass  # until the running call has decoded a token
+    joined = ask(client, seed=5, **settings).choices[0].message.content
+    rest = list(running)
+    assert joined == alone
+    assert batcher.calls - calls == 1
+    assert rest[-1].choices[0].finish_reason  # the running call went on after it
+
+
 def test_requests_queued_together_take_one_sampler_call_per_setting(tiny_model_dir):
     target = load_target(str(tiny_model_dir))
     _, prompt_ids = render_chat(HI, target.tokenizer)

@@ -86,11 +86,15 @@ class PromptKV:
         self.left: dict[int, int] = {}  # rows of the prompt not yet admitted
         self.waiting: dict[int, deque[int]] = {}  # per prompt length, prompts not prefilled
         for i, _ in queue:
-            self.left[i] = self.left.get(i, 0) + 1
-            if self.left[i] == 1:
-                self.waiting.setdefault(len(prompts[i]), deque()).append(i)
+            self.add(i, 1)
         dtype = next(model.parameters()).dtype
         self.together = not (device.type == "cpu" and dtype != torch.float32)
+
+    def add(self, i: int, rows: int) -> None:
+        """`rows` more rows of prompt i will be admitted (after those of every earlier prompt)."""
+        self.left[i] = self.left.get(i, 0) + rows
+        if self.left[i] == rows:
+            self.waiting.setdefault(len(self.prompts[i]), deque()).append(i)
 
     def copy_into(self, cache: SlotCache, taken: list[tuple[int, int, int]], width: int
                   ) -> None:
@@ -178,12 +182,19 @@ class _SlotLayer(DynamicLayer):
         self.owner = owner
 
     def allocate(self, rows: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if self.keys is not None and self.keys.shape[0] >= rows:
-            return
-        shape = (rows, keys.shape[-3], self.owner.max_len)
+        length = self.owner.max_len
+        old_keys, old_values = self.keys, self.values
+        if old_keys is not None:
+            if old_keys.shape[0] >= rows and old_keys.shape[2] >= length:
+                return
+            rows = max(rows, old_keys.shape[0])
+        shape = (rows, keys.shape[-3], length)
         # Zeros, not empty: masked columns still enter attention as 0 * value, so no NaN garbage.
         self.keys = keys.new_zeros(*shape, keys.shape[-1])
         self.values = values.new_zeros(*shape, values.shape[-1])
+        if old_keys is not None:  # grown for joining prompts: the running rows keep their KV
+            self.keys[: old_keys.shape[0], :, : old_keys.shape[2]] = old_keys
+            self.values[: old_values.shape[0], :, : old_values.shape[2]] = old_values
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -206,6 +217,11 @@ class SlotCache(Cache):
         self.max_len, self.kv_len = max_len, 0
         self.pos = torch.zeros(0, dtype=torch.long)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def grow(self, max_len: int) -> None:
+        """Make room for `max_len` positions per row (a longer prompt joined the call); the
+        layers grow, keeping their contents, at their next allocation."""
+        self.max_len = max(self.max_len, max_len)
 
     def move_rows(self, moves: list[tuple[int, int]], device: torch.device) -> None:
         """Copy row src to row dst for each (src, dst)."""

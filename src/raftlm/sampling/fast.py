@@ -81,6 +81,7 @@ def sample(
     skip: Collection[tuple[int, int]] = (),
     on_finish: Callable[[int, int, Sample], None] | None = None,
     on_token: Callable[[int, int, list[int]], None] | None = None,
+    more: Callable[[], Sequence[tuple[Sequence[int], int, int]]] | None = None,
 ) -> list[list[Sample | None]]:
     """Sample ``num_samples[i]`` continuations of prompt i; returns (token_ids, finish_reason,
     token_log_probs) each.
@@ -95,8 +96,14 @@ def sample(
     after each token of a sample that goes on (ids: its tokens so far; a streaming server
     sends them as they come). (prompt, sample) pairs in
     ``skip`` (finished earlier) are not sampled: their slots stay None.
+
+    ``more()``, asked before each step, returns prompts that join the call: (prompt, count,
+    seed) each, numbered after the others in the order they came, their rows admitted as rows
+    free up (continuous batching across a server's requests); they sample what a call of
+    their own would, since a row depends on its (seed, sample index) alone.
     """
     check_supported(model)
+    prompts, num_samples, seeds = list(prompts), list(num_samples), list(seeds)
     queue = deque((i, j) for i, count in enumerate(num_samples) for j in range(count)
                   if (i, j) not in skip)
     results: list[list[Sample | None]] = [[None] * count for count in num_samples]
@@ -121,6 +128,11 @@ def sample(
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
         while queue or batch.running():
+            if more is not None:
+                joined = _join(more(), prompts, num_samples, seeds, results, queue, prompt_kv)
+                if joined:
+                    cache.grow(max(len(p) for p in joined) + max_new_tokens + 2)
+                    batch.widen(max(2, min(batch_size, len(batch.running()) + len(queue))))
             admitted = batch.admit(queue, new_row)
             if admitted:
                 prompt_kv.copy_into(cache, admitted, batch.width)
@@ -144,6 +156,24 @@ def sample(
                 # shrinks to the rows still running.
                 cache.move_rows(batch.shrink(), device)
     return results
+
+
+def _join(new: Sequence[tuple[Sequence[int], int, int]], prompts: list, num_samples: list,
+          seeds: list, results: list, queue: deque, prompt_kv: PromptKV) -> list[list[int]]:
+    """Append the prompts `more()` returned to the call's lists and queue; returns them."""
+    joined = []
+    for prompt, count, seed in new:
+        if not prompt:
+            raise ValueError("a joining prompt is empty")
+        i = len(prompts)
+        prompts.append(list(prompt))
+        num_samples.append(count)
+        seeds.append(seed)
+        results.append([None] * count)
+        queue.extend((i, j) for j in range(count))
+        prompt_kv.add(i, count)
+        joined.append(prompts[i])
+    return joined
 
 
 @dataclass
@@ -220,6 +250,10 @@ class _Batch:
                 finished.append((row, reason))
                 self.rows[r] = None
         return finished
+
+    def widen(self, width: int) -> None:
+        """Add free rows up to `width` (prompts joined a batch that had shrunk)."""
+        self.rows.extend([None] * (width - self.width))
 
     def shrink(self) -> list[tuple[int, int]]:
         """Move the running rows into the lowest slots and drop the free rows past them (never

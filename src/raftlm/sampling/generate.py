@@ -32,6 +32,8 @@ from raftlm.sampling.hf import generate_hf
 
 OnFinish = Callable[[int, int, Completion], None]
 OnToken = Callable[[int, int, list[int]], None]  # (prompt, sample, its token ids so far)
+# Asked between decode steps: prompts that join a running call, (prompt, count, seed) each.
+More = Callable[[], Sequence[tuple[Sequence[int], int, int]]]
 
 
 def generate(
@@ -49,6 +51,7 @@ def generate(
     done: Mapping[tuple[int, int], Completion] | None = None,
     on_finish: OnFinish | None = None,
     on_token: OnToken | None = None,
+    more: More | None = None,
 ) -> list[list[Completion]]:
     """Sample completions for each tokenized prompt (chat template applied): ``num_samples``
     each, or ``num_samples[i]`` for prompt i.
@@ -66,7 +69,11 @@ def generate(
     result since its samples depend on nothing else, and samples only the rest (entries past
     a prompt's count are ignored); the other backends sample everything again.
     ``on_token(i, j, ids)`` is called after each token of a sample that goes on (raftlm
-    backend; the others report whole samples only, through ``on_finish``).
+    backend; the others report whole samples only, through ``on_finish``). ``more()`` is
+    asked between decode steps for prompts that join the call, (prompt, count, seed) each:
+    they are numbered after ``prompts`` in the order they came and returned after them, each
+    with what a call of its own would give (raftlm backend; the others never ask, so a caller
+    keeps what it would have handed over for a later call).
     """
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -86,7 +93,7 @@ def generate(
         with_greedy=with_greedy, desc=desc,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else config.max_new_tokens,
         done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish,
-        on_token=on_token)
+        on_token=on_token, more=more)
     return backend.generate(model, tokenizer, request)
 
 
@@ -105,6 +112,7 @@ class GenerationRequest:
     done: Mapping[tuple[int, int], Completion]
     on_finish: OnFinish | None
     on_token: OnToken | None = None
+    more: More | None = None
 
     def per_prompt(self) -> list[int]:
         """Completions to return per prompt: the greedy one (``with_greedy``) and the samples."""
@@ -145,7 +153,7 @@ def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> 
             temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
             greedy=request.greedy, stop_strings=config.stop_strings,
             batch_size=config.batch_size, greedy_first=int(request.with_greedy), progress=bar,
-            skip=skip, on_finish=finished, on_token=request.on_token,
+            skip=skip, on_finish=finished, on_token=request.on_token, more=request.more,
         )
     return [[request.done[(i, j)] if s is None else _completion(tokenizer, s, config)
              for j, s in enumerate(row)] for i, row in enumerate(raw)]
