@@ -3,6 +3,7 @@ port) serving the tiny random model, started and stopped by this module."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import httpx
@@ -138,6 +139,18 @@ def test_a_streamed_answer_never_shows_its_stop_string(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in ask(
         client, max_tokens=24, seed=3, stop=stop, stream=True) if c.choices)
     assert streamed == text[: text.index(stop)]
+
+
+def test_on_the_hf_backend_a_stream_sends_each_answer_whole_at_its_end(tiny_model_dir):
+    target = load_target(str(tiny_model_dir))
+    target.config.generation = dataclasses.replace(target.config.generation, backend="hf")
+    with serving(openai_app(target, NAME)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        whole = ask(client, max_tokens=12, seed=4).choices[0].message.content
+        chunks = [c.choices[0] for c in ask(client, max_tokens=12, seed=4, stream=True)
+                  if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == whole
+    assert chunks[-1].finish_reason in {"stop", "length"}
 
 
 def test_a_stream_ends_with_done_as_server_sent_events(url):
