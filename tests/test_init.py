@@ -27,7 +27,7 @@ def test_init_writes_a_config_prompts_and_a_reward(tmp_path, monkeypatch, capsys
     assert cli_main(["init", "mytask"]) == 0
     task = tmp_path / "mytask"
     assert sorted(p.name for p in task.iterdir()) == [
-        "config.yaml", "heldout.jsonl", "prompts.jsonl", "reward.py"]
+        "README.md", "config.yaml", "heldout.jsonl", "prompts.jsonl", "reward.py"]
     config = RaftConfig.from_yaml(task / "config.yaml")
     assert config.data.train_file == "mytask/prompts.jsonl"  # relative to where init ran
     assert config.reward.terms[0].name == "numeric_answer"
@@ -36,6 +36,19 @@ def test_init_writes_a_config_prompts_and_a_reward(tmp_path, monkeypatch, capsys
     assert all(set(row) == {"prompt", "answer"} for row in rows + held_out)
     assert not {r["prompt"] for r in rows} & {r["prompt"] for r in held_out}
     assert "raftlm train --config mytask/config.yaml" in capsys.readouterr().out
+
+
+def test_init_points_to_what_a_pip_install_has_not_to_docs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["init", "mytask"]) == 0
+    out = capsys.readouterr().out
+    readme = (tmp_path / "mytask" / "README.md").read_text()
+    assert "docs/" not in out and "docs/" not in readme
+    assert "mytask/README.md" in out
+    for command in ["raftlm train --config mytask/config.yaml", "raftlm report mytask/run",
+                    "raftlm eval", "raftlm sample mytask/run", "raftlm chat mytask/run",
+                    "raftlm export mytask/run", "--help"]:
+        assert command in readme
 
 
 def test_the_reward_stub_scores_in_trls_signature(task):

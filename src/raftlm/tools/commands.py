@@ -132,7 +132,8 @@ def add_init_command(commands: Any) -> None:
                     "DIR/heldout.jsonl (rows with the `answer` column the reward reads) and "
                     "DIR/reward.py (a reward function in TRL's signature). `raftlm train "
                     "--config DIR/config.yaml` then trains the model on them as written; edit "
-                    "the prompts and the reward into your task. docs/tutorial.md walks through.",
+                    "the prompts and the reward into your task. DIR/README.md lists the next "
+                    "commands (report, eval, sample, chat, export).",
     )
     init.add_argument("dir", type=Path, metavar="DIR", help="A new (or empty) folder.")
     init.add_argument("--model", default=EMBEDDED_MODEL,

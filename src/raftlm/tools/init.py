@@ -1,10 +1,11 @@
 """`raftlm init DIR`: a new task's folder that trains as written and that you edit into yours.
 
 Writes ``config.yaml`` (commented), ``prompts.jsonl`` / ``heldout.jsonl`` (two-digit additions
-with the ``answer`` column the reward reads) and ``reward.py`` (a reward function in TRL's
-signature). ``raftlm train --config DIR/config.yaml`` then runs RAFT on the embedded model and
-lifts held-out accuracy within a few minutes on a CPU; replace the prompts and the reward with
-your own and train again. Paths in the config are relative to the folder raftlm runs from (the
+with the ``answer`` column the reward reads), ``reward.py`` (a reward function in TRL's
+signature) and ``README.md`` (the next commands: a pip install has no ``docs/`` to point to).
+``raftlm train --config DIR/config.yaml`` then runs RAFT on the embedded model and lifts
+held-out accuracy within a few minutes on a CPU; replace the prompts and the reward with your
+own and train again. Paths in the config are relative to the folder raftlm runs from (the
 one ``init`` ran in).
 """
 
@@ -116,6 +117,35 @@ def reward(prompts: list, completions: list[str], answer: list[str], **columns) 
 '''
 
 
+_README = """\
+# {dir}: a RAFT task written by `raftlm init`
+
+As written it teaches the model two-digit addition; make it yours by editing the prompts and
+the reward, then train again.
+
+- `config.yaml`: the run (model, data, RAFT, sampling, reward, training). Every field with its
+  default and meaning: `raftlm train --help`. Paths are relative to the folder you run raftlm
+  from.
+- `prompts.jsonl` (training) and `heldout.jsonl` (never trained on): a JSON object a line, the
+  `prompt` plus the columns the reward reads (`answer`).
+- `reward.py`: a reward function in TRL's signature, `reward(prompts, completions, answer,
+  **columns) -> list[float]`.
+
+## Next
+
+    raftlm train --config {dir}/config.yaml          # a few minutes on a CPU
+    raftlm report {dir}/run                          # plots + {dir}/run/report.html
+    raftlm eval --config {dir}/config.yaml --checkpoint {dir}/run/checkpoints/stage-002
+    raftlm sample {dir}/run --prompt "What is 12 + 30?" --column answer=42
+    raftlm chat {dir}/run                            # /help inside lists its commands
+    raftlm export {dir}/run --format hf --out {dir}/export   # or --format gguf --out x.gguf
+    raftlm train --resume {dir}/run                  # continue a run that was stopped
+
+`raftlm COMMAND --help` describes each command. On a busy machine, `--threads N` (tools) or
+`--set run.threads=N` (train) chooses the CPU threads.
+"""
+
+
 def init_task(folder: Path, model: str = EMBEDDED_MODEL, reward: str = "numeric",
               objective: str = "sft") -> list[Path]:
     """Write a new task's files into ``folder`` (new or empty); returns the files written.
@@ -138,6 +168,7 @@ def init_task(folder: Path, model: str = EMBEDDED_MODEL, reward: str = "numeric"
         "prompts.jsonl": _jsonl(arithmetic_rows("train", TRAIN_PROMPTS)),
         "heldout.jsonl": _jsonl(arithmetic_rows("eval", HELDOUT_PROMPTS)),
         "reward.py": REWARD_PY,
+        "README.md": _README.format(dir=folder.as_posix()),
     }
     written = []
     for name, text in files.items():
@@ -181,7 +212,7 @@ def _jsonl(rows: list[dict]) -> str:
 def next_steps(folder: Path, reward: str) -> str:
     """What `raftlm init` prints after writing the files: the command to run, what to edit."""
     where = folder.as_posix()
-    lines = [f"wrote {where}/: config.yaml, prompts.jsonl, heldout.jsonl, reward.py"]
+    lines = [f"wrote {where}/: config.yaml, prompts.jsonl, heldout.jsonl, reward.py, README.md"]
     if reward == "model":
         lines.append(f"put a reward model (an HF sequence-classification folder) at "
                      f"{where}/reward-model, or point reward.terms[0].model at yours")
@@ -189,5 +220,6 @@ def next_steps(folder: Path, reward: str) -> str:
         lines.append(f"start the reward server first: raftlm serve-reward --reward "
                      f"{where}/reward.py:reward --port {SERVE_PORT}")
     lines.append(f"train:  raftlm train --config {where}/config.yaml")
-    lines.append("then:   docs/tutorial.md (eval, export, sample, chat)")
+    lines.append(f"then:   {where}/README.md (report, eval, sample, chat, export; each "
+                 "command's --help)")
     return "\n".join(lines)
