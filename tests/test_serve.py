@@ -12,6 +12,7 @@ import pytest
 from tiny import save_tiny_model
 
 from raftlm.data.prompts import render_chat
+from raftlm.tools import serve
 from raftlm.tools.serve import openai_app
 from raftlm.tools.serve_api import parse_chat_request
 from raftlm.tools.serve_batching import Batcher, Job
@@ -237,6 +238,16 @@ def test_unsupported_paths_answer_openais_json_error(url, method, path, status):
     assert answer.status_code == status
     assert answer.json()["error"]["message"]
     assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_internal_error_answers_500_in_openais_shape(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(serve, "render_chat", broken)
+    with pytest.raises(openai.InternalServerError) as failed:
+        ask(client)
+    assert failed.value.body["message"] == "internal error: RuntimeError: boom"
 
 
 def test_legacy_completions_are_refused_through_the_client(client):

@@ -114,6 +114,11 @@ def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
                    else f"{request.method} is not allowed on {request.url.path}")
         return JSONResponse(error_body(message), status_code=status)
 
+    async def crashed(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's fault; still OpenAI's shape, so clients show the message.
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}",
+                                       kind="server_error"), status_code=500)
+
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
@@ -125,7 +130,7 @@ def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
                 Route("/v1/models/{model:path}", model, methods=["GET"]),
                 Route("/v1/completions", legacy_completions, methods=["POST"]),
                 Route("/health", health, methods=["GET"])],
-        exception_handlers={404: unknown, 405: unknown}, lifespan=lifespan)
+        exception_handlers={404: unknown, 405: unknown, Exception: crashed}, lifespan=lifespan)
     app.state.batcher = batcher
     return app
 
