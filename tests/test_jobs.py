@@ -232,8 +232,13 @@ def test_trl_sft_trainer_trains_on_the_datasets_folder(workspace, tiny_model_dir
         train_dataset=load_from_disk(str(workspace / "kept")), processing_class=tokenizer)
     first = rows(workspace / "work/stages/001/candidates.jsonl")
     chosen = next(r for r in first if r["selected"])
-    text = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
+    example = trainer.train_dataset[0]
+    text = tokenizer.decode(example["input_ids"])
     assert text.startswith(chosen["prompt"] + chosen["response"])  # raftlm's own rendering
+    # 31.23: TRL trains on the completion only, as raftlm does, never on the prompt's tokens
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(trained).startswith(chosen["response"])
+    assert len(trained) < len(example["input_ids"])
     assert trainer.train().training_loss > 0
 
 

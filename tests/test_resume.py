@@ -326,3 +326,23 @@ def test_checkpoints_list_lora_target_modules_sorted_whatever_the_hash_seed(work
                          .read_text())
     assert adapter["target_modules"] == sorted(adapter["target_modules"])
     assert len(adapter["target_modules"]) == 7
+
+
+@pytest.mark.parametrize("change", [{"data": {"system_prompt": "Be brief."}},
+                                    {"model": {"dtype": "bf16"}}, {"run": {"seed": 2}}])
+def test_a_resume_under_another_model_prompts_or_seed_is_refused_in_one_line(
+        workspace, tiny_model_dir, change):
+    """31.12: the journal and the checkpoints were made for the run's own prompts and model;
+    resuming under others would silently reuse them."""
+    from raftlm.config import ConfigError
+
+    train(config_for(workspace, tiny_model_dir, stages=1))
+    config = config_for(workspace, tiny_model_dir, stages=2)
+    for section, values in change.items():
+        for key, value in values.items():
+            setattr(getattr(config, section), key, value)
+    with pytest.raises(ConfigError, match=f"the run was started with other {next(iter(change))}"):
+        train(config, resume=True)
+    assert [m["stage"] for m in RunDir(workspace / "run").read_metrics()] == [0, 1]  # kept
+    more = config_for(workspace, tiny_model_dir, stages=2)  # only raft.stages grew: fine
+    assert [m["stage"] for m in train(more, resume=True).metrics] == [0, 1, 2]

@@ -260,9 +260,10 @@ def candidates_from_rows(rows: list[dict[str, Any]]) -> Rollouts:
 
 
 def sft_rows(rows: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
-    """The responses training uses, in the chat-messages format SFT trainers read (TRL's
-    SFTTrainer among them): the prompt's messages (with the run's system prompt, as raftlm
-    renders it), the response as the assistant's, its reward and weight."""
+    """The responses training uses, in the conversational prompt-completion format SFT trainers
+    read (TRL's SFTTrainer then trains on the completion only, as raftlm does): the prompt's
+    messages (with the run's system prompt, as raftlm renders it), the response as the
+    assistant's completion, its reward and weight."""
     out = []
     for row in rows:
         if row.get("weight") is None:
@@ -271,7 +272,8 @@ def sft_rows(rows: list[dict[str, Any]], system_prompt: str | None) -> list[dict
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        out.append({"messages": [*messages, {"role": "assistant", "content": row["response"]}],
+        out.append({"prompt": messages,
+                    "completion": [{"role": "assistant", "content": row["response"]}],
                     "reward": row["reward"], "weight": row["weight"],
                     "prompt_id": row["prompt_id"], "sample": row["sample"]})
     return out

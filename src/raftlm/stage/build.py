@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
@@ -75,6 +76,8 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     set_threads(config)
     check_objective_config(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
+    if resume:
+        check_continues(RunDir(config.run.output_dir), config)
     accelerator, dtype = make_accelerator(config)
     _check_offload(config, accelerator)
     run_dir, checkpoint = open_run_dir(config, accelerator, resume)
@@ -132,6 +135,33 @@ def open_run_dir(config: RaftConfig, accelerator: Accelerator, resume: bool
     if accelerator.is_main_process:
         run_dir.write_config(config.to_yaml())
     return run_dir, checkpoint
+
+
+# What a resumed run must share with the run it continues: its checkpoints were trained from
+# this model and its samples drawn for these prompts in this order. (Knobs that change only
+# speed, like model.cache_dir, may change; raft.stages may grow.)
+CONTINUED = ("model.path", "model.gguf_file", "model.dtype", "model.lora", "data", "run.seed",
+             "raft.prompts_per_stage", "raft.samples_per_prompt")
+
+
+def check_continues(run_dir: RunDir, config: RaftConfig) -> None:
+    """Refuse, in one line naming the settings, a resume whose config would continue another
+    run: another model, dtype, adapter, prompt source, system prompt or seed."""
+    if not run_dir.config_path.is_file():
+        return
+    before, now = yaml.safe_load(run_dir.config_path.read_text()) or {}, config.to_dict()
+    differ = [name for name in CONTINUED if _dotted(before, name) != _dotted(now, name)]
+    if differ:
+        raise ConfigError(
+            f"--resume {run_dir.root}: the run was started with other {', '.join(differ)}; "
+            "resuming would continue its checkpoints and samples under these (start a new run "
+            "with another run.output_dir, or resume with the run's own config.yaml)")
+
+
+def _dotted(tree: dict, name: str) -> Any:
+    for part in name.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def build_policy(config: RaftConfig, device: torch.device, dtype: torch.dtype,

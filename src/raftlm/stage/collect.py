@@ -13,6 +13,8 @@ brought from 4 to 12 samples gets the 12 it would have got at once, and N proces
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from raftlm.agents import fields_for, roll_out
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptOrder, PromptRecord, PromptSet
 from raftlm.models.distributed import gather, shard
@@ -104,6 +107,14 @@ class Collect:
         config, journal, stage = self.run.config, self.journal, self.stage
         ids = [p.id for p in prompts]
         have = [self.samples.get(pid, []) for pid in ids]
+        if config.rollout is not None:  # tools or an environment: trajectories (agents/)
+            rows = [[r if isinstance(r, Rollout) else Rollout(**fields_for(Rollout, r),
+                                                               policy_stage=stage - 1)
+                     for r in row] for row in roll_out(
+                policy, self.run.tokenizer, prompts, counts, config, stage, have=have,
+                journal=journal, timer=self.timer)]
+            self.samples.update(zip(ids, rows))
+            return rows
         if GENERATION_BACKENDS[config.generation.backend].keeps_done:
             start, seeds, wanted = [0] * len(ids), sample_seeds(config.run.seed, stage, ids), counts
             done = {(i, j): have[i][j] if j < len(have[i]) else
@@ -169,20 +180,31 @@ class Collect:
 
 
 def open_journal(folder: Path, process_index: int, config: RaftConfig,
-                 prompt_ids: list[int], announce: Callable[[str], None] = print) -> StageJournal:
+                 prompts: list[PromptRecord], announce: Callable[[str], None] = print
+                 ) -> StageJournal:
     """This process's journal of the stage in `folder`, holding what an interrupted attempt
     finished. Only the raftlm backend's samples depend on nothing but (seed, prompt, sample
-    index), so only it reuses finished samples; other backends re-sample the stage."""
-    header = {"stage": int(folder.name), "prompt_ids": prompt_ids,
+    index), so only it reuses finished samples; other backends re-sample the stage. Samples
+    are reused only for the very prompts (their token ids: the file's rows, the system prompt,
+    the chat template) and the model they were drawn with."""
+    header = {"stage": int(folder.name), "prompt_ids": [p.id for p in prompts],
+              "prompts": _digest([p.token_ids for p in prompts]),
+              "model": _digest([config.model.path, config.model.gguf_file, config.model.dtype,
+                                dataclasses.asdict(config.model.lora)]),
               "samples_per_prompt": config.raft.samples_per_prompt,
               "generation": dataclasses.asdict(config.generation), "seed": config.run.seed,
-              "scoring": reward_fingerprint(config.reward)}
+              "scoring": reward_fingerprint(config.reward),
+              **({"rollout": dataclasses.asdict(config.rollout)} if config.rollout else {})}
     journal = StageJournal(folder, process_index, header,
                            reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
     if journal.discarded and process_index == 0:
         announce(f"stage {int(folder.name)}: not reusing its earlier samples "
                  f"({journal.discarded})")
     return journal
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _EMPTY: dict[str, Any] = {"rewards": [], "terms": {}}

@@ -74,7 +74,7 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
     prompts = [run.train_prompts.records[i]
                for i in run.prompt_order.draw(config.raft.prompts_per_stage)]
     journal = open_journal(run.run_dir.stage_dir(stage), run.accelerator.process_index, config,
-                           [p.id for p in prompts])
+                           prompts)
     rollouts = collect_stage(run, prompts, Collect(run, stage, journal, timer, run.trainer.step))
 
     # 2. Rank: keep the best (of all processes' rollouts), with weights or advantages.
