@@ -52,8 +52,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str | None = option(None, "Built-in task (prompts with an `answer` column).",
-                              choices=("arithmetic", "larger", "multiplication"))
+    task: str | None = option(None, "Built-in task (prompts with an `answer` column); gsm8k "
+                              "is shipped with raftlm (MIT): train split, test split held out.",
+                              choices=("arithmetic", "larger", "multiplication", "gsm8k"))
     train_file: str | None = option(None, "Prompt file: .jsonl, .json, .csv or .parquet.")
     eval_file: str | None = option(None, "Held-out prompt file (same formats).")
     prompt_field: str = option("prompt", "Column with the prompt: text or chat messages.")

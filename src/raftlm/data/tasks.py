@@ -1,4 +1,5 @@
-"""Built-in tasks: prompt rows generated in code, so a run needs no data files."""
+"""Built-in tasks: prompt rows generated in code or shipped with the package (GSM8K), so a run
+needs no data files and downloads nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from raftlm.data.gsm8k import gsm8k_rows
 from raftlm.errors import InvalidInput
 
 TWO_DIGIT_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]  # ordered
@@ -56,6 +58,7 @@ TASKS: dict[str, Callable[[str, int, int], list[dict]]] = {
     "arithmetic": arithmetic_rows,
     "larger": larger_rows,
     "multiplication": multiplication_rows,
+    "gsm8k": gsm8k_rows,
 }
 
 
@@ -64,3 +67,18 @@ def builtin_task_rows(task: str, split: str, n: int, seed: int) -> list[dict]:
     if task not in TASKS:
         raise InvalidInput(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[task](split, n, seed)
+
+
+def with_shots(task: str, rows: list[dict], shots: int, seed: int) -> list[dict]:
+    """`rows` as k-shot chat prompts: the first `shots` problems of the task's train split as
+    earlier user/assistant turns (the assistant says the row's `solution`, else its `answer`),
+    then the row's own prompt. The train split never overlaps the held-out one."""
+    if shots == 0:
+        return rows
+    examples = builtin_task_rows(task, "train", shots, seed)
+    turns = []
+    for example in examples:
+        turns += [{"role": "user", "content": example["prompt"]},
+                  {"role": "assistant", "content": example.get("solution", example["answer"])}]
+    return [{**row, "prompt": [*turns, {"role": "user", "content": row["prompt"]}]}
+            for row in rows]
