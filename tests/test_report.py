@@ -105,6 +105,47 @@ def test_headline_warns_when_diversity_collapses(run_dir):
     assert "reward hacking" in headline(metrics)[-1]
 
 
+def test_report_is_titled_by_the_task_folder_above_a_generic_run_folder(run_dir, tmp_path):
+    task = tmp_path / "capitals"
+    task.mkdir()
+    shutil.move(run_dir, task / "run")
+    page = write_report(task / "run").read_text()
+    assert "<h1>RAFT run: capitals</h1>" in page
+
+
+def test_report_subtitle_says_model_data_and_objective(run_dir):
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"path": "models/smol"}, "data": {"task": "arithmetic"},
+        "training": {"objective": "grpo"}, "raft": {"stages": 3}}))
+    page = write_report(run_dir).read_text()
+    assert "model models/smol \u00b7 data arithmetic \u00b7 objective grpo \u00b7 stages 3" in page
+
+
+def test_the_metrics_table_has_a_column_per_stage_not_per_metric(run_dir):
+    page = write_report(run_dir).read_text()
+    stages_table = page.split('id="stages"')[1].split("</table>")[0]
+    assert "<tr><th>metric</th><th>0</th><th>1</th><th>2</th><th>3</th></tr>" in stages_table
+    assert "<td>eval/accuracy</td>" in stages_table
+
+
+def test_legends_sit_beside_the_plot_never_over_its_lines(run_dir):
+    for name, (_, fig) in build_figures(load_run(run_dir)).items():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                overlap = legend.get_window_extent().overlaps(ax.get_window_extent())
+                assert not overlap, f"{name}: the legend covers the plot"
+
+
+def test_lines_of_one_plot_differ_in_marker_and_dashes(run_dir):
+    metrics = load_run(run_dir).metrics
+    metrics[1]["eval/sampled_reward_mean"] = metrics[1]["eval/reward_mean"]  # equal series
+    lines = reward_figure(metrics).axes[0].get_lines()
+    styles = [(line.get_marker(), line.get_linestyle()) for line in lines]
+    assert len(set(styles)) == len(styles) >= 3
+
+
 def test_report_is_one_self_contained_escaped_file(run_dir):
     path = write_report(run_dir)
     page = path.read_text()
@@ -141,7 +182,8 @@ def test_cli_train_writes_the_report_and_names_it(tmp_path, capsys):
     assert cli_main(["train", "--config", str(config)]) == 0
     assert f"report: {tmp_path / 'run/report.html'}" in capsys.readouterr().out
     page = (tmp_path / "run/report.html").read_text()
-    assert page.count("<tr>") == 1 + 3 + page.split('id="all-metrics"')[1].count("<tr>")
+    stages_table = page.split('id="stages"')[1].split("</table>")[0]
+    assert "<th>metric</th><th>0</th><th>1</th><th>2</th></tr>" in stages_table
 
 
 # Rendering in a real browser -----------------------------------------------------------------
@@ -151,8 +193,11 @@ window.addEventListener("load", () => {
   const images = [...document.images].map(i => i.naturalWidth > 0 && i.width > 0);
   const table = document.querySelector("#stages");
   document.body.dataset.imagesDecoded = images.filter(Boolean).length + "/" + images.length;
-  document.body.dataset.tableRows = table.tBodies[0].rows.length;
+  document.body.dataset.tableColumns = table.rows[0].cells.length;
   document.body.dataset.tableVisible = table.getBoundingClientRect().height > 0;
+  const box = table.parentElement;  // the scrolling div: does the table fit the window?
+  document.body.dataset.tableFits = table.getBoundingClientRect().right <= window.innerWidth
+    && box.scrollWidth <= box.clientWidth;
 });
 </script></body>"""
 
@@ -173,10 +218,11 @@ def test_report_renders_plots_and_table_in_headless_chromium(run_dir, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("</body>", PROBE))
     dom = chromium(f"--user-data-dir={tmp_path / 'profile1'}", "--virtual-time-budget=5000",
-                   "--dump-dom", probe.as_uri()).stdout
+                   "--window-size=1366,900", "--dump-dom", probe.as_uri()).stdout
     assert 'data-images-decoded="6/6"' in dom
-    assert f'data-table-rows="{STAGES + 1}"' in dom
+    assert f'data-table-columns="{1 + STAGES + 1}"' in dom  # metric, stages 0..3
     assert 'data-table-visible="true"' in dom
+    assert 'data-table-fits="true"' in dom  # a laptop's width, nothing cut off on the right
 
     shot = tmp_path / "shot.png"
     chromium(f"--user-data-dir={tmp_path / 'profile2'}", f"--screenshot={shot}",

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from raftlm.errors import InvalidInput
-from raftlm.run.plots import generated_tokens, png_bytes, series, wall_seconds
+from raftlm.run.plots import generated_tokens, legend_beside, png_bytes, series, wall_seconds
 from raftlm.run.report import RunRecords, load_run
 from raftlm.run.rundir import atomic_write_bytes, atomic_write_text
 
@@ -146,7 +146,7 @@ def _band_figure(groups: Sequence[RunGroup], key: str, title: str, xlabel: str, 
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn = True
     if drawn:
-        ax.legend(fontsize="small")
+        legend_beside(ax)
     return fig if drawn else None
 
 
@@ -165,7 +165,7 @@ def reward_vs_kl_figure(groups: Sequence[RunGroup]) -> Figure | None:
                     label=group.legend)
             drawn = True
     if drawn:
-        ax.legend(fontsize="small")
+        legend_beside(ax)
     return fig if drawn else None
 
 

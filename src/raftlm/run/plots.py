@@ -43,6 +43,12 @@ def generated_tokens(metrics: list[dict[str, Any]]) -> list[float]:
 
 # Figures ---------------------------------------------------------------------------------------
 
+# A marker and dash pattern per line of a figure: two series with equal values (held-out
+# sampled reward and best-of-K often are) would otherwise draw one over the other and leave a
+# legend entry with no line to be seen.
+LINE_STYLES = [("o", "-", 6), ("s", "--", 5), ("^", "-.", 5), ("D", ":", 4), ("v", "--", 4)]
+
+
 def _line_figure(metrics: list[dict[str, Any]], lines: list[tuple[str, str]], title: str,
                  ylabel: str) -> Figure | None:
     """One line per (key, label) with data; None when no key has any."""
@@ -51,8 +57,9 @@ def _line_figure(metrics: list[dict[str, Any]], lines: list[tuple[str, str]], ti
         return None
     fig = Figure(figsize=(5.8, 3.5), layout="constrained")
     ax = fig.add_subplot()
-    for key, label in present:
-        ax.plot(*series(metrics, key), marker="o", label=label)
+    for (key, label), (marker, dashes, size) in zip(present, _styles(len(present))):
+        ax.plot(*series(metrics, key), marker=marker, linestyle=dashes, markersize=size,
+                label=label)
     _stage_axis(ax, title, ylabel)
     return fig
 
@@ -131,8 +138,9 @@ def kl_diversity_figure(metrics: list[dict[str, Any]]) -> Figure | None:
     fig = Figure(figsize=(3.9 * len(panels), 3.4), layout="constrained")
     for i, (title, lines) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        for key, label in lines:
-            ax.plot(*series(metrics, key), marker="o", label=label)
+        for (key, label), (marker, dashes, size) in zip(lines, _styles(len(lines))):
+            ax.plot(*series(metrics, key), marker=marker, linestyle=dashes, markersize=size,
+                    label=label)
         _stage_axis(ax, title, {"Response length": "tokens"}.get(title, ""))
     return fig
 
@@ -182,8 +190,19 @@ def _stage_axis(ax: Any, title: str, ylabel: str) -> None:
     if not isinstance(ax.xaxis.get_major_locator(), FixedLocator):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
     ax.grid(alpha=0.3)
+    legend_beside(ax)
+
+
+def legend_beside(ax: Any) -> None:
+    """The axes' legend to the right of the plot, never over a line or bar ("best" placement
+    still covers data where every corner holds some). Constrained layout makes room."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1),
+                  borderaxespad=0)
+
+
+def _styles(count: int) -> list[tuple[str, str, int]]:
+    return [LINE_STYLES[i % len(LINE_STYLES)] for i in range(count)]
 
 
 def _rewards(rows: list[dict[str, Any]], selected_only: bool = False) -> list[float]:

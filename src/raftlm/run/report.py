@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.figure import Figure
 
 from raftlm.run.plots import (
@@ -46,6 +47,9 @@ HEADLINE = [  # (key, label): held-out numbers first, training reward when there
     ("eval/distinct_2", "distinct-2 of sampled responses"),
     ("train/reward_mean", "training candidates' mean reward"),
 ]
+# Folder names that say nothing about the run (`raftlm init`'s runs go to TASK/run): the
+# report's title takes the folder above them.
+GENERIC_NAMES = {"run", "runs", "output", "outputs", "out", "results"}
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 
 
@@ -159,13 +163,15 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
         f'{base64.b64encode(png).decode()}"><figcaption>{e(caption)}</figcaption></figure>'
         for name, (caption, png) in images.items()
     )
-    columns = ["stage"] + [c for c in TABLE_COLUMNS if any(c in m for m in run.metrics)]
-    columns.append("time/total_s")
+    # A metric a row and a stage a column: a laptop's width holds a dozen stages, while the
+    # metrics (19 and more) as columns did not fit and hid behind a scroll bar.
+    shown = [c for c in TABLE_COLUMNS if any(c in m for m in run.metrics)] + ["time/total_s"]
     rows = [{**m, "time/total_s": sum(v for k, v in m.items() if k.startswith("time/")
                                       and isinstance(v, (int, float)))} for m in run.metrics]
-    table = _table("stages", columns, [[r.get(c) for c in columns] for r in rows])
+    stage_columns = ["metric"] + [str(m.get("stage")) for m in run.metrics]
+    table = _table("stages", stage_columns, [[c] + [r.get(c) for r in rows] for c in shown])
     every = sorted({k for m in run.metrics for k in m if k != "stage"})
-    full = _table("all-metrics", ["metric"] + [str(m["stage"]) for m in run.metrics],
+    full = _table("all-metrics", stage_columns,
                   [[k] + [m.get(k) for m in run.metrics] for k in every])
     cards = "".join(
         f'<div class="example {kind.split()[0]}">'
@@ -175,11 +181,12 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
         f'<pre class="response">{e(str(row.get("response", "")))}</pre></div>'
         for stage, kind, row in examples(run.candidates)
     )
-    title = f"RAFT run: {run.root.resolve().name}"
+    title = f"RAFT run: {run_name(run.root)}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>{CSS}</style></head><body>
 <h1>{e(title)}</h1>
+<p class="subtitle">{e(config_summary(run.config_text))}</p>
 <section id="headline"><ul>{heads or "<li>no metrics recorded yet</li>"}</ul></section>
 <h2>Plots</h2><section id="plots">{plots or "<p>nothing to plot yet</p>"}</section>
 <h2>Metrics per stage</h2>{table}
@@ -190,6 +197,34 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
 <p class="footer">{e(str(run.root.resolve()))}</p>
 </body></html>
 """
+
+
+def run_name(root: Path) -> str:
+    """The run's name for the title: its folder's, or the task folder's above a generic one
+    (`mytask/run` is "mytask", not "run")."""
+    path = root.resolve()
+    if path.name.lower() in GENERIC_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name
+
+
+def config_summary(config_text: str) -> str:
+    """'model ... · data ... · objective ... · N stages' from the run's config, what it is."""
+    try:
+        config = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        return ""
+    if not isinstance(config, dict):
+        return ""
+
+    def get(section: str, key: str) -> Any:
+        value = config.get(section)
+        return value.get(key) if isinstance(value, dict) else None
+
+    parts = [("model", get("model", "path")),
+             ("data", get("data", "task") or get("data", "train_file") or get("data", "dataset")),
+             ("objective", get("training", "objective")), ("stages", get("raft", "stages"))]
+    return " \u00b7 ".join(f"{name} {value}" for name, value in parts if value is not None)
 
 
 def _terms(row: dict[str, Any]) -> str:
@@ -231,6 +266,9 @@ th { background: #f0f0f0; } td:first-child { text-align: left; }
 .example { border-left: 4px solid #2ca02c; padding-left: 0.8em; margin: 0.8em 0; }
 .example.worst { border-color: #d62728; } .example.all { border-color: #888; }
 .scroll { overflow-x: auto; }
+th:first-child, td:first-child { position: sticky; left: 0; background: #fff; }
+th:first-child { background: #f0f0f0; text-align: left; }
+.subtitle { color: #555; margin-top: -0.6em; }
 pre { white-space: pre-wrap; background: #fafafa; padding: 0.4em; margin: 0.2em 0; }
 .footer { color: #888; font-size: 0.8em; }
 """
