@@ -25,7 +25,7 @@ def check_model_path(path: str, field: str = "model.path") -> None:
         return
     if Path(path).expanduser().exists():
         return
-    if HUB_NAME.fullmatch(path) and not path.startswith("."):
+    if HUB_NAME.fullmatch(path) and not path.startswith(".") and not path.endswith(".gguf"):
         cached = _hub_cache_folder(path)
         where = (f"it is in your Hugging Face cache: use {field} {cached}" if cached else
                  f"download it first (`hf download {path} --local-dir models/"
