@@ -267,3 +267,26 @@ def test_dynamic_sets_aside_the_prompts_without_a_signal(workspace, tiny_model_d
     out = dynamic(run, pool[:2], collect)
     useful = useful_prompts(out, cfg)
     assert useful.sum() >= 1 and out.set_aside.tolist() == (~useful).tolist()
+
+
+def test_gvm_refuses_a_budget_its_first_round_would_overspend(workspace, tiny_model_dir):
+    """31.7: 4 prompts x 4 first samples spend 16 before any allocation; a budget of 8 was
+    silently spent twice over."""
+    with pytest.raises(ConfigError, match="raft.gvm.budget: expected 0 .* or >= "
+                                          "raft.prompts_per_stage x raft.gvm.first_samples"):
+        make_config(workspace, tiny_model_dir, raft={"collector": "gvm", "gvm": {
+            "budget": 8, "first_samples": 4, "accept_reward": 1.0}})
+
+
+def test_gvm_gradient_norms_from_a_backend_without_log_probs_are_refused(workspace,
+                                                                         tiny_model_dir):
+    """31.7: vllm records no log-probs, so grad_norm logits silently became none."""
+    from raftlm.stage.collectors import collector
+
+    cfg = make_config(workspace, tiny_model_dir, raft={"collector": "gvm", "gvm": {
+        "accept_reward": 1.0}}, generation={"backend": "vllm"})
+    with pytest.raises(ConfigError, match="raft.gvm.grad_norm: expected none with "
+                                          "generation.backend=vllm"):
+        collector("gvm").check(cfg)
+    cfg.raft.gvm.grad_norm = "none"
+    collector("gvm").check(cfg)

@@ -101,7 +101,10 @@ class RaftConfig:
             ("raft.gvm.first_samples", self.raft.gvm.first_samples >= 1, ">= 1"),
             ("raft.gvm.max_samples", self.raft.gvm.max_samples >= self.raft.gvm.first_samples,
              ">= raft.gvm.first_samples"),
-            ("raft.gvm.budget", self.raft.gvm.budget >= 0, ">= 0"),
+            ("raft.gvm.budget", self.raft.gvm.budget == 0 or self.raft.gvm.budget >=
+             self.raft.prompts_per_stage * self.raft.gvm.first_samples,
+             "0 (b x K) or >= raft.prompts_per_stage x raft.gvm.first_samples (the first round "
+             "alone spends that)"),
             ("raft.gvm.alpha", self.raft.gvm.alpha >= 0, ">= 0"),
             # gvm counts a response as accepted from a reward threshold: one must exist.
             ("raft.gvm.accept_reward", self.raft.collector != "gvm" or self.raft.gvm.accept_reward

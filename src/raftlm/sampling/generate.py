@@ -134,6 +134,8 @@ class GenerationBackend:
     keeps_done: bool
     # Raises a ConfigError saying what this backend misses on this machine (before any load).
     check_available: Callable[[], None] = lambda: None
+    # Records each sampled token's log-prob (pi_old, the entropy, GVM's gradient norms).
+    records_log_probs: bool = True
 
 
 def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows:
@@ -192,7 +194,8 @@ def _check_vllm() -> None:
 GENERATION_BACKENDS: dict[str, GenerationBackend] = {
     "raftlm": GenerationBackend(_generate_raftlm, keeps_done=True),
     "hf": GenerationBackend(_generate_hf, keeps_done=False),
-    "vllm": GenerationBackend(_generate_vllm, keeps_done=False, check_available=_check_vllm),
+    "vllm": GenerationBackend(_generate_vllm, keeps_done=False, check_available=_check_vllm,
+                              records_log_probs=False),
 }
 
 

@@ -32,6 +32,7 @@ from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
 from raftlm.run.tracking import Tracker
 from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.stage.collectors import collector
 from raftlm.stage.rank import expected_selected
 from raftlm.training.objectives import check_objective_config
 from raftlm.training.trainer import PolicyTrainer, planned_optimizer_steps
@@ -75,6 +76,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     """Create (or reopen, with `resume`) the run directory and build every component."""
     set_threads(config)
     check_objective_config(config)
+    collector(config.raft.collector).check(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
     if resume:
         check_continues(RunDir(config.run.output_dir), config)

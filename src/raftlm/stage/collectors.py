@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from raftlm.config import RaftConfig
+from raftlm.config import ConfigError, RaftConfig
 from raftlm.config.registry import lookup
 from raftlm.core.collectors import gvm_allocation, logit_gradient_norm
 from raftlm.data.prompts import PromptRecord
+from raftlm.sampling.generate import GENERATION_BACKENDS
 from raftlm.stage.collect import Collect, StageRun
 from raftlm.stage.rank import ranked_view, useful_prompts
 from raftlm.stage.rollouts import Rollouts, concatenate
@@ -63,6 +64,15 @@ def gvm(run: StageRun, prompts: list[PromptRecord], collect: Collect) -> Rollout
     return collect(prompts, counts) if any(n > first for n in counts) else rollouts
 
 
+def _check_gvm(config: RaftConfig) -> None:
+    if (config.raft.gvm.grad_norm == "logits"
+            and not GENERATION_BACKENDS[config.generation.backend].records_log_probs):
+        raise ConfigError(
+            f"raft.gvm.grad_norm: expected none with generation.backend="
+            f"{config.generation.backend}, which records no log-probs to estimate gradient "
+            "norms from (it would silently allocate by acceptance rates alone), got logits")
+
+
 @dataclass(frozen=True)
 class Collector:
     """One way to spend a stage's samples: `collect(run, the stage's first b prompts, the
@@ -72,12 +82,14 @@ class Collector:
     # Its later rounds depend on the rewards of earlier ones, so sampling and scoring cannot
     # run as separate jobs (`raftlm generate` then `raftlm score`).
     rewards_between_rounds: bool
+    # Settings it needs from other sections; raises ConfigError naming the field.
+    check: Callable[[RaftConfig], None] = lambda config: None
 
 
 COLLECTORS: dict[str, Collector] = {
     "fixed": Collector(fixed, rewards_between_rounds=False),
     "dynamic": Collector(dynamic, rewards_between_rounds=True),
-    "gvm": Collector(gvm, rewards_between_rounds=True),
+    "gvm": Collector(gvm, rewards_between_rounds=True, check=_check_gvm),
 }
 
 
