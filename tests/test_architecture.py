@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "raftlm"
 LAYERS: list[tuple[str, list[str]]] = [
     ("reference math and config", ["raftlm.errors", "raftlm.core", "raftlm.config"]),
     ("foundations", ["raftlm.models", "raftlm.data", "raftlm.run"]),
-    ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training"]),
+    ("components", ["raftlm.sampling", "raftlm.rewards", "raftlm.training", "raftlm.agents"]),
     ("evaluation", ["raftlm.evaluation"]),
     ("stage types", ["raftlm.stage", "raftlm.stage.rollouts"]),
     ("stage steps", ["raftlm.stage.collect", "raftlm.stage.rank", "raftlm.stage.finetune",

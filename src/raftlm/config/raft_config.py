@@ -23,6 +23,7 @@ from raftlm.config.sections import (
     ModelConfig,
     RaftStageConfig,
     RewardConfig,
+    RolloutConfig,
     RunConfig,
     SelectionConfig,
     TrackingConfig,
@@ -55,6 +56,9 @@ class RaftConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    rollout: RolloutConfig | None = option(
+        None, "Multi-turn rollouts with tools or an environment (docs/agents.md); "
+        "null: one turn.")
     offload: str = option("none", "phases: policy and reward model never co-resident.",
                           choices=("none", "phases"))
 
@@ -130,6 +134,8 @@ class RaftConfig:
         ]
         for i, term in enumerate(self.reward.terms):
             term.check(f"reward.terms[{i}]")
+        if self.rollout is not None:
+            self.rollout.check("rollout")
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")

@@ -131,6 +131,41 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Multi-turn rollouts: the model calls tools or acts in an environment (docs/agents.md).
+    Absent: one turn of text, as always."""
+
+    tools: list[str] = option(
+        [], "Tools the model may call: built-in (calculator), pkg.mod:fn or file.py:fn; typed "
+        "functions with a docstring (their JSON schema is what the model is shown).")
+    environment: str | None = option(
+        None, "pkg.mod:Class / file.py:Class, one instance per trajectory: reset(**row) -> text "
+        "| None, and either its public methods are tools or step(text) -> (observation, "
+        "reward | None, done).")
+    max_turns: int = option(4, "Most model turns per trajectory.")
+    tool_timeout_s: float = option(10.0, "Seconds a tool call (or step) may take; longer is an "
+                                   "error the model sees.")
+    max_tool_output_tokens: int = option(256, "A tool's output is cut to this many tokens.")
+    max_trajectory_tokens: int = option(
+        512, "Most tokens after the prompt (model turns and observations together).")
+
+    def check(self, where: str) -> None:
+        """Raise ConfigError naming `where.field` for a value types alone do not rule out."""
+        if not self.tools and not self.environment:
+            raise ConfigError(f"{where}: set `tools` or `environment` (or remove `{where}` for "
+                              "single-turn rollouts)")
+        for key, ok, expected in [
+            ("max_turns", self.max_turns >= 1, ">= 1"),
+            ("tool_timeout_s", self.tool_timeout_s > 0, "> 0"),
+            ("max_tool_output_tokens", self.max_tool_output_tokens >= 1, ">= 1"),
+            ("max_trajectory_tokens", self.max_trajectory_tokens >= 1, ">= 1"),
+        ]:
+            if not ok:
+                raise ConfigError(f"{where}.{key}: expected {expected}, "
+                                  f"got {getattr(self, key)!r}")
+
+
+@dataclass
 class JudgeConfig:
     """An LLM judge behind an OpenAI-compatible chat-completions API (docs/rewards.md)."""
 

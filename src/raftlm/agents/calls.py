@@ -1,0 +1,93 @@
+"""Tool calls as the model writes them: the Hermes/Qwen format TRL parses,
+
+    <tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>
+
+and the default system prompt that teaches it to chat templates without tool support (the
+embedded SmolLM2's ChatML). Small models need to see the format: the prompt lists the tools'
+JSON schemas and carries one call built from the first tool's schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+# A placeholder value per JSON type, for an example call whose tool gives no better one.
+_PLACEHOLDER = {"string": "text", "integer": 1, "number": 1.5, "boolean": True, "array": [],
+                "object": {}}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model wrote: the tool's name and its arguments, or why it did not parse
+    (`problem`: the model sees it as an error observation)."""
+
+    name: str | None
+    arguments: dict[str, Any]
+    problem: str | None = None  # set: the call did not parse
+
+
+def parse_tool_calls(text: str) -> list[ToolCall]:
+    """Every `<tool_call>{...}</tool_call>` of a model turn, in order. A call whose body is not a
+    JSON object with a string `name` and an object `arguments` (or a JSON string holding one,
+    as OpenAI's API writes it), and a `<tool_call>` never closed, come back with a `problem`."""
+    calls = [_parse_one(body) for body in _CALL.findall(text)]
+    tail = text[text.rfind(CALL_CLOSE) + len(CALL_CLOSE):] if CALL_CLOSE in text else text
+    if CALL_OPEN in tail:
+        calls.append(ToolCall(None, {}, f"{CALL_OPEN} without {CALL_CLOSE}"))
+    return calls
+
+
+def _parse_one(body: str) -> ToolCall:
+    try:
+        value = json.loads(body.strip())
+    except ValueError as err:
+        return ToolCall(None, {}, f"not JSON ({err})")
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return ToolCall(None, {}, 'expected {"name": "...", "arguments": {...}}')
+    arguments = value.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI's function.arguments is a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    if not isinstance(arguments, dict):
+        return ToolCall(value["name"], {}, '"arguments" must be a JSON object')
+    return ToolCall(value["name"], arguments)
+
+
+def format_call(name: str, arguments: dict[str, Any]) -> str:
+    """The text of one call, as the model should write it."""
+    return f"{CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments})}{CALL_CLOSE}"
+
+
+def example_arguments(schema: dict[str, Any], tool: Any = None) -> dict[str, Any]:
+    """Arguments for an example call of a tool: its `example_arguments` attribute when it has
+    one, else each required parameter's default or a placeholder of its JSON type."""
+    given = getattr(tool, "example_arguments", None)
+    if isinstance(given, dict):
+        return dict(given)
+    parameters = schema["function"].get("parameters", {})
+    properties = parameters.get("properties", {})
+    return {name: _PLACEHOLDER.get(properties.get(name, {}).get("type"), "text")
+            for name in parameters.get("required", [])}
+
+
+def default_system_prompt(schemas: list[dict[str, Any]], example: dict[str, Any]) -> str:
+    """The system prompt for chat templates without tool support: the tools' schemas, the call
+    format, and one example call (`example`: arguments of the first tool)."""
+    listed = "\n".join(json.dumps(schema) for schema in schemas)
+    first = schemas[0]["function"]["name"]
+    return (
+        "You can call tools. The tools, as JSON schemas:\n"
+        f"<tools>\n{listed}\n</tools>\n"
+        "To call a tool, write the call and stop:\n"
+        f'{CALL_OPEN}{{"name": <tool name>, "arguments": {{<arguments>}}}}{CALL_CLOSE}\n'
+        "Its result comes back in a tool message. When you know the answer, reply with it "
+        "without a tool call.\n"
+        f"Example:\n{format_call(first, example)}"
+    )

@@ -1,0 +1,237 @@
+"""Multi-turn rollouts: each sample of a prompt is a trajectory of model turns and observations
+(tool results or an environment's), sampled turn by turn for all trajectories at once.
+
+Each turn calls the run's sampler (`sampling.generate`) on every unfinished trajectory, its
+prompt being the prompt's ids followed by the trajectory's ids so far: the exact ids the
+sampler produced and each observation's ids as appended, never a re-tokenized conversation.
+Every turn re-prefills the whole trajectory (correct first; keeping each row's KV cache across
+turns is the optimisation still to do). Turn t of sample j of prompt p is seeded by (run seed,
+stage, p, j, t) alone, so a trajectory is the same however trajectories are batched, and a
+resumed stage (its finished trajectories read back from the journal) gives what an
+uninterrupted one gives, when the tools are deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from raftlm.agents.calls import CALL_CLOSE, ToolCall, parse_tool_calls
+from raftlm.agents.chat_format import ChatFormat
+from raftlm.agents.environments import (
+    EnvironmentFailure,
+    as_step,
+    environment_tools,
+    is_step_shaped,
+    load_environment,
+    reset,
+)
+from raftlm.agents.tools import Outcome, Tool, call_with_timeout, load_tools, run_calls
+from raftlm.agents.trajectory import Trajectory
+from raftlm.config import RaftConfig
+from raftlm.data.prompts import PromptRecord
+from raftlm.sampling.generate import GENERATION_BACKENDS, generate
+
+Timer = Callable[[str], AbstractContextManager[Any]]  # `with timer("tools"):` (stage.collect)
+
+
+@dataclass
+class Live:
+    """One trajectory being sampled."""
+
+    prompt: int  # index into the call's prompts
+    sample: int
+    prompt_id: int
+    prompt_ids: list[int]
+    tools: dict[str, Tool]
+    environment: Any = None
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "length"
+    finished: bool = False
+
+
+def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: list[int],
+             config: RaftConfig, stage: int, *, have: list[list[Any]], journal: Any,
+             timer: Timer | None = None) -> list[list[Any]]:
+    """`counts[i]` trajectories of prompt i: those this attempt holds (`have[i]`) or the journal
+    finished (backends whose samples depend on the seed alone) are kept, the rest sampled and
+    journaled (`journal.add_sample`) as each finishes."""
+    rollout, timer = config.rollout, timer or (lambda name: nullcontext())
+    reuse = GENERATION_BACKENDS[config.generation.backend].keeps_done
+    static = load_tools(rollout.tools)
+    factory = load_environment(rollout.environment) if rollout.environment else None
+    rows: list[list[Any]] = []
+    todo: list[tuple[int, int, Any]] = []  # (prompt, sample, environment instance)
+    for i, record in enumerate(prompts):
+        row: list[Any] = []
+        for j in range(counts[i]):
+            if j < len(have[i]):
+                row.append(have[i][j])
+            elif reuse and (record.id, j) in journal.samples:
+                row.append(Trajectory.from_dict(journal.samples[(record.id, j)]))
+            else:
+                row.append(None)
+                todo.append((i, j, factory() if factory else None))
+        rows.append(row)
+    if not todo:
+        return rows
+    step_shaped = todo[0][2] is not None and is_step_shaped(todo[0][2])
+    if step_shaped and static:
+        raise ValueError("rollout: a step-shaped environment takes whole turns; it cannot be "
+                         "combined with rollout.tools")
+    own = [] if factory is None or step_shaped else environment_tools(todo[0][2])
+    chat = ChatFormat(tokenizer, static + own)
+    live = []
+    for i, j, env in todo:
+        record = prompts[i]
+        extra = reset(env, {"prompt": record.prompt, **record.columns}) if env else None
+        tools = {t.name: t for t in static + (environment_tools(env) if own else [])}
+        live.append(Live(i, j, record.id, chat.prompt_ids(record.prompt, config.data.system_prompt,
+                                                          extra), tools, env))
+    generation = config.generation
+    if not step_shaped:  # a turn with a call ends at it: the model waits for the result
+        generation = dataclasses.replace(generation,
+                                         stop_strings=[*generation.stop_strings, CALL_CLOSE])
+
+    def finish(t: Live) -> None:
+        t.finished = True
+        trajectory = _trajectory(t, tokenizer)
+        rows[t.prompt][t.sample] = trajectory
+        journal.add_sample(t.prompt_id, t.sample, dataclasses.asdict(trajectory))
+
+    for turn in range(rollout.max_turns):
+        active = [t for t in live if not t.finished]
+        if not active:
+            break
+        room = [rollout.max_trajectory_tokens - len(t.ids) for t in active]
+        sampled = generate(
+            policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
+            seeds=[turn_seed(config.run.seed, stage, t.prompt_id, t.sample, turn)
+                   for t in active],
+            desc=f"collect stage {stage} turn {turn + 1}",
+            max_new_tokens=min(generation.max_new_tokens, max(room)))
+        last = turn == rollout.max_turns - 1
+        waiting = []
+        for t, [completion], left in zip(active, sampled, room):
+            said = _add_model_turn(t, completion, left, tokenizer)
+            if len(said) >= left or (last and not step_shaped):
+                finish(t)  # the token budget is spent, or no turn is left to answer a call
+            else:
+                waiting.append((t, said))
+        cut = _cutter(rollout.max_tool_output_tokens, tokenizer)
+        with timer("tools"):
+            answers = (_steps(waiting, rollout.tool_timeout_s, cut) if step_shaped
+                       else _tool_answers(waiting, rollout.tool_timeout_s, cut))
+        for (t, said), (messages, ended) in zip(waiting, answers):
+            if ended or last:
+                finish(t)
+                continue
+            observation = chat.observation_ids(messages, said)
+            if len(t.ids) + len(observation) >= rollout.max_trajectory_tokens:
+                t.finish_reason = "length"  # no room for the observation and a next turn
+                for record in t.turns[len(t.turns) - len(messages):]:
+                    record["shown"] = False  # ran, but the model never saw it
+                finish(t)
+                continue
+            t.ids += observation
+            t.mask += [0] * len(observation)
+            if t.log_probs is not None:
+                t.log_probs += [0.0] * len(observation)  # masked: never read
+    for t in live:
+        if not t.finished:
+            finish(t)
+    return rows
+
+
+def turn_seed(run_seed: int, stage: int, prompt_id: int, sample: int, turn: int) -> int:
+    """The sampling seed of one turn of one trajectory: from (run seed, stage, prompt id, sample
+    index, turn) alone, so neither batching nor resuming changes it."""
+    state = np.random.SeedSequence([run_seed, stage, prompt_id, sample, turn])
+    return int(state.generate_state(1, np.uint64)[0] >> 1)
+
+
+def _add_model_turn(t: Live, completion: Any, room: int, tokenizer: Any) -> list[int]:
+    """Append a sampled turn (cut to the trajectory's token budget); its ids."""
+    ids, log_probs = list(completion.token_ids), completion.token_log_probs
+    text, reason = completion.text, completion.finish_reason
+    if len(ids) > room:  # the sampler's first `room` tokens: what a call capped there gives
+        ids, reason = ids[:room], "length"
+        log_probs = None if log_probs is None else log_probs[:room]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    t.ids += ids
+    t.mask += [1] * len(ids)
+    t.log_probs = None if log_probs is None or t.log_probs is None else t.log_probs + log_probs
+    t.turns.append({"role": "assistant", "content": text, "finish_reason": reason})
+    t.finish_reason = reason
+    return ids
+
+
+def _tool_answers(waiting: list[tuple[Live, list[int]]], timeout_s: float,
+                  cut: Callable[[str], str]) -> list[tuple[list[dict], bool]]:
+    """Each waiting trajectory's tool messages (every call of its turn run, all trajectories'
+    at once), or that it ended: a turn without a call is the final answer."""
+    calls = [parse_tool_calls(t.turns[-1]["content"]) for t, _ in waiting]
+    jobs = [(call, t.tools) for (t, _), mine in zip(waiting, calls) for call in mine]
+    outcomes = iter(run_calls(jobs, timeout_s))
+    answers = []
+    for (t, _), mine in zip(waiting, calls):
+        messages = []
+        for call in mine:
+            outcome = next(outcomes)
+            outcome = dataclasses.replace(outcome, text=cut(outcome.text))
+            record = _call_record(call, outcome)
+            t.turns.append(record)
+            messages.append({"role": "tool", "name": record["name"], "content": outcome.text})
+        answers.append((messages, not mine))
+    return answers
+
+
+def _steps(waiting: list[tuple[Live, list[int]]], timeout_s: float, cut: Callable[[str], str]
+           ) -> list[tuple[list[dict], bool]]:
+    """Each waiting trajectory's environment observation (a user message) and whether the
+    environment is done; a step that raises or times out is an error observation."""
+    answers = []
+    for t, _ in waiting:
+        try:
+            step = as_step(t.environment, call_with_timeout(t.environment.step, timeout_s,
+                                                            t.turns[-1]["content"]))
+            record = {"role": "user", "content": cut(step.observation), "reward": step.reward,
+                      "done": step.done, "error": None}
+        except EnvironmentFailure:
+            raise  # the environment broke its contract: the user's to fix
+        except TimeoutError:
+            record = {"role": "user", "content": f"Error: step timed out after {timeout_s:g} s",
+                      "reward": None, "done": False, "error": "timeout"}
+        except Exception as err:
+            record = {"role": "user", "content": f"Error: {type(err).__name__}: {err}",
+                      "reward": None, "done": False, "error": "raised"}
+        t.turns.append(record)
+        answers.append(([{"role": "user", "content": record["content"]}], record["done"]))
+    return answers
+
+
+def _call_record(call: ToolCall, outcome: Outcome) -> dict[str, Any]:
+    return {"role": "tool", "name": call.name, "arguments": call.arguments,
+            "content": outcome.text, "error": outcome.error}
+
+
+def _cutter(max_tokens: int, tokenizer: Any) -> Callable[[str], str]:
+    """Cuts an observation's text to `max_tokens` tokens (`max_tool_output_tokens`)."""
+    def cut(text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+    return cut
+
+
+def _trajectory(t: Live, tokenizer: Any) -> Trajectory:
+    return Trajectory(text=tokenizer.decode(t.ids, skip_special_tokens=True),
+                      token_ids=list(t.ids), finish_reason=t.finish_reason,
+                      token_log_probs=t.log_probs, loss_mask=list(t.mask), turns=t.turns)

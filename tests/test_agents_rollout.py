@@ -1,0 +1,237 @@
+"""Multi-turn rollouts: token continuity, the loss mask, errors as observations, budgets,
+environments of both shapes, and exact resume (tiny models, scripted turns and tools)."""
+
+import dataclasses
+
+import pytest
+
+import raftlm.agents.rollout as rollout_module
+from raftlm.agents import Trajectory, roll_out, rollout_metrics
+from raftlm.agents.chat_format import ChatFormat
+from raftlm.agents.rollout import turn_seed
+from raftlm.agents.tools import load_tools
+from raftlm.config import RaftConfig
+from raftlm.data.prompts import build_prompt_set
+from raftlm.sampling.completion import Completion
+from raftlm.sampling.generate import generate
+
+CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>'
+ENVIRONMENTS = '''
+class Vault:
+    """TRL's environment_factory shape: reset, and public methods that are the tools."""
+    made = 0
+
+    def __init__(self):
+        Vault.made += 1
+
+    def reset(self, prompt, answer, **row):
+        self.secret = int(answer)
+        return "Guess the number."
+
+    def guess(self, number: int) -> str:
+        """Guess the secret number.
+
+        Args:
+            number: Your guess.
+        """
+        return "right" if number == self.secret else "wrong"
+
+
+class Counter:
+    """The step shape: every model turn is an action."""
+
+    def reset(self, prompt, **row):
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        return f"step {self.steps}", float(len(action)), self.steps >= 3
+'''
+
+
+class Journal:
+    """What roll_out uses of a stage journal."""
+
+    def __init__(self, samples=None):
+        self.samples = dict(samples or {})
+        self.added = {}
+
+    def add_sample(self, prompt_id, sample, record):
+        self.added[(prompt_id, sample)] = record
+
+
+def config_with(tmp_path, max_new_tokens=100, **rollout):
+    (tmp_path / "envs.py").write_text(ENVIRONMENTS)
+    rollout = {k: (str(tmp_path / v) if k == "environment" else v) for k, v in rollout.items()}
+    return RaftConfig.from_dict({"data": {"task": "arithmetic"}, "run": {"seed": 3},
+                                 "generation": {"max_new_tokens": max_new_tokens},
+                                 "rollout": rollout})
+
+
+def prompts(tok, n=2):
+    rows = [{"prompt": f"What is {i} * 7?", "answer": str(7 * i)} for i in range(n)]
+    return build_prompt_set(rows, tok, prompt_field="prompt", max_prompt_tokens=4096,
+                            system_prompt=None, source="test").records
+
+
+class Script(list):
+    """Each turn's text; `contexts` collects what the sampler was asked to continue."""
+
+    contexts: list
+
+
+@pytest.fixture
+def scripted(monkeypatch, tok):
+    """The sampler replaced by a script: `script[turn]` is turn `turn`'s text (a call stops at
+    </tool_call> as the sampler's stop string would; other turns end on the eos token)."""
+    script = Script()
+    script.contexts = []
+
+    def fake_generate(policy, tokenizer, contexts, count, config, *, seeds, desc,
+                      max_new_tokens):
+        rows = []
+        script.contexts += contexts
+        for context in contexts:
+            turn = tokenizer.decode(context).count("<|im_start|>assistant") - 1
+            text = script[min(turn, len(script) - 1)]
+            stop = text.endswith("</tool_call>")
+            ids = tok(text + ("" if stop else "<|im_end|>"), add_special_tokens=False)["input_ids"]
+            reason = "stop_string" if stop else "eos"
+            if len(ids) > max_new_tokens:
+                ids, reason = ids[:max_new_tokens], "length"
+            rows.append([Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, reason,
+                                    [-0.5] * len(ids))])
+        return rows
+
+    monkeypatch.setattr(rollout_module, "generate", fake_generate)
+    return script
+
+
+def run(tok, config, records=None, counts=None, journal=None, policy=None):
+    records = records or prompts(tok)
+    counts = counts or [1] * len(records)
+    journal = journal or Journal()
+    rows = roll_out(policy, tok, records, counts, config, 1, have=[[] for _ in records],
+                    journal=journal)
+    return rows, journal
+
+
+def test_a_trajectory_is_model_and_observation_tokens_exactly_as_appended(tok, scripted,
+                                                                           tmp_path):
+    scripted[:] = [CALL, "It is 408."]
+    config = config_with(tmp_path, tools=["calculator"])
+    [[trajectory], _], journal = run(tok, config)
+    chat = ChatFormat(tok, load_tools(["calculator"]))
+    first = tok(CALL, add_special_tokens=False)["input_ids"]
+    answer = tok("It is 408.<|im_end|>", add_special_tokens=False)["input_ids"]
+    observation = chat.observation_ids([{"role": "tool", "name": "calculator",
+                                         "content": "408"}], first)
+    assert trajectory.token_ids == first + observation + answer
+    assert trajectory.loss_mask == [1] * len(first) + [0] * len(observation) + [1] * len(answer)
+    assert trajectory.token_log_probs == ([-0.5] * len(first) + [0.0] * len(observation)
+                                          + [-0.5] * len(answer))
+    # The prompt and the trajectory are the template's rendering of the whole conversation.
+    record = prompts(tok)[0]
+    conversation = [{"role": "system", "content": chat.system_prompt},
+                    {"role": "user", "content": record.prompt},
+                    {"role": "assistant", "content": CALL},
+                    {"role": "tool", "name": "calculator", "content": "408"},
+                    {"role": "assistant", "content": "It is 408."}]
+    rendered = tok.apply_chat_template(conversation, tokenize=False).removesuffix("\n")
+    assert chat.prompt_ids(record.prompt) + trajectory.token_ids == tok(
+        rendered, add_special_tokens=False)["input_ids"]
+    assert [t["role"] for t in trajectory.turns] == ["assistant", "tool", "assistant"]
+    assert trajectory.turns[1] == {"role": "tool", "name": "calculator", "content": "408",
+                                        "arguments": {"expression": "12 * 34"}, "error": None}
+    assert trajectory.text == tok.decode(trajectory.token_ids, skip_special_tokens=True)
+    assert trajectory.finish_reason == "eos"
+    assert Trajectory.from_dict(journal.added[(record.id, 0)]) == trajectory
+
+
+def test_failed_calls_are_observations_the_model_answers_and_are_counted(tok, scripted,
+                                                                         tmp_path):
+    scripted[:] = ["<tool_call>{oops}</tool_call>",
+                   '<tool_call>{"name": "abacus", "arguments": {}}</tool_call>', "Fine: 408."]
+    config = config_with(tmp_path, tools=["calculator"], max_turns=4)
+    rows, _ = run(tok, config)
+    trajectory = rows[0][0]
+    assert [t.get("error") for t in trajectory.turns] == [None, "parse", None, "unknown_tool",
+                                                          None]
+    assert "could not read the tool call" in trajectory.turns[1]["content"]
+    assert rollout_metrics([t for row in rows for t in row]) == {
+        "rollout/turns_mean": 3.0, "rollout/tool_calls_mean": 1.0,
+        "rollout/tool_errors": 4, "rollout/parse_failures": 2}
+
+
+def test_a_call_on_the_last_turn_is_not_run(tok, scripted, tmp_path):
+    scripted[:] = [CALL]
+    [[trajectory], _], _ = run(tok, config_with(tmp_path, tools=["calculator"], max_turns=1))
+    assert [t["role"] for t in trajectory.turns] == ["assistant"]
+    assert trajectory.loss_mask == [1] * len(trajectory.token_ids)
+
+
+def test_the_trajectory_keeps_to_its_token_budget(tok, scripted, tmp_path):
+    scripted[:] = [CALL, "It is 408, as the calculator says."]
+    config = config_with(tmp_path, tools=["calculator"], max_trajectory_tokens=120)
+    [[trajectory], _], _ = run(tok, config)
+    assert len(trajectory.token_ids) == 120 and trajectory.finish_reason == "length"
+    config = config_with(tmp_path, tools=["calculator"], max_trajectory_tokens=len(CALL) + 5)
+    [[trajectory], _], _ = run(tok, config)  # no room for the observation: it ends there
+    assert trajectory.loss_mask == [1] * len(CALL) and trajectory.finish_reason == "length"
+    assert trajectory.turns[-1]["shown"] is False
+
+
+def test_tool_output_is_cut_to_max_tool_output_tokens(tok, scripted, tmp_path):
+    scripted[:] = ['<tool_call>{"name": "calculator", "arguments": {"expression": "7 ** 40"}}'
+                   "</tool_call>", "Big."]
+    config = config_with(tmp_path, tools=["calculator"], max_tool_output_tokens=5)
+    [[trajectory], _], _ = run(tok, config)
+    assert trajectory.turns[1]["content"] == str(7 ** 40)[:5]
+
+
+def test_a_trl_environment_gives_each_trajectory_its_instance_and_methods_as_tools(
+        tok, scripted, tmp_path):
+    scripted[:] = ['<tool_call>{"name": "guess", "arguments": {"number": 7}}</tool_call>', "Done."]
+    config = config_with(tmp_path, environment="envs.py:Vault")
+    rows, _ = run(tok, config, counts=[2, 1])
+    assert [[t.turns[1]["content"] for t in row] for row in rows] == [["wrong", "wrong"],
+                                                                      ["right"]]
+    first = tok.decode(scripted.contexts[0])
+    assert "Guess the number.<|im_end|>\n<|im_start|>assistant" in first  # reset's text
+    assert '"name": "guess"' in first  # the method's schema is in the system prompt
+
+
+def test_a_step_environment_drives_the_real_sampler_and_ends_when_done(tok, model, tmp_path):
+    config = config_with(tmp_path, 12, environment="envs.py:Counter", max_turns=5,
+                         max_trajectory_tokens=400)
+    records = prompts(tok)
+    rows, _ = run(tok, config, records, [2, 1], policy=model)
+    chat = ChatFormat(tok, [])
+    for record, row in zip(records, rows):
+        for j, trajectory in enumerate(row):
+            assert [t["role"] for t in trajectory.turns] == ["assistant", "user"] * 3
+            assert [t["reward"] for t in trajectory.turns[1::2]] == [
+                float(len(t["content"])) for t in trajectory.turns[::2]]
+            # Each model turn is exactly what the sampler gives for the context so far, alone.
+            context = chat.prompt_ids(record.prompt)
+            mask = trajectory.loss_mask
+            starts = [k for k in range(len(mask)) if mask[k] == 1 and (k == 0 or mask[k - 1] == 0)]
+            for turn, start in enumerate(starts):
+                end = next((k for k in range(start, len(mask)) if mask[k] == 0), len(mask))
+                [[alone]] = generate(model, tok, [context + trajectory.token_ids[:start]], 1,
+                                     config.generation, seeds=[turn_seed(3, 1, record.id, j,
+                                                                         turn)])
+                assert alone.token_ids == trajectory.token_ids[start:end]
+
+
+def test_a_resumed_call_keeps_journaled_trajectories_and_samples_the_same_rest(tok, model,
+                                                                                tmp_path):
+    config = config_with(tmp_path, 12, environment="envs.py:Counter", max_trajectory_tokens=300)
+    records = prompts(tok)
+    full, journal = run(tok, config, records, [2, 2], policy=model)
+    kept = {(0, 1): journal.added[(0, 1)], (1, 0): journal.added[(1, 0)]}
+    resumed, again = run(tok, config, records, [2, 2], journal=Journal(kept), policy=model)
+    assert resumed == full
+    assert set(again.added) == {(0, 0), (1, 1)}  # only the missing ones sampled
+    assert [dataclasses.asdict(t) for row in resumed for t in row] == [
+        dataclasses.asdict(t) for row in full for t in row]
