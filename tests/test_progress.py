@@ -100,7 +100,7 @@ def test_sequences_that_stop_early_still_complete_the_bar():
         count_decoded(bar, 4)
     count_finished(bar, 4, 12)  # all four stopped at eos after 3 tokens
     assert bar.n == pytest.approx(4) and bar.finished == 4 and bar.tokens == 12
-    assert "12" not in bar.postfix or "tok/s" in bar.postfix
+    assert bar.postfix.startswith("4 done")
 
 
 def test_the_sampler_moves_the_bar_before_its_first_sequence_finishes(model, tok, monkeypatch):
