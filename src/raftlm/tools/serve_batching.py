@@ -113,7 +113,8 @@ class Batcher:
 
         def more() -> list[tuple[list[int], int, int]]:
             with self.changed:
-                joining = self._take(first.sampling_key(), self.max_requests - len(jobs))
+                room = max(0, self.max_requests - len(jobs))  # a call serves max_requests
+                joining = self._take(first.sampling_key(), room)
             jobs.extend(joining)
             return [(job.prompt_ids, job.request.n, request_seed(job.request.seed))
                     for job in joining]
