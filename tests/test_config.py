@@ -163,3 +163,25 @@ def test_help_lists_the_fields_of_optional_and_listed_sections():
     names = [name for name, _, _ in field_help(Root)]
     assert names == ["a.b", "a.b[].name", "a.b[].judge", "a.b[].judge.model",
                      "a.b[].judge.retries", "a.b[].judge.mode", "a.weights"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("raft.stagess=3", r"--set raft.stagess=3: unknown key 'raft.stagess'; did you mean "
+                       r"'raft.stages'\?"),
+    ("raft.stages=abc", "--set: raft.stages must be int, got 'abc'"),
+    ("raft.stages.x=1", "--set raft.stages.x=1: raft.stages is not a section"),
+])
+def test_a_typo_in_set_is_blamed_on_the_command_line_not_the_file(tmp_path, override, message):
+    """34.12: the file was fine; the error must point at what the user typed."""
+    path = write(tmp_path, "data:\n  task: arithmetic\n")
+    with pytest.raises(ConfigError, match=message) as caught:
+        RaftConfig.from_yaml(path, [override])
+    assert str(path) not in str(caught.value)
+
+
+def test_a_moved_name_works_in_set_too(tmp_path, capsys):
+    path = write(tmp_path, "data:\n  task: arithmetic\n")
+    config = RaftConfig.from_yaml(path, ["raft.max_sampling_rounds=2"])
+    assert config.raft.dynamic.max_rounds == 2
+    note = capsys.readouterr().err
+    assert "--set raft.max_sampling_rounds is now raft.dynamic.max_rounds" in note

@@ -14,7 +14,13 @@ from typing import Any
 
 import yaml
 
-from raftlm.config.schema import ConfigError, build, check_choices, with_overrides
+from raftlm.config.schema import (
+    ConfigError,
+    build,
+    check_choices,
+    check_override,
+    with_overrides,
+)
 from raftlm.config.schema import field_help as _field_help
 from raftlm.config.sections import (
     DataConfig,
@@ -80,7 +86,10 @@ class RaftConfig:
     def from_dict(
         cls, raw: dict, overrides: list[str] | None = None, source: str = "config"
     ) -> RaftConfig:
-        raw = moved_names(with_overrides(raw, overrides or []), source)
+        overrides = [moved_override(item) for item in overrides or []]
+        for item in overrides:  # a typo on the command line is blamed on it, not on the file
+            check_override(cls, item)
+        raw = moved_names(with_overrides(raw, overrides), source)
         config = build(cls, raw, where=source)
         try:
             config.validate()
@@ -174,6 +183,17 @@ class RaftConfig:
 def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) for every field of ``cls`` (RaftConfig), for ``--help``."""
     return _field_help(cls or RaftConfig, prefix)
+
+
+def moved_override(item: str) -> str:
+    """`--set OLD=value` as `NEW=value` for a name of `MOVED` (with the same one-line note)."""
+    key, sep, value = item.partition("=")
+    if key.strip() not in MOVED:
+        return item
+    new = MOVED[key.strip()]
+    print(f"raftlm: note: --set {key.strip()} is now {new} (the old name works until the next "
+          "release)", file=sys.stderr)
+    return f"{new}{sep}{value}"
 
 
 def moved_names(raw: dict, source: str) -> dict:

@@ -238,6 +238,31 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def check_override(cls: type, item: str) -> None:
+    """Raise a ConfigError blaming `--set ITEM` (not the config file) when its key names no
+    field of dataclass `cls` or its value does not convert to the field's type."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key.sub=value")
+    key, _, text = item.partition("=")
+    parts, hint = key.strip().split("."), cls
+    for depth, part in enumerate(parts):
+        section = hint if dataclasses.is_dataclass(hint) else _section_type(hint)
+        if section is None or get_origin(hint) is list:
+            raise ConfigError(f"--set {item}: {'.'.join(parts[:depth])} is not a section")
+        names = [f.name for f in dataclasses.fields(section)]
+        if part not in names:
+            prefix = ".".join(parts[:depth] + [""])
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+            fix = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {names}"
+            raise ConfigError(f"--set {item}: unknown key '{prefix}{part}'{fix}")
+        hint = _field_hints(section)[part]
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: the value is not YAML: {err}") from None
+    convert(hint, value, "--set", key.strip())
+
+
 def _apply_override(raw: dict, item: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML, so numbers, lists and null work)."""
     if "=" not in item:
