@@ -111,9 +111,9 @@ def run(tok, config, records=None, counts=None, journal=None, policy=None):
     records = records or prompts(tok)
     counts = counts or [1] * len(records)
     journal = journal or Journal()
-    rows = roll_out(policy, tok, records, counts, config, 1, have=[[] for _ in records],
-                    journal=journal)
-    return rows, journal
+    rolled = roll_out(policy, tok, records, counts, config, 1, have=[[] for _ in records],
+                      journal=journal)
+    return rolled.rows, journal
 
 
 def test_a_trajectory_is_model_and_observation_tokens_exactly_as_appended(tok, scripted,
@@ -146,6 +146,18 @@ def test_a_trajectory_is_model_and_observation_tokens_exactly_as_appended(tok, s
     assert trajectory.text == tok.decode(trajectory.token_ids, skip_special_tokens=True)
     assert trajectory.finish_reason == "eos"
     assert Trajectory.from_dict(journal.added[(record.id, 0)]) == trajectory
+
+
+def test_each_prompt_comes_back_as_the_model_saw_it(tok, scripted, tmp_path):
+    scripted[:] = ["Done."]
+    records = prompts(tok)
+    config = config_with(tmp_path, environment="envs.py:Vault")
+    rolled = roll_out(None, tok, records, [2, 0], config, 1, have=[[], []], journal=Journal())
+    assert rolled.prompts[0].token_ids == scripted.contexts[0]  # what was sampled after
+    for record, seen in zip(records, rolled.prompts):  # the second: no sample, same prompt
+        assert "Guess the number." in seen.text and '"name": "guess"' in seen.text
+        assert (seen.id, seen.prompt, seen.columns) == (record.id, record.prompt, record.columns)
+        assert seen.token_ids == tok(seen.text, add_special_tokens=False)["input_ids"]
 
 
 def test_failed_calls_are_observations_the_model_answers_and_are_counted(tok, scripted,

@@ -45,9 +45,14 @@ class ChatFormat:
 
     def prompt_ids(self, prompt: str | list[dict], system_prompt: str | None = None,
                    extra: str | None = None) -> list[int]:
-        """The token ids of a prompt (text or chat messages) as the model sees it: with the
-        run's system prompt (`data.system_prompt`), the tools, and `extra` (an environment's
-        `reset` text) appended to the last user message."""
+        """`prompt`'s token ids."""
+        return self.prompt(prompt, system_prompt, extra)[1]
+
+    def prompt(self, prompt: str | list[dict], system_prompt: str | None = None,
+               extra: str | None = None) -> tuple[str, list[int]]:
+        """The text and token ids of a prompt (text or chat messages) as the model sees it:
+        with the run's system prompt (`data.system_prompt`), the tools, and `extra` (an
+        environment's `reset` text) appended to the last user message."""
         messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
                     else [dict(m) for m in prompt])
         if extra:
@@ -59,7 +64,8 @@ class ChatFormat:
             messages[0]["content"] += f"\n\n{self.system_prompt}"
         elif self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self._ids(self._render(messages, True))
+        text = self._render(messages, True)
+        return text, self._ids(text)
 
     def observation_ids(self, messages: list[dict], after: list[int]) -> list[int]:
         """The token ids that follow a model turn `after` (its token ids) when `messages` (tool

@@ -33,7 +33,7 @@ from raftlm.agents.environments import (
 )
 from raftlm.agents.tools import Outcome, Tool, call_with_timeout, load_tools, run_calls
 from raftlm.agents.trajectory import Trajectory
-from raftlm.config import RaftConfig
+from raftlm.config import ConfigError, RaftConfig
 from raftlm.data.prompts import PromptRecord
 from raftlm.sampling.generate import GENERATION_BACKENDS, generate
 
@@ -58,9 +58,19 @@ class Live:
     finished: bool = False
 
 
+@dataclass
+class Rolled:
+    """What `roll_out` gives: each prompt's trajectories, and each prompt as the model saw it
+    (tools, system prompt, the environment's `reset` text): what training and the rewards
+    must condition the trajectories on."""
+
+    rows: list[list[Any]]
+    prompts: list[PromptRecord]
+
+
 def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: list[int],
              config: RaftConfig, stage: int, *, have: list[list[Any]], journal: Any,
-             timer: Timer | None = None) -> list[list[Any]]:
+             timer: Timer | None = None) -> Rolled:
     """`counts[i]` trajectories of prompt i: those this attempt holds (`have[i]`) or the journal
     finished (backends whose samples depend on the seed alone) are kept, the rest sampled and
     journaled (`journal.add_sample`) as each finishes."""
@@ -68,34 +78,31 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
     reuse = GENERATION_BACKENDS[config.generation.backend].keeps_done
     static = load_tools(rollout.tools)
     factory = load_environment(rollout.environment) if rollout.environment else None
-    rows: list[list[Any]] = []
-    todo: list[tuple[int, int, Any]] = []  # (prompt, sample, environment instance)
-    for i, record in enumerate(prompts):
-        row: list[Any] = []
-        for j in range(counts[i]):
-            if j < len(have[i]):
-                row.append(have[i][j])
-            elif reuse and (record.id, j) in journal.samples:
-                row.append(Trajectory.from_dict(journal.samples[(record.id, j)]))
-            else:
-                row.append(None)
-                todo.append((i, j, factory() if factory else None))
-        rows.append(row)
-    if not todo:
-        return rows
-    step_shaped = todo[0][2] is not None and is_step_shaped(todo[0][2])
+    probe = factory() if factory else None  # the class's shape and tools (never reset)
+    step_shaped = probe is not None and is_step_shaped(probe)
     if step_shaped and static:
-        raise ValueError("rollout: a step-shaped environment takes whole turns; it cannot be "
-                         "combined with rollout.tools")
-    own = [] if factory is None or step_shaped else environment_tools(todo[0][2])
-    chat = ChatFormat(tokenizer, static + own)
-    live = []
-    for i, j, env in todo:
-        record = prompts[i]
-        extra = reset(env, {"prompt": record.prompt, **record.columns}) if env else None
-        tools = {t.name: t for t in static + (environment_tools(env) if own else [])}
-        live.append(Live(i, j, record.id, chat.prompt_ids(record.prompt, config.data.system_prompt,
-                                                          extra), tools, env))
+        raise ConfigError("rollout: a step-shaped environment takes whole turns; it cannot be "
+                          "combined with rollout.tools")
+    own = bool(probe is not None and not step_shaped)
+    chat = ChatFormat(tokenizer, static + (environment_tools(probe) if own else []))
+    rows: list[list[Any]] = []
+    seen: list[PromptRecord] = []
+    live: list[Live] = []
+    for i, record in enumerate(prompts):
+        kept = [j < len(have[i]) or (reuse and (record.id, j) in journal.samples)
+                for j in range(counts[i])]
+        envs = [factory() if factory and not k else None for k in kept]
+        text, ids = chat.prompt(record.prompt, config.data.system_prompt,
+                                _reset_text(factory, envs, record))
+        seen.append(dataclasses.replace(record, text=text, token_ids=ids))
+        rows.append([have[i][j] if j < len(have[i]) else
+                     Trajectory.from_dict(journal.samples[(record.id, j)]) if kept[j] else None
+                     for j in range(counts[i])])
+        live += [Live(i, j, record.id, ids, {t.name: t for t in static + (
+            environment_tools(env) if own else [])}, env)
+                 for j, env in enumerate(envs) if not kept[j]]
+    if not live:
+        return Rolled(rows, seen)
     generation = config.generation
     if not step_shaped:  # a turn with a call ends at it: the model waits for the result
         generation = dataclasses.replace(generation,
@@ -148,7 +155,23 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
     for t in live:
         if not t.finished:
             finish(t)
-    return rows
+    return Rolled(rows, seen)
+
+
+def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | None:
+    """The text `reset(**row)` appends to a prompt's user turn: one text for all its
+    trajectories, since a prompt's trajectories train under one prompt (an instance of its own
+    when every trajectory of the prompt is already sampled)."""
+    if factory is None:
+        return None
+    row = {"prompt": record.prompt, **record.columns}
+    texts = {reset(env, row) for env in envs if env is not None} or {reset(factory(), row)}
+    if len(texts) > 1:
+        raise EnvironmentFailure(
+            f"rollout.environment: reset(**row) gave different texts for one row (prompt id "
+            f"{record.id}); a prompt's trajectories train under one prompt, so reset's text must "
+            "depend on the row alone (seed any randomness from it)")
+    return texts.pop()
 
 
 def turn_seed(run_seed: int, stage: int, prompt_id: int, sample: int, turn: int) -> int:

@@ -108,11 +108,12 @@ class Collect:
         ids = [p.id for p in prompts]
         have = [self.samples.get(pid, []) for pid in ids]
         if config.rollout is not None:  # tools or an environment: trajectories (agents/)
+            rolled = roll_out(policy, self.run.tokenizer, prompts, counts, config, stage,
+                              have=have, journal=journal, timer=self.timer)
+            prompts[:] = rolled.prompts  # as the model saw them (tools): what all else uses
             rows = [[r if isinstance(r, Rollout) else Rollout(**fields_for(Rollout, r),
                                                                policy_stage=stage - 1)
-                     for r in row] for row in roll_out(
-                policy, self.run.tokenizer, prompts, counts, config, stage, have=have,
-                journal=journal, timer=self.timer)]
+                     for r in row] for row in rolled.rows]
             self.samples.update(zip(ids, rows))
             return rows
         if GENERATION_BACKENDS[config.generation.backend].keeps_done:

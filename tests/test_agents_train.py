@@ -1,0 +1,121 @@
+"""RAFT with tools and environments end to end on a tiny model: `raftlm.train` samples
+trajectories, trains on the model's tokens only, and resumes to the same stage."""
+
+import json
+import re
+import shutil
+
+import pytest
+from tiny import write_digits_task
+
+import raftlm.agents.rollout as rollout_module
+import raftlm.stage.loop as loop_module
+from raftlm import RaftConfig, train
+from raftlm.sampling.completion import Completion
+
+COUNTER = '''
+class Counter:
+    """A step-shaped environment: every model turn is an action; three steps and it is done."""
+
+    def reset(self, prompt, answer, **row):
+        self.steps = 0
+        return f"You have {answer} tries."
+
+    def step(self, action):
+        self.steps += 1
+        return f"step {self.steps}", None, self.steps >= 3
+'''
+
+
+def make_config(workspace, model_dir, **sections):
+    raw = {
+        "run": {"output_dir": str(workspace / "run"), "seed": 1},
+        "model": {"path": str(model_dir), "dtype": "fp32", "lora": {"r": 4, "alpha": 8}},
+        "data": {"train_file": str(workspace / "train.jsonl")},
+        "raft": {"stages": 2, "prompts_per_stage": 3, "samples_per_prompt": 2},
+        "generation": {"max_new_tokens": 6, "batch_size": 8},
+        "reward": {"terms": [f"{workspace / 'rewards.py'}:digits"]},
+        "training": {"learning_rate": 1e-2, "micro_batch_size": 2},
+        "evaluation": {"enabled": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return RaftConfig.from_dict(raw)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    write_digits_task(tmp_path)
+    (tmp_path / "envs.py").write_text(COUNTER)
+    return tmp_path
+
+
+@pytest.fixture
+def trained_on(monkeypatch):
+    """Every stage's training examples, as the Fine-tune step received them."""
+    seen = []
+
+    def spy(trainer, rollouts, ranked, *args, **kwargs):
+        seen.append(ranked.examples)
+        return fine_tune(trainer, rollouts, ranked, *args, **kwargs)
+
+    fine_tune = loop_module.fine_tune
+    monkeypatch.setattr(loop_module, "fine_tune", spy)
+    return seen
+
+
+def test_a_tool_run_trains_only_on_the_models_tokens(workspace, tiny_model_dir, monkeypatch,
+                                                     trained_on, tok):
+    """Scripted turns (the tiny model cannot write a call): odd seeds ask the calculator how
+    many digits the prompt wants and answer with that many; even seeds answer at once."""
+    def scripted(policy, tokenizer, contexts, count, config, *, seeds, desc, max_new_tokens):
+        rows = []
+        for context, seed in zip(contexts, seeds):
+            seen = tokenizer.decode(context)
+            n = int(re.findall(r"Say (\d+) digits", seen)[-1])
+            if "<|im_start|>tool" in seen:
+                text = "9" * n + "<|im_end|>"
+            elif seed % 2:
+                text = ('<tool_call>{"name": "calculator", "arguments": {"expression": '
+                        f'"{n}+0"}}}}</tool_call>')
+            else:
+                text = "none<|im_end|>"
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            rows.append([Completion(tokenizer.decode(ids, skip_special_tokens=True), ids,
+                                    "stop_string" if "tool_call" in text else "eos",
+                                    [-1.0] * len(ids))])
+        return rows
+
+    monkeypatch.setattr(rollout_module, "generate", scripted)
+    result = train(make_config(workspace, tiny_model_dir, generation={"max_new_tokens": 120},
+                               rollout={"tools": ["calculator"], "max_turns": 3}))
+    assert [m["stage"] for m in result.metrics] == [0, 1, 2]
+    assert result.metrics[1]["time/tools_s"] >= 0
+    examples = [e for stage in trained_on for e in stage]
+    called = [e for e in examples if e.loss_mask and 0 in e.loss_mask]
+    assert called, "a trajectory with a tool call was selected"
+    for example in called:
+        assert "calculator" in tok.decode(example.prompt_ids)  # sampled after the tool prompt
+        observation = [t for t, m in zip(example.response_ids, example.loss_mask) if m == 0]
+        assert tok.decode(observation).startswith("<|im_end|>\n<|im_start|>tool\n")
+        assert len(example.loss_mask) == len(example.response_ids)
+    rows = [json.loads(line) for line in (result.run_dir / "stages/001/candidates.jsonl").open()]
+    assert len(rows) == 3 * 2
+    assert all("calculator" in row["prompt"] for row in rows)
+
+
+def test_a_step_environment_run_resumes_to_the_same_stage(workspace, tiny_model_dir,
+                                                          trained_on, tok):
+    rollout = {"environment": f"{workspace / 'envs.py'}:Counter", "max_turns": 3,
+               "max_trajectory_tokens": 200}
+    full = train(make_config(workspace, tiny_model_dir, raft={"stages": 3}, rollout=rollout))
+    reference = (full.run_dir / "stages/003/candidates.jsonl").read_text()
+    examples = [e for stage in trained_on for e in stage]
+    assert all(e.loss_mask.count(0) > 0 for e in examples)  # observations masked out
+    assert all("tries." in tok.decode(e.prompt_ids) for e in examples)  # reset's text
+    shutil.rmtree(full.run_dir)
+
+    train(make_config(workspace, tiny_model_dir, raft={"stages": 2}, rollout=rollout))
+    resumed = train(make_config(workspace, tiny_model_dir, raft={"stages": 3}, rollout=rollout),
+                    resume=True)
+    assert (resumed.run_dir / "stages/003/candidates.jsonl").read_text() == reference
