@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 
 from raftlm.config import RaftConfig
-from raftlm.data.gsm8k import GSM8K_INSTRUCTION, gsm8k_file, gsm8k_originals, gsm8k_rows
+from raftlm.data.gsm8k import (
+    GSM8K_INSTRUCTION,
+    GSM8K_TEST_SIZE,
+    gsm8k_file,
+    gsm8k_originals,
+    gsm8k_rows,
+)
 from raftlm.data.prompts import load_prompt_sets
-from raftlm.data.tasks import TASKS, builtin_task_rows, with_shots
+from raftlm.data.tasks import TASKS, builtin_task_rows, eval_split_size, with_shots
 from raftlm.errors import UserError
 from raftlm.rewards.verifiable import numeric_answer
 
@@ -30,6 +36,11 @@ def test_the_shipped_files_are_the_originals_byte_for_byte(split, rows):
     assert len(gsm8k_originals(split)) == rows == data.count(b"\n")
     if SHARED.is_dir():
         assert data == (SHARED / Path(str(gsm8k_file(split))).name).read_bytes()
+
+
+def test_the_test_split_size_is_the_files():
+    assert eval_split_size("gsm8k") == GSM8K_TEST_SIZE == len(gsm8k_originals("eval"))
+    assert eval_split_size("arithmetic") == 1000
 
 
 def test_the_rows_read_are_the_files_rows_unchanged():

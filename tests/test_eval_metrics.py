@@ -77,6 +77,12 @@ def test_majority_answer_breaks_a_tie_for_the_answer_seen_first():
 
 def test_maj_at_n_is_the_share_of_prompts_whose_vote_is_right():
     answers = [["18", "18", "20"], ["1", "2", "2"], [None, None, None]]
-    assert maj_at_n(answers, ["18", "1", "4"]) == pytest.approx(1 / 3)
-    # A prompt without a reference is counted wrong, never skipped.
-    assert maj_at_n([["1"]], [None]) == 0.0
+    correct = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # references 18, 1 and 4
+    assert maj_at_n(answers, correct) == pytest.approx(1 / 3)
+
+
+def test_maj_at_n_judges_the_vote_by_the_samples_that_gave_it():
+    # An equivalence rule (math-verify) may call "0.5" and "1/2" both right: the vote for
+    # "1/2" is right because its samples were judged right, not because strings match.
+    assert maj_at_n([["1/2", "1/2", "0.5"]], np.array([[1, 1, 1]])) == 1.0
+    assert maj_at_n([["7", "7", "5"]], np.array([[0, 0, 1]])) == 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.schema import ConfigError, option
 from raftlm.core.objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
@@ -54,7 +55,7 @@ class ModelConfig:
 class DataConfig:
     task: str | None = option(None, "Built-in task (prompts with an `answer` column); gsm8k "
                               "is shipped with raftlm (MIT): train split, test split held out.",
-                              choices=("arithmetic", "larger", "multiplication", "gsm8k"))
+                              choices=TASKS)
     train_file: str | None = option(None, "Prompt file: .jsonl, .json, .csv or .parquet.")
     eval_file: str | None = option(None, "Held-out prompt file (same formats).")
     prompt_field: str = option("prompt", "Column with the prompt: text or chat messages.")
@@ -324,16 +325,6 @@ class TrainingConfig:
         "selection.drop_truncated removes them from the statistics too.")
     overlong_penalty: float = option(1.0, "The overlong penalty at max_new_tokens (subtracted "
                                      "from the reward before ranking); 0 disables.")
-
-
-@dataclass
-class EvalConfig:
-    enabled: bool = option(True, "Evaluate before stage 1 and after every stage.")
-    sampled: bool = option(True, "Also sample K responses per held-out prompt (diversity, KL).")
-    samples_per_prompt: int = option(4, "Samples per held-out prompt for sampled metrics.")
-    kl_responses: int = option(64, "Responses the KL estimate uses (a forward each); 0 = all.")
-    max_new_tokens: int | None = option(None, "Eval response cap; None = generation's.")
-    every: int = option(1, "Evaluate after every N-th stage (stage 0 and the last always).")
 
 
 @dataclass

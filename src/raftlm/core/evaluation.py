@@ -7,8 +7,9 @@
 - avg@n: mean accuracy of the n samples (pooled over prompts, each prompt weighing n).
 - maj@n: the answer most of a prompt's n samples give (majority vote over *extracted* answers,
   samples without an answer do not vote) is the prompt's answer; mean over prompts of it being
-  right. A tie goes to the tied answer that appears first among the samples (the lowest sample
-  index), so the vote never depends on hashing or set order.
+  right (as judged on the samples that gave it). A tie goes to the tied answer that appears
+  first among the samples (the lowest sample index), so the vote never depends on hashing or
+  set order.
 """
 
 from __future__ import annotations
@@ -58,11 +59,16 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
     return next(answer for answer, count in counts.items() if count == top)
 
 
-def maj_at_n(answers: Sequence[Sequence[str | None]], references: Sequence[str | None]) -> float:
-    """Mean over prompts of `majority_answer(prompt's answers) == reference` (a prompt with no
-    answer, or no reference, counts as wrong)."""
-    if len(answers) != len(references) or not answers:
-        raise ValueError(f"{len(answers)} answer rows vs {len(references)} references")
-    right = [ref is not None and majority_answer(row) == ref
-             for row, ref in zip(answers, references)]
+def maj_at_n(answers: Sequence[Sequence[str | None]], correct: np.ndarray) -> float:
+    """Mean over prompts of the majority answer being right: `answers` and the 0/1 `correct`
+    are [prompts, n]; the vote is right when the samples giving the winning answer were judged
+    right (a prompt whose samples give no answer counts as wrong). Judged by the samples, not
+    by comparing strings again, so any answer rule (math-verify's equivalence too) votes."""
+    correct = np.asarray(correct, dtype=bool)
+    if len(answers) != correct.shape[0] or not len(answers):
+        raise ValueError(f"{len(answers)} answer rows vs {correct.shape[0]} correctness rows")
+    right = []
+    for row, judged in zip(answers, correct):
+        winner = majority_answer(row)
+        right.append(winner is not None and bool(judged[list(row).index(winner)]))
     return float(np.mean(right))

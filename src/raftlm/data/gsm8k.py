@@ -16,6 +16,7 @@ from importlib import resources
 
 from raftlm.errors import InvalidInput
 
+GSM8K_TEST_SIZE = 1319  # rows of test.jsonl (a test reads the file)
 SPLITS = {"train": "train.jsonl", "eval": "test.jsonl"}  # raftlm's split names -> files
 GSM8K_INSTRUCTION = ("\nSolve it step by step, then give the final answer on its own line as "
                      "\"#### <number>\".")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raftlm.data.gsm8k import gsm8k_rows
+from raftlm.data.gsm8k import GSM8K_TEST_SIZE, gsm8k_rows
 from raftlm.errors import InvalidInput
 
 TWO_DIGIT_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]  # ordered
@@ -67,6 +67,15 @@ def builtin_task_rows(task: str, split: str, n: int, seed: int) -> list[dict]:
     if task not in TASKS:
         raise InvalidInput(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[task](split, n, seed)
+
+_EVAL_SIZES = {"gsm8k": GSM8K_TEST_SIZE}  # the generated tasks hold out ARITHMETIC_EVAL_SIZE
+
+
+def eval_split_size(task: str) -> int:
+    """How many prompts the task's held-out split has."""
+    if task not in TASKS:
+        raise InvalidInput(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return _EVAL_SIZES.get(task, ARITHMETIC_EVAL_SIZE)
 
 
 def with_shots(task: str, rows: list[dict], shots: int, seed: int) -> list[dict]:

@@ -1,12 +1,15 @@
-"""Evaluate the policy on held-out prompts: did alignment work, and what did it cost?
+"""Evaluate the policy: did alignment work, what did it cost, and on which sets?
 
-Greedy, one response per prompt:
-  eval/reward_mean, eval/accuracy (prompts with an `answer`), eval/response_tokens_mean.
-Sampled (`evaluation.sampled`): K = evaluation.samples_per_prompt responses per prompt with the
-`generation` settings and the same seeds every stage, so stages differ only by the policy:
-  eval/sampled_reward_mean, eval/best_of_k_reward, eval/sampled_accuracy, eval/pass_at_k,
-  eval/distinct_1, eval/distinct_2, eval/sampled_tokens_mean and eval/kl_to_initial.
-Definitions are in `raftlm.evaluation.metrics`. The KL's pi_0 is the LoRA policy with its adapter
+The run's held-out prompts come first (metrics `eval/<metric>`, as always), then each set of
+`evaluation.sets` (`eval/<name>/<metric>`; `raftlm.evaluation.sets`). Per set: one greedy
+response per prompt, and with `samples` (held-out: `evaluation.samples_per_prompt` when
+`evaluation.sampled`) n sampled ones with the set's temperature and the same seeds every stage,
+so stages differ only by the policy. Greedy and sampled responses are decoded in one pass that
+shares each prompt's prefill. The metrics and their names: `raftlm.evaluation.set_metrics`;
+how answers are read: `raftlm.evaluation.extraction`.
+
+Held-out only, as before: eval/reward_mean, eval/sampled_reward_mean, eval/best_of_k_reward,
+eval/distinct_1/2, eval/kl_to_initial. The KL's pi_0 is the LoRA policy with its adapter
 disabled, or, for full fine-tuning, the initial weights reloaded from `model.path` for the
 duration of the estimate (no second copy is held between stages). Both sides are taken at the
 sampling temperature T (`generation.temperature`): the estimate is KL(pi_t^T || pi_0^T) of the
@@ -14,8 +17,7 @@ distributions softmax(logits / T) the responses were drawn from, unbiased withou
 (with truncation, the samples come from the truncated pi_t^T: a documented approximation).
 pi_t's log-probs are those recorded while sampling (`Completion.token_log_probs`, log
 softmax(logits / T) of each sampled token), so the estimate costs one forward pass per
-response (pi_0's), not two. Greedy and sampled responses
-are decoded in one pass that shares each prompt's prefill.
+response (pi_0's), not two.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from transformers import AutoModelForCausalLM
 
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptRecord, PromptSet
-from raftlm.evaluation.metrics import best_of_k, distinct_n, nanmean, sequence_kl
+from raftlm.evaluation.metrics import sequence_kl
+from raftlm.evaluation.set_metrics import set_metrics
+from raftlm.evaluation.sets import ResolvedSet, configured_sets, held_out_set
 from raftlm.models.loading import (
     is_lora,
     materialize_model,
     merged_adapter,
     resolve_dtype,
 )
-from raftlm.rewards.reward import Reward, score
-from raftlm.rewards.verifiable import math_answer, numeric_answer
+from raftlm.rewards.reward import Reward
 from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import generate_sharded, sample_seeds
 from raftlm.training.batches import Example, response_log_probs
@@ -46,85 +49,55 @@ from raftlm.training.batches import Example, response_log_probs
 SAMPLING_STAGE = 0  # seeds of sampled eval: (run seed, 0, prompt id), never a training stage's
 
 
-def accuracy_check(config: RaftConfig, prompts: PromptSet) -> Any:
-    """The verifiable check behind `eval/accuracy`, or None when there are no references."""
-    if not prompts.records or "answer" not in prompts.records[0].columns:
-        return None
-    names = {term.name for term in config.reward.terms}
-    return math_answer if "math_answer" in names else numeric_answer
-
-
-def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet, reward: Reward,
+def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet | None, reward: Reward,
              config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Held-out metrics of `policy` (the unmerged training model); returns metrics and the
-    greedy responses. With several processes the sampling is split between them and every
-    process computes the same metrics from the gathered responses."""
-    records, ev = prompts.records, config.evaluation
+    """Metrics of `policy` (the unmerged training model) on the held-out `prompts` (None: none)
+    and on every set of `evaluation.sets`; returns the metrics and one row per prompt and set
+    (prompt, answer, responses, extracted answers, correct). With several processes the
+    sampling is split between them and every process computes the same metrics."""
+    sets = [held_out_set(prompts, config)] if prompts is not None else []
+    return evaluate_sets(policy, tokenizer, sets + configured_sets(config, tokenizer), reward,
+                         config)
+
+
+def evaluate_sets(policy: Any, tokenizer: Any, sets: list[ResolvedSet], reward: Reward,
+                  config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`evaluate` on sets already resolved (`raftlm eval` builds its own)."""
     device = next(policy.parameters()).device
-    ids = [r.token_ids for r in records]
+    metrics: dict[str, Any] = {}
+    items: list[dict[str, Any]] = []
     with _precision(config, device):
-        with merged_adapter(policy) as merged:
-            if ev.sampled:
-                # One pass: greedy and sampled responses share each prompt's prefill and batch.
-                both = generate_sharded(
-                    merged, tokenizer, ids, ev.samples_per_prompt, config.generation,
-                    seeds=sample_seeds(config.run.seed, SAMPLING_STAGE, [r.id for r in records]),
-                    desc="eval", max_new_tokens=ev.max_new_tokens, with_greedy=True,
-                )
-                greedy, sampled = [row[:1] for row in both], [row[1:] for row in both]
-            else:
-                greedy = generate_sharded(merged, tokenizer, ids, 1, config.generation,
-                                          greedy=True, desc="eval",
-                                          max_new_tokens=ev.max_new_tokens)
-                sampled = None
-        metrics, samples = greedy_metrics(prompts, greedy, reward, config)
-        if sampled is not None:
-            metrics.update(sampled_metrics(prompts, sampled, reward, config))
-            # Outside the merged context: pi_0 needs the adapter unmerged to switch it off.
-            metrics["eval/kl_to_initial"] = kl_to_initial(policy, tokenizer, records, sampled,
-                                                          config)
-    return metrics, samples
+        for rset in sets:
+            with merged_adapter(policy) as merged:
+                greedy, sampled = _responses(merged, tokenizer, rset, config)
+            found, rows = set_metrics(rset, greedy, sampled, reward,
+                                      config.evaluation.correct_reward)
+            if sampled and "kl" in rset.metrics:
+                # Outside the merged context: pi_0 needs the adapter unmerged to switch it off.
+                found[rset.prefix + "kl_to_initial"] = kl_to_initial(
+                    policy, tokenizer, rset.prompts.records, sampled, config)
+            metrics.update(found)
+            items += rows
+    return metrics, items
 
 
-def greedy_metrics(prompts: PromptSet, completions: list[list[Completion]], reward: Reward,
-                   config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Reward, accuracy and length of one greedy response per prompt, plus the responses."""
-    records = prompts.records
-    result = score(reward, records, completions)
-    metrics = {
-        "eval/reward_mean": nanmean(result.scores),
-        "eval/response_tokens_mean": float(np.mean([len(row[0].token_ids) for row in completions])),
-    }
-    correct = _correct(config, prompts, completions)
-    if correct is not None:
-        metrics["eval/accuracy"] = float(np.mean(correct))
-    samples = [
-        {"prompt_id": r.id, "prompt": r.text, "response": row[0].text, "reward": float(s)}
-        for r, row, s in zip(records, completions, result.scores)
-    ]
-    return metrics, samples
-
-
-def sampled_metrics(prompts: PromptSet, completions: list[list[Completion]], reward: Reward,
-                    config: RaftConfig) -> dict[str, float]:
-    """Reward, best-of-K, accuracy, pass@K, diversity and length of K samples per prompt."""
-    records = prompts.records
-    k = len(completions[0]) if completions else 0
-    rewards = score(reward, records, completions).scores.reshape(len(records), k)
-    texts = [c.text for row in completions for c in row]
-    metrics = {
-        "eval/sampled_reward_mean": nanmean(rewards),
-        "eval/best_of_k_reward": best_of_k(rewards),
-        "eval/distinct_1": distinct_n(texts, 1),
-        "eval/distinct_2": distinct_n(texts, 2),
-        "eval/sampled_tokens_mean": float(np.mean([len(c.token_ids) for row in completions
-                                                   for c in row])),
-    }
-    correct = _correct(config, prompts, completions)
-    if correct is not None:
-        metrics["eval/sampled_accuracy"] = float(np.mean(correct))
-        metrics["eval/pass_at_k"] = float(np.mean(correct.reshape(len(records), k).any(axis=1)))
-    return metrics
+def _responses(model: Any, tokenizer: Any, rset: ResolvedSet, config: RaftConfig
+               ) -> tuple[list[Completion], list[list[Completion]] | None]:
+    """One greedy response per prompt, and `rset.samples` sampled ones (or None)."""
+    records = rset.prompts.records
+    ids = [r.token_ids for r in records]
+    desc = f"eval {rset.name}" if rset.name else "eval"
+    if rset.samples:
+        # One pass: greedy and sampled responses share each prompt's prefill and batch.
+        both = generate_sharded(
+            model, tokenizer, ids, rset.samples, rset.generation,
+            seeds=sample_seeds(config.run.seed, SAMPLING_STAGE, [r.id for r in records]),
+            desc=desc, max_new_tokens=rset.max_new_tokens, with_greedy=True,
+        )
+        return [row[0] for row in both], [row[1:] for row in both]
+    greedy = generate_sharded(model, tokenizer, ids, 1, rset.generation, greedy=True,
+                              desc=desc, max_new_tokens=rset.max_new_tokens)
+    return [row[0] for row in greedy], None
 
 
 def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
@@ -166,17 +139,6 @@ def initial_policy(policy: Any, config: RaftConfig) -> Iterator[Any]:
         materialize_model(config.model), dtype=torch.float32, local_files_only=True
     ).to(next(policy.parameters()).device)
     yield reference.eval()
-
-
-def _correct(config: RaftConfig, prompts: PromptSet, completions: list[list[Completion]]
-             ) -> np.ndarray | None:
-    """1/0 per completion (flat, prompt-major) where the prompts carry an `answer`."""
-    check = accuracy_check(config, prompts)
-    if check is None:
-        return None
-    flat = [(r, c) for r, row in zip(prompts.records, completions) for c in row]
-    return np.asarray(check([r.prompt for r, _ in flat], [c.text for _, c in flat],
-                            answer=[r.columns["answer"] for r, _ in flat]), dtype=float)
 
 
 @contextmanager

@@ -13,6 +13,12 @@ zeros ("1,234.50" -> "1234.5", "-3.0" -> "-3").
   so the default set's `eval/accuracy` means what it always did.
 - `math_verify`: math-verify's parse and equivalence (`pip install raftlm[math]`; refused in one
   line where it is not installed; never needed by the other two).
+- `reward`: no extraction; a response is correct when the set's reward reaches
+  `evaluation.correct_reward` (a task whose answers only the user's reward can judge).
+- `auto` (the default): what the run's reward says. A built-in verifiable term decides
+  (`numeric_answer` -> lenient, `math_answer` -> math_verify); else references that are all
+  numbers -> lenient; else no accuracy at all (say `reward` or a rule to get one): a word answer
+  is never pushed through a number check.
 
 The reference answer is parsed one documented way for every rule (`parse_reference`): the text
 after its last "####" if it has one (GSM8K's solutions), else the whole text; that text as a
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from raftlm.errors import InvalidInput
+from raftlm.rewards.verifiable import BUILTIN_REWARDS, math_answer, numeric_answer
 
 # A number: "1,234.5" (thousands groups) or "-12.5"; never the "-" of "10-5" nor the "5" of ".5".
 NUMBER = r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -78,11 +85,14 @@ def parse_reference(reference: object) -> str:
 
 @dataclass(frozen=True)
 class Extraction:
-    """One rule: `check(response, reference)` -> (the response's answer or None, correct)."""
+    """One rule: `check(response, reference)` -> (the response's answer or None, correct);
+    None where the rule reads no text (`reward`, or `auto`, which stands for another rule)."""
 
     name: str
-    check: Callable[[str, object], tuple[str | None, bool]]
+    check: Callable[[str, object], tuple[str | None, bool]] | None
     requires: str | None = None  # the optional module it needs
+    uses_reward: bool = False  # correct = the reward reaches evaluation.correct_reward
+    chosen_per_set: bool = False  # auto: resolved by `resolve` from the reward and references
 
 
 def _by_answer(extract: Callable[[str], str | None]
@@ -108,7 +118,11 @@ EXTRACTIONS: dict[str, Extraction] = {
     "strict": Extraction("strict", _by_answer(strict_answer)),
     "lenient": Extraction("lenient", _by_answer(lenient_answer)),
     "math_verify": Extraction("math_verify", _math_verify, requires="math_verify"),
+    "reward": Extraction("reward", None, uses_reward=True),
+    "auto": Extraction("auto", None, chosen_per_set=True),
 }
+# What `auto` takes for a run rewarded by a built-in verifiable function: that function's rule.
+RULE_OF_BUILTIN_REWARD = {numeric_answer: "lenient", math_answer: "math_verify"}
 
 
 def extraction(name: str, where: str) -> Extraction:
@@ -129,3 +143,33 @@ def extraction(name: str, where: str) -> Extraction:
 def is_number(reference: object) -> bool:
     """Whether the reference parses as a number (see `parse_reference`)."""
     return canonical_number(parse_reference(reference)) is not None
+
+
+def resolve(names: list[str], reward_names: list[str], references: list[object] | None,
+            where: str) -> list[Extraction]:
+    """The rules a set is scored by, `auto` replaced (see the module docstring; it may drop
+    out: then the set has no accuracy). `reward_names` are the run's reward terms' names,
+    `references` the set's `answer` column (None: it has none, so only `reward` can judge)."""
+    rules = []
+    for name in names:
+        rule = extraction(name, where)
+        if rule.chosen_per_set:
+            rule = _auto(reward_names, references, where)
+        if rule is None or rule in rules:
+            continue
+        if rule.check is not None and references is None:
+            raise InvalidInput(f"{where}: extraction {rule.name!r} compares with an `answer` "
+                               "column, which this set has not")
+        rules.append(rule)
+    return rules
+
+
+def _auto(reward_names: list[str], references: list[object] | None, where: str
+          ) -> Extraction | None:
+    if references is None:
+        return None
+    for name in reward_names:
+        rule = RULE_OF_BUILTIN_REWARD.get(BUILTIN_REWARDS.get(name))
+        if rule is not None:
+            return extraction(rule, where)
+    return EXTRACTIONS["lenient"] if all(map(is_number, references)) else None
