@@ -3,8 +3,9 @@
 Each configuration runs in a fresh process (libgomp reads ``OMP_WAIT_POLICY`` when torch loads
 it) on a small random Llama (4 layers, hidden 256): ``sample`` decodes 8 sequences x 32 tokens
 one token at a time (many small kernels: where waiting threads hurt most), ``train`` runs
-forward + backward on 8 x 128 tokens. Each is timed ``--repeats`` times (fewer once 3 s are
-spent) after a warm-up; the median is printed. The competing load (``--load`` busy Python
+forward + backward on 8 x 128 tokens. Each is timed ``--repeats`` times after a warm-up run
+(fewer once 3 s are spent; a configuration that slow keeps its first run); the median is
+printed. The competing load (``--load`` busy Python
 processes, default 2 per core) is started by this script and stopped before it exits;
 configurations alternate so that a change in the machine's other work hits all of them alike.
 
@@ -64,13 +65,12 @@ def worker(threads: str, repeats: int) -> None:
 
     times = {}
     for name, step in [("sample", sample), ("train", train)]:
-        step()  # warm-up
         runs: list[float] = []
-        while len(runs) < repeats and sum(runs) < 3.0:  # a few seconds per workload at most
+        while len(runs) < repeats + 1 and sum(runs) < 3.0:  # a few seconds per workload
             start = time.perf_counter()
             step()
             runs.append(time.perf_counter() - start)
-        times[name] = statistics.median(runs)
+        times[name] = statistics.median(runs[1:] or runs)  # the first run warms up
     print(json.dumps({"threads": torch.get_num_threads(), **times}))
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=2 * len(os.sched_getaffinity(0)),
                         help="Busy processes of the competing load [default: 2 per core].")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per workload.")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=1,
                         help="Times each configuration runs (alternating); the best is kept.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
