@@ -247,3 +247,35 @@ def test_a_resumed_call_keeps_journaled_trajectories_and_samples_the_same_rest(t
     assert set(again.added) == {(0, 0), (1, 1)}  # only the missing ones sampled
     assert [dataclasses.asdict(t) for row in resumed for t in row] == [
         dataclasses.asdict(t) for row in full for t in row]
+
+
+def test_the_docs_examples_run(tok, scripted, tmp_path):
+    """docs/agents.md's tool and both environments, as written there."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "agents.md").read_text()
+    blocks = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", doc, re.S)
+    for name, code in blocks:
+        (tmp_path / name).write_text(code)
+    assert sorted(name for name, _ in blocks) == ["countdown.py", "mytools.py", "vault.py"]
+    [price] = load_tools([f"{tmp_path / 'mytools.py'}:lookup_price"])
+    assert price.fn("pear", 2) == "1.50 EUR"
+    records = build_prompt_set([{"prompt": "Open the vault.", "answer": "42"}], tok,
+                               prompt_field="prompt", max_prompt_tokens=4096,
+                               system_prompt=None, source="test").records
+    scripted[:] = ['<tool_call>{"name": "guess", "arguments": {"number": 50}}</tool_call>',
+                   '<tool_call>{"name": "guess", "arguments": {"number": 42}}</tool_call>', "42"]
+    config = RaftConfig.from_dict({"data": {"task": "arithmetic"},
+                                   "generation": {"max_new_tokens": 99}, "rollout": {
+        "environment": f"{tmp_path / 'vault.py'}:Vault", "max_turns": 8}})
+    [[vault]] = roll_out(None, tok, records, [1], config, 1, have=[[]], journal=Journal()).rows
+    assert [t["content"] for t in vault.turns if t["role"] == "tool"] == ["lower", "open"]
+    scripted[:] = ["I say 50", "Then 42"]
+    config = RaftConfig.from_dict({"data": {"task": "arithmetic"},
+                                   "generation": {"max_new_tokens": 99}, "rollout": {
+        "environment": f"{tmp_path / 'countdown.py'}:Countdown", "max_turns": 6}})
+    [[countdown]] = roll_out(None, tok, records, [1], config, 1, have=[[]],
+                             journal=Journal()).rows
+    assert [(t["content"], t["reward"], t["done"]) for t in countdown.turns
+            if t["role"] == "user"] == [("Lower.", 0.0, False), ("Correct.", 1.0, True)]
