@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from raftlm.errors import UserError
 from raftlm.run.signals import Interrupted, stop_on_signals
 from raftlm.tools.args import add_config_args, add_quiet_arg
 from raftlm.tools.commands import add_tool_commands, add_verbose_flags
+from raftlm.tools.eval_command import add_eval_arguments
 
 
 def config_reference() -> str:
@@ -95,22 +95,9 @@ def final_message(run_dir: Path, metrics: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raftlm.run.rundir import atomic_write_text
-    from raftlm.run.tracking import json_safe
-    from raftlm.stage.build import evaluate_checkpoint
+    from raftlm.tools.eval_command import run_eval
 
-    config = load_config(args)
-    if args.checkpoint is not None and not args.checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint: no such folder: {args.checkpoint}")
-    metrics = json_safe(evaluate_checkpoint(config, args.checkpoint))
-    output = args.output or (args.checkpoint or Path(config.run.output_dir)) / "eval.json"
-    atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")
-    width = max(map(len, metrics))
-    for key, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
-    print(f"written to {output}")
-    return 0
+    return run_eval(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -149,18 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser(
-        "eval", help="Evaluate the base model or a checkpoint on the held-out set.",
-        description="Held-out metrics (reward, accuracy, best-of-K, diversity, KL to the base "
-                    "model) of the configured base model, or of a run's checkpoint.",
+        "eval", help="Evaluate a run, a checkpoint or any model on evaluation sets.",
+        description="Accuracy (greedy), avg@n, maj@n, pass@k, reward and more of a run's "
+                    "policy or any model, on the config's held-out set and evaluation.sets or "
+                    "on --preset / --file sets; a JSON summary and one JSONL row per prompt "
+                    "(docs/evaluation.md).",
     )
-    add_config_args(evaluate, required=True)
-    evaluate.add_argument("--checkpoint", type=Path, metavar="DIR",
-                          help="A run's checkpoints/stage-NNN folder (LoRA adapter or full "
-                               "model); default: the base model of the config.")
-    evaluate.add_argument("--output", type=Path, metavar="FILE",
-                          help="Where to write the metrics as JSON "
-                               "[default: <checkpoint or run.output_dir>/eval.json].")
-    add_quiet_arg(evaluate)
+    add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser(

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from raftlm.config import ConfigError, RaftConfig
+from raftlm.config.evaluation import EvalSet
 from raftlm.data.prompts import PromptOrder, PromptSet, load_prompt_sets
 from raftlm.errors import InvalidInput
 from raftlm.evaluation.evaluate import evaluate
@@ -261,18 +262,34 @@ def write_checkpoint(trainer: PolicyTrainer, tokenizer: Any, prompt_order: Promp
     return path
 
 
-def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Held-out metrics of the base model (no checkpoint) or of a run's checkpoint folder."""
+def evaluate_checkpoint(config: RaftConfig, checkpoint: Path | None = None,
+                        sets: list[EvalSet] | None = None
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of the base model (no checkpoint) or of a run's checkpoint folder, and one row
+    per prompt: on `sets` alone when given, else on the held-out set and `evaluation.sets`."""
     set_threads(config)
     device = process_state().device
     policy, tokenizer = load_for_eval(config, checkpoint, device,
                                       resolve_dtype(config.model.dtype, device))
-    _, eval_prompts = load_prompt_sets(config, tokenizer)
-    if eval_prompts is None:
-        raise InvalidInput("no held-out prompts: set data.eval_file (or use data.task)")
-    metrics, _ = evaluate(policy, tokenizer, eval_prompts, build_reward(config.reward), config)
-    return {"checkpoint": str(checkpoint) if checkpoint else None,
-            "eval/prompts": len(eval_prompts), **metrics}
+    held_out = None
+    if sets is not None:
+        config = dataclasses.replace(
+            config, evaluation=dataclasses.replace(config.evaluation, sets=sets))
+    else:
+        _, held_out = load_prompt_sets(config, tokenizer)
+    if held_out is None and not config.evaluation.sets:
+        raise InvalidInput("no evaluation set: set data.eval_file (or use data.task) or "
+                           "evaluation.sets, or give --preset / --file")
+    # The run's reward is built (its models loaded) only where a set scores with it.
+    scored = held_out is not None or any(
+        "reward" in s.metrics or "reward" in s.extraction for s in config.evaluation.sets)
+    reward = build_reward(config.reward) if scored else None
+    metrics, items = evaluate(policy, tokenizer, held_out, reward, config)
+    counts = {f"eval/{s.name}/prompts": sum(i["set"] == s.name for i in items)
+              for s in config.evaluation.sets}
+    held = {"eval/prompts": len(held_out)} if held_out is not None else {}
+    return {"checkpoint": str(checkpoint) if checkpoint else None, **held, **counts,
+            **metrics}, items
 
 
 def load_for_eval(config: RaftConfig, checkpoint: Path | None, device: torch.device,
