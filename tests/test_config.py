@@ -185,3 +185,37 @@ def test_a_moved_name_works_in_set_too(tmp_path, capsys):
     assert config.raft.dynamic.max_rounds == 2
     note = capsys.readouterr().err
     assert "--set raft.max_sampling_rounds is now raft.dynamic.max_rounds" in note
+
+
+def test_relative_paths_in_a_config_are_relative_to_its_folder(tmp_path, monkeypatch, capsys):
+    """34.7: `cd task && raftlm train --config config.yaml` and `raftlm train --config
+    task/config.yaml` read the same files; names that are not paths stay names."""
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "prompts.jsonl").write_text('{"prompt": "q", "answer": "1"}\n')
+    (task / "rewards.py").write_text("def r(prompts, completions, **kw):\n    return [0.0]\n")
+    path = task / "config.yaml"
+    path.write_text("data:\n  train_file: prompts.jsonl\nreward:\n  terms:\n"
+                    "  - rewards.py:r\n  - numeric_answer\n  - raftlm.rewards:math_answer\n"
+                    "model:\n  path: embedded:smollm2-135m-instruct\n")
+    for cwd in (tmp_path, task):
+        monkeypatch.chdir(cwd)
+        config = RaftConfig.from_yaml(path.relative_to(cwd))
+        assert config.data.train_file == str(task / "prompts.jsonl")
+        assert [t.name for t in config.reward.terms] == [
+            f"{task / 'rewards.py'}:r", "numeric_answer", "raftlm.rewards:math_answer"]
+        assert config.model.path == "embedded:smollm2-135m-instruct"
+    monkeypatch.chdir(tmp_path)
+    set_here = RaftConfig.from_yaml(path, ["data.train_file=task/prompts.jsonl"])
+    assert set_here.data.train_file == "task/prompts.jsonl"  # --set: relative to the shell's
+
+
+def test_a_path_found_only_from_the_working_folder_still_loads_with_a_note(tmp_path,
+                                                                            monkeypatch, capsys):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "prompts.jsonl").write_text('{"prompt": "q"}\n')
+    path = tmp_path / "task" / "config.yaml"
+    path.write_text("data:\n  train_file: task/prompts.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    assert RaftConfig.from_yaml(path).data.train_file == "task/prompts.jsonl"
+    assert "relative paths in a config are relative to its folder" in capsys.readouterr().err

@@ -29,7 +29,10 @@ def test_init_writes_a_config_prompts_and_a_reward(tmp_path, monkeypatch, capsys
     assert sorted(p.name for p in task.iterdir()) == [
         "README.md", "config.yaml", "heldout.jsonl", "prompts.jsonl", "reward.py"]
     config = RaftConfig.from_yaml(task / "config.yaml")
-    assert config.data.train_file == "mytask/prompts.jsonl"  # relative to where init ran
+    assert config.data.train_file == str(task / "prompts.jsonl")  # relative to the config
+    monkeypatch.chdir(task)  # 34.7: from inside the task's folder the same files load
+    assert RaftConfig.from_yaml("config.yaml").data.train_file == str(task / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
     assert config.reward.terms[0].name == "numeric_answer"
     rows = [json.loads(line) for line in (task / "prompts.jsonl").read_text().splitlines()]
     held_out = [json.loads(line) for line in (task / "heldout.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from raftlm.config.paths import relative_to_file
 from raftlm.config.schema import (
     ConfigError,
     build,
@@ -70,7 +71,8 @@ class RaftConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RaftConfig:
-        """Load a YAML file, apply ``key.sub=value`` overrides, validate."""
+        """Load a YAML file (its relative paths relative to its folder: `config/paths.py`),
+        apply ``key.sub=value`` overrides, validate."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
@@ -80,7 +82,7 @@ class RaftConfig:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-        return cls.from_dict(raw, overrides, source=str(path))
+        return cls.from_dict(relative_to_file(raw, path), overrides, source=str(path))
 
     @classmethod
     def from_dict(

@@ -36,15 +36,15 @@ _HEADER = """\
 
 _BODY = """\
 run:
-  output_dir: {dir}/run           # metrics.jsonl, stages/, checkpoints/, report.html
+  output_dir: {dir}/run           # relative to where you run raftlm (files below: to this file)
   seed: 0
 model:
   path: {model}  # an HF model folder, a .gguf file or the embedded model
   dtype: fp32                     # bf16: faster on recent CPUs and GPUs
   lora: {{enabled: true, r: 16, alpha: 32}}   # train a small adapter, not every weight
 data:
-  train_file: {dir}/prompts.jsonl   # a JSON object a line: prompt + what the reward reads
-  eval_file: {dir}/heldout.jsonl    # never trained on: the before/after numbers of the run
+  train_file: prompts.jsonl       # a JSON object a line: prompt + what the reward reads
+  eval_file: heldout.jsonl        # never trained on: the before/after numbers of the run
   prompt_field: prompt            # the column with the user message (text, or chat messages)
   # system_prompt: "Answer with the number only."
 raft:                             # each stage: b prompts x K responses, keep the best, fine-tune
@@ -72,11 +72,11 @@ evaluation:
 _REWARDS = {
     "numeric": """\
     - name: numeric_answer        # built-in: 1 when the reply's last number equals `answer`
-    # - name: {dir}/reward.py:reward   # your own function instead (reward.py)""",
+    # - name: reward.py:reward    # your own function instead (reward.py)""",
     "file": """\
-    - name: {dir}/reward.py:reward     # your function: reward.py, TRL's signature""",
+    - name: reward.py:reward      # your function: reward.py, TRL's signature""",
     "model": """\
-    - model: {dir}/reward-model   # an HF sequence-classification model folder (yours to put there)
+    - model: reward-model         # an HF sequence-classification model folder (yours to put there)
       batch_size: 16""",
     "url": """\
     # Start the server first, in another terminal (it can run on another machine):
