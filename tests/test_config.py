@@ -219,3 +219,20 @@ def test_a_path_found_only_from_the_working_folder_still_loads_with_a_note(tmp_p
     monkeypatch.chdir(tmp_path)
     assert RaftConfig.from_yaml(path).data.train_file == "task/prompts.jsonl"
     assert "relative paths in a config are relative to its folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train"], ["generate", "--out", "w"], ["score", "w"],
+                                     ["select", "w"], ["finetune", "--data", "w", "--out", "o"]])
+def test_a_config_error_is_told_before_torch_is_imported(tmp_path, command):
+    """34.2: config errors took 35-57 s on a busy machine, torch and transformers first."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "raft:\n  stagess: 3\ndata:\n  task: arithmetic\n")
+    probe = ("import sys; from raftlm.cli import main; "
+             f"code = main({[*command, '--config', str(path)]!r}); "
+             "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+    assert "unknown key 'raft.stagess'" in done.stderr

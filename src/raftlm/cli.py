@@ -32,8 +32,6 @@ def load_config(args: argparse.Namespace) -> RaftConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raftlm.stage.loop import train
-
     overrides = list(args.overrides)
     if args.resume:
         config_path = args.config or Path(args.resume) / "config.yaml"
@@ -47,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overwrite:
             overrides.append("run.overwrite=true")
         config = RaftConfig.from_yaml(args.config, overrides)
+    from raftlm.stage.loop import train  # torch and transformers: after the config is checked
+
     try:
         with stop_on_signals():
             result = train(config, resume=bool(args.resume))

@@ -40,33 +40,35 @@ def resumable(args: argparse.Namespace, run: Callable[[], Any]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    config = job_config(args, None)
+    # torch and transformers only once the config is known to be good (seconds, not a minute)
     from raftlm.jobs.steps import generate_stage
     from raftlm.jobs.workdir import parse_shard
 
     shard = parse_shard(args.shard)
-    config = job_config(args, None)
     return resumable(args, lambda: generate_stage(config, args.out, shard, args.stage,
                                                   args.from_dir))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    config = job_config(args, args.work)
     from raftlm.jobs.steps import score_stage
 
-    config = job_config(args, args.work)
     return resumable(args, lambda: score_stage(config, args.work, args.stage))
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    config = job_config(args, args.work)
     from raftlm.jobs.steps import select_stage
 
-    select_stage(job_config(args, args.work), args.work, args.stage, args.out, args.datasets_out)
+    select_stage(config, args.work, args.stage, args.out, args.datasets_out)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    config = job_config(args, args.data)
     from raftlm.jobs.steps import finetune_stage
 
-    config = job_config(args, args.data)
     return resumable(args, lambda: finetune_stage(config, args.data, args.out, args.from_dir,
                                                   args.stage))
 
