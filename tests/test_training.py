@@ -128,3 +128,12 @@ def test_bf16_autocast_computes_every_step_with_the_current_weights():
         weights[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(weights["one call"], weights["two calls"])
     assert not torch.equal(weights["two calls"], weights["fp32"])  # bf16 was in use
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e6])
+def test_the_gradient_norm_is_reported_whether_or_not_it_is_clipped(max_grad_norm):
+    """31.18: with clipping off (max_grad_norm 0) train/grad_norm read 0."""
+    config = TrainingConfig(learning_rate=1e-3, micro_batch_size=2, max_grad_norm=max_grad_norm)
+    trainer = PolicyTrainer(tiny_causal_lm(), config, 10, Accelerator(cpu=True), pad_id=2, seed=0)
+    stats = trainer.train([Example([5, 6], [8, 9, 10]), Example([7], [11, 12])], stage=1)
+    assert stats["train/grad_norm"] > 0

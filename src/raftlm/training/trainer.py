@@ -226,7 +226,7 @@ class PolicyTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_loss, global_tokens, denominator, norm if cfg.max_grad_norm > 0 else 0.0
+        return step_loss, global_tokens, denominator, norm  # measured, clipped or not
 
     def _check_finite(self, step_loss: float, norm: float) -> None:
         """Stop before the optimizer step when any process's loss or the gradient is not
