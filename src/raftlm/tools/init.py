@@ -30,7 +30,8 @@ _HEADER = """\
 #
 #   raftlm train --config {dir}/config.yaml     # then: raftlm eval / export / sample / chat
 #
-# Paths are relative to the folder you run raftlm from. Every field, its default and meaning:
+# run.output_dir is relative to the folder you run raftlm from, the files below to this file's
+# folder. Every field, its default and meaning:
 # `raftlm train --help`; change one for a single run with --set, e.g. --set raft.stages=4.
 """
 
@@ -124,8 +125,8 @@ As written it teaches the model two-digit addition; make it yours by editing the
 the reward, then train again.
 
 - `config.yaml`: the run (model, data, RAFT, sampling, reward, training). Every field with its
-  default and meaning: `raftlm train --help`. Paths are relative to the folder you run raftlm
-  from.
+  default and meaning: `raftlm train --help`. `run.output_dir` is relative to the folder you
+  run raftlm from; the files the config names, to the config's folder.
 - `prompts.jsonl` (training) and `heldout.jsonl` (never trained on): a JSON object a line, the
   `prompt` plus the columns the reward reads (`answer`).
 - `reward.py`: a reward function in TRL's signature, `reward(prompts, completions, answer,
@@ -135,7 +136,7 @@ the reward, then train again.
 
     raftlm train --config {dir}/config.yaml          # a few minutes on a CPU
     raftlm report {dir}/run                          # plots + {dir}/run/report.html
-    raftlm eval --config {dir}/config.yaml --checkpoint {dir}/run/checkpoints/stage-002
+    raftlm eval {dir}/run                            # the newest checkpoint, held-out set
     raftlm sample {dir}/run --prompt "What is 12 + 30?" --column answer=42
     raftlm chat {dir}/run                            # /help inside lists its commands
     raftlm export {dir}/run --format hf --out {dir}/export   # or --format gguf --out x.gguf
