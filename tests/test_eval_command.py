@@ -54,8 +54,8 @@ def test_a_gguf_file_is_evaluated_like_any_model(workspace, tmp_path):
     gguf = export(save_tiny_bpe_model(tmp_path / "bpe"), tmp_path / "tiny.gguf", "gguf")
     output = workspace / "gguf.json"
     assert eval_cli(gguf, "--file", workspace / "sums.jsonl", "--limit", 1, "--max-new-tokens",
-                    2, "--output", output, "--set", f"model.cache_dir={tmp_path / 'cache'}",
-                    "--config", write_config(workspace, tmp_path / "bpe")) == 0
+                    2, "--output", output, "--set", f"model.cache_dir={tmp_path / 'cache'}") == 0
+    assert list((tmp_path / "cache").iterdir())  # --set reached the config of a plain model
     assert json.loads(output.read_text())["eval/sums/prompts"] == 1
 
 

@@ -122,8 +122,10 @@ def eval_target(args: argparse.Namespace) -> tuple[RaftConfig, Path | None, Path
     check_model_path(str(args.model), field="RUN_DIR|MODEL")
     if args.config is not None:
         config = RaftConfig.from_yaml(args.config, args.overrides)
-    else:  # defaults around the model: its sets come from --preset / --file
-        config = RaftConfig()
+    else:  # defaults around the model, --set applied; its sets come from --preset / --file,
+        # so the placeholder task only lets the config validate (no training data is read).
+        config = RaftConfig.from_dict({"data": {"task": "arithmetic"}}, args.overrides,
+                                      source="--set")
     model = dataclasses.replace(config.model, path=str(args.model), gguf_file=None,
                                 lora=dataclasses.replace(config.model.lora, enabled=False))
     name = path.stem if path.suffix else path.name.split(":")[-1]
