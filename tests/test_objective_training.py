@@ -332,3 +332,62 @@ def test_tokens_a_loss_mask_marks_0_get_no_loss_under_every_objective(objective)
     assert float(loss[0, 2]) == 0.0 and float(loss[0, 1]) != 0.0 and float(loss[0, 3]) != 0.0
     unmasked = collate([TrainingExample([1, 3], [5, 6, 7])], pad_id=0)
     assert unmasked["labels"][0].tolist() == [IGNORE, IGNORE, 5, 6, 7]  # no mask: all trained
+
+
+# The sampler-training gap and the rollout correction (issues 31.18, 35) ------------------------
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token_truncate", [[1.0, 3.0, np.exp(-1.0), 1.0]]),
+    ("token_mask", [[1.0, 0.0, np.exp(-1.0), 1.0]]),
+    ("sequence_truncate", [[5 / np.e] * 3 + [1.0]]),  # the product 5 * e^-1, under the cap
+    ("sequence_mask", [[5 / np.e] * 3 + [1.0]]),
+    ("none", [[1.0, 1.0, 1.0, 1.0]]),
+])
+def test_rollout_correction_weights_by_hand(mode, expected):
+    if mode.startswith("sequence"):  # and a cap below the product: capped, or dropped
+        capped = ref.rollout_correction(np.log([[0.5, 0.5]]), np.log([[0.1, 0.1]]),
+                                        np.ones((1, 2)), mode, 3.0)
+        assert capped.tolist() == ([[3.0, 3.0]] if mode.endswith("truncate") else [[0.0, 0.0]])
+    """rho = pi_old(train) / pi_sampler: token 1 is 5x likelier under training (above the cap
+    3), token 2 e^-1 as likely; token 0 has no sampler record (NaN: rho 1); token 3 is not the
+    model's (mask 0: weight 1, in no sequence product)."""
+    train = np.array([[-1.0, np.log(0.5), -2.0, -9.0]])
+    sampler = np.array([[np.nan, np.log(0.1), -1.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0]])
+    np.testing.assert_allclose(ref.rollout_correction(train, sampler, mask, mode, 3.0), expected)
+
+
+def test_recomputing_pi_old_measures_the_gap_to_the_sampler_and_corrects_by_it():
+    model = tiny_causal_lm()
+    exact = with_old(model, EXAMPLES, 1.0)
+    stats = trainer_for(model, objective="raft++", old_log_probs="recompute").train(exact, 1)
+    assert stats["train/pi_old_gap"] < 1e-5 and abs(stats["train/pi_old_kl"]) < 1e-5  # fp32
+    off = with_old(tiny_causal_lm(), EXAMPLES, 1.0)
+    for example in off:  # a sampler whose kernels disagree: 3 nats less likely on one token
+        example.old_log_probs[0] -= 3.0
+    stats = trainer_for(tiny_causal_lm(), objective="raft++", old_log_probs="recompute",
+                        rollout_correction="token_mask").train(off, 1)
+    assert stats["train/pi_old_gap"] == pytest.approx(3 * 3.0 / 6, rel=1e-3)  # of 6 tokens
+    assert stats["train/rollout_correction_zeroed"] == pytest.approx(3 / 6)  # e^3 > cap 3
+    assert [e.correction[0] for e in off] == [0.0, 0.0, 0.0]
+
+
+def test_a_bf16_sampler_shows_its_gap_where_fp32_shows_none():
+    """The gap metric tells when it matters: a bf16 decode against the fp32 training forward."""
+    model = tiny_causal_lm()
+    half = tiny_causal_lm().to(torch.bfloat16)
+    recorded = with_old(half, EXAMPLES, 1.0)
+    stats = trainer_for(model, objective="grpo", old_log_probs="recompute").train(recorded, 1)
+    assert stats["train/pi_old_gap"] > 1e-4
+
+
+def test_recompute_and_correction_are_refused_where_they_mean_nothing():
+    with pytest.raises(raftlm.config.ConfigError, match="training.old_log_probs: expected "
+                                                        "sampler for training.objective=sft"):
+        objectives.check_objective_config(RaftConfig.from_dict(
+            {"data": {"task": "arithmetic"}}, ["training.old_log_probs=recompute"]))
+    with pytest.raises(raftlm.config.ConfigError, match="training.rollout_correction: expected "
+                                                        "none"):
+        objectives.check_objective_config(RaftConfig.from_dict(
+            {"data": {"task": "arithmetic"}},
+            ["training.objective=grpo", "training.rollout_correction=token_truncate"]))

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.schema import ConfigError, option
-from raftlm.core.objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
+from raftlm.core.objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo")
@@ -319,6 +319,17 @@ class TrainingConfig:
     overlong_buffer: int = option(0, "DAPO's soft overlong penalty: the last N tokens before "
                                   "generation.max_new_tokens where the reward falls linearly; "
                                   "0 disables.")
+    old_log_probs: str = option(
+        "sampler", "Ratio objectives' pi_old: the log-probs the sampler recorded (sampler), or "
+        "a training forward before the stage's first update (recompute: also logs the gap "
+        "between the two as train/pi_old_gap and train/pi_old_kl).",
+        choices=("sampler", "recompute"))
+    rollout_correction: str = option(
+        "none", "With old_log_probs recompute: weight each token by pi_old / pi_sampler, per "
+        "token or per response, capped (truncate) or dropped above the cap (mask): TRL's "
+        "vllm_importance_sampling_mode, verl's TIS/MIS.", choices=ROLLOUT_CORRECTIONS)
+    rollout_correction_cap: float = option(
+        3.0, "rollout_correction: the cap C on pi_old / pi_sampler (TRL's default).")
     mask_truncated: bool = option(
         False, "Responses cut at max_new_tokens stay in the statistics (group mean and std, "
         "selection) but get no loss (TRL's mask_truncated_completions, DAPO); "

@@ -176,3 +176,27 @@ def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int,
         return np.zeros_like(lengths)
     exceed = lengths - (max_new_tokens - buffer)
     return np.minimum(-exceed / buffer * factor, 0.0)
+
+
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate",
+                       "sequence_mask")
+
+
+def rollout_correction(train_log_probs: np.ndarray, sampler_log_probs: np.ndarray,
+                       mask: np.ndarray, mode: str, cap: float) -> np.ndarray:
+    """Per-token importance weights [N, L] that correct for sampling with other kernels than
+    training's (vLLM, a bf16 decode): rho = pi_old(train) / pi_sampler per token (`token_*`)
+    or the product over the response's masked tokens (`sequence_*`, one weight per response),
+    then `*_truncate` caps it at `cap` and `*_mask` sets it to 0 above `cap` (TRL's
+    vllm_importance_sampling_mode, verl's TIS / MIS). 1 where the sampler recorded nothing
+    (NaN) and where `mask` is 0; all ones for mode "none"."""
+    train = np.asarray(train_log_probs, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if mode == "none":
+        return np.ones(train.shape)
+    diff = np.nan_to_num(train - np.asarray(sampler_log_probs, dtype=np.float64)) * mask
+    if mode.startswith("sequence_"):
+        diff = np.broadcast_to(diff.sum(axis=1, keepdims=True), diff.shape)
+    rho = np.exp(np.clip(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    rho = np.minimum(rho, cap) if mode.endswith("_truncate") else np.where(rho > cap, 0.0, rho)
+    return np.where(mask, rho, 1.0)

@@ -33,6 +33,8 @@ class TrainingExample(Example):
     weight: float = 1.0
     old_log_probs: list[float] | None = None
     loss_mask: list[int] | None = None
+    # per response token: pi_old / pi_sampler as `training.rollout_correction` weighs it
+    correction: list[float] | None = None
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

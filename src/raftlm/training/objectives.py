@@ -35,7 +35,7 @@ import torch
 
 from raftlm.config import ConfigError, RaftConfig, TrainingConfig
 from raftlm.config.registry import lookup
-from raftlm.core.objectives import group_advantages, transform_weights
+from raftlm.core.objectives import group_advantages, rollout_correction, transform_weights
 from raftlm.training.batches import Example
 from raftlm.training.losses import clipped_ratio_loss, k3_kl, weighted_nll
 
@@ -160,6 +160,13 @@ def check_objective_config(config: RaftConfig) -> None:
                           f"penalty (training.overlong_buffer={training.overlong_buffer}): "
                           f"{training.objective} weights by the shaped reward, which the "
                           "penalty can make negative; got none")
+    if training.old_log_probs == "recompute" and not objective.loss.uses_ratio:
+        raise ConfigError("training.old_log_probs: expected sampler for training.objective="
+                          f"{training.objective} (its loss has no pi_old), got recompute")
+    if training.rollout_correction != "none" and training.old_log_probs != "recompute":
+        raise ConfigError(f"training.rollout_correction: expected none with "
+                          "training.old_log_probs=sampler (it weighs pi_old recomputed by "
+                          f"training against the sampler's), got {training.rollout_correction}")
     buffer = config.training.overlong_buffer
     if buffer > config.generation.max_new_tokens:
         raise ConfigError(f"training.overlong_buffer: expected <= generation.max_new_tokens "
@@ -196,10 +203,13 @@ def token_loss(config: TrainingConfig, log_probs: torch.Tensor, batch: dict[str,
     when `batch` holds `ref_log_probs`) and the micro-batch's statistics as sums over its
     response tokens: tokens, clipped, ratio_sum, ratio_max, kl.
 
-    `batch` holds `mask`, `weights` [B] and, for ratio objectives, `old_log_probs` [B, T].
+    `batch` holds `mask`, `weights` [B] and, for ratio objectives, `old_log_probs` [B, T]
+    and, with `training.rollout_correction`, `correction` [B, T] (pi_old / pi_sampler).
     """
     mask = batch["mask"]
     loss, token_stats = objective_of(config).loss.loss(log_probs, batch, config)
+    if "correction" in batch:  # rollout correction: a constant weight per token
+        loss = loss * batch["correction"]
     real = mask.bool()
     stats = {"tokens": float(mask.sum())}
     if "ref_log_probs" in batch and config.kl_coef > 0:
@@ -220,9 +230,51 @@ def token_tensors(examples: list[Example], width: int) -> dict[str, torch.Tensor
     # A plain Example (no weight, nothing recorded) trains with weight 1.
     weights = torch.tensor([getattr(e, "weight", 1.0) for e in examples], dtype=torch.float32)
     old = torch.zeros((len(examples), width), dtype=torch.float32)
+    correction = torch.ones((len(examples), width), dtype=torch.float32)
     for row, example in enumerate(examples):
-        recorded = getattr(example, "old_log_probs", None)
-        if recorded is not None:
-            start = len(example.prompt_ids) - 1
-            old[row, start : start + len(recorded)] = torch.tensor(recorded, dtype=torch.float32)
-    return {"weights": weights, "old_log_probs": old}
+        start = len(example.prompt_ids) - 1
+        for table, values in ((old, getattr(example, "old_log_probs", None)),
+                              (correction, getattr(example, "correction", None))):
+            if values is not None:
+                table[row, start : start + len(values)] = torch.tensor(values,
+                                                                       dtype=torch.float32)
+    out = {"weights": weights, "old_log_probs": old}
+    if any(getattr(e, "correction", None) is not None for e in examples):
+        out["correction"] = correction
+    return out
+
+
+def sampler_gap(examples: list[Example], train_log_probs: list[np.ndarray],
+                config: TrainingConfig) -> dict[str, float]:
+    """The gap between the log-probs the sampler recorded and a training forward of the same
+    tokens (the model's own tokens, `loss_mask`): `train/pi_old_gap` the mean |difference|,
+    `train/pi_old_kl` the mean of log pi_sampler - log pi_train (an estimate of
+    KL(pi_sampler || pi_train) on the sampler's own samples). With `training.rollout_correction`
+    each example gets its correction weights (`core.objectives.rollout_correction`) and
+    `train/rollout_correction_mean` / `_zeroed` say what they did. Responses without recorded
+    log-probs (vllm) have no gap and get no correction."""
+    diffs, weights = [], []
+    for example, train in zip(examples, train_log_probs):
+        sampler = getattr(example, "old_log_probs", None)
+        if sampler is None:
+            continue
+        sampler = np.asarray(sampler, dtype=np.float64)[: len(train)]
+        own = np.ones(len(train), dtype=bool) if getattr(example, "loss_mask", None) is None \
+            else np.asarray(example.loss_mask, dtype=bool)[: len(train)]
+        diffs.append((sampler - train)[own])
+        if config.rollout_correction != "none":
+            correction = rollout_correction(train[None], sampler[None], own[None],
+                                            config.rollout_correction,
+                                            config.rollout_correction_cap)[0]
+            example.correction = correction.tolist()
+            weights.append(correction[own])
+    if not diffs or not sum(len(d) for d in diffs):
+        return {}
+    every = np.concatenate(diffs)
+    stats = {"train/pi_old_gap": float(np.mean(np.abs(every))),
+             "train/pi_old_kl": float(np.mean(every))}
+    if weights:
+        applied = np.concatenate(weights)
+        stats.update({"train/rollout_correction_mean": float(applied.mean()),
+                      "train/rollout_correction_zeroed": float(np.mean(applied == 0))})
+    return stats

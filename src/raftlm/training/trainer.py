@@ -39,6 +39,7 @@ from raftlm.training.batches import IGNORE, Example, collate, response_log_probs
 from raftlm.training.losses import aggregate, step_denominator
 from raftlm.training.objectives import (
     objective_of,
+    sampler_gap,
     sampling_mismatch,
     token_loss,
     token_tensors,
@@ -114,12 +115,14 @@ class PolicyTrainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self._stats: dict[str, float] = {}
+        self._gap: dict[str, float] = {}  # train/pi_old_* of the stage (old_log_probs recompute)
         self._stage = 0
 
     def train(self, examples: list[Example], stage: int) -> dict[str, float]:
         """E epochs over the stage's examples (identical on every process, each taking its share
         of every optimizer step); returns stage statistics."""
         cfg, acc = self.config, self.accelerator
+        self._gap = {}
         if self.objective.loss.uses_ratio:
             examples = self._with_old_log_probs(examples)
         self._stats = {"clipped": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0.0,
@@ -154,20 +157,27 @@ class PolicyTrainer:
             "train/grad_norm": float(np.mean(norms)) if norms else 0.0,
             "tokens/trained": total_tokens,
             **self._objective_stats(),
+            **self._gap,
         }
 
     def _with_old_log_probs(self, examples: list[Example]) -> list[Example]:
-        """The examples with pi_old filled in where the sampler did not record it: the current
-        policy before this stage's first update (every process computes all of them, so that
-        FSDP's collectives stay in step)."""
-        missing = [e for e in examples if getattr(e, "old_log_probs", None) is None]
-        if missing:
+        """The examples with pi_old filled in where the sampler did not record it (or for all
+        of them with `training.old_log_probs: recompute`): the current policy before this
+        stage's first update (every process computes all of them, so that FSDP's collectives
+        stay in step). Recomputing also measures the sampler-training gap and, with
+        `training.rollout_correction`, sets each example's correction weights."""
+        recompute = self.config.old_log_probs == "recompute"
+        todo = [e for e in examples
+                if recompute or getattr(e, "old_log_probs", None) is None]
+        if todo:
             model = self.accelerator.unwrap_model(self.model)
             with self._autocast():
-                computed = response_log_probs(model, missing, self.pad_id,
+                computed = response_log_probs(model, todo, self.pad_id,
                                               self.config.micro_batch_size,
                                               self.accelerator.device, self.temperature)
-            for example, log_probs in zip(missing, computed):
+            if recompute:
+                self._gap = sampler_gap(todo, computed, self.config)
+            for example, log_probs in zip(todo, computed):
                 example.old_log_probs = log_probs.tolist()
         return examples
 
