@@ -160,6 +160,14 @@ def test_each_prompt_comes_back_as_the_model_saw_it(tok, scripted, tmp_path):
         assert seen.token_ids == tok(seen.text, add_special_tokens=False)["input_ids"]
 
 
+def test_without_a_journal_trajectories_are_sampled_and_kept_nowhere(tok, scripted, tmp_path):
+    scripted[:] = [CALL, "It is 408."]  # as evaluation or chat would roll out
+    rolled = roll_out(None, tok, prompts(tok), [2, 1], config_with(tmp_path, tools=["calculator"]),
+                      0)
+    assert [[t.turns[1]["content"] for t in row] for row in rolled.rows] == [["408", "408"],
+                                                                             ["408"]]
+
+
 def test_failed_calls_are_observations_the_model_answers_and_are_counted(tok, scripted,
                                                                          tmp_path):
     scripted[:] = ["<tool_call>{oops}</tool_call>",

@@ -69,13 +69,15 @@ class Rolled:
 
 
 def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: list[int],
-             config: RaftConfig, stage: int, *, have: list[list[Any]], journal: Any,
-             timer: Timer | None = None) -> Rolled:
+             config: RaftConfig, stage: int, *, have: list[list[Any]] | None = None,
+             journal: Any = None, timer: Timer | None = None) -> Rolled:
     """`counts[i]` trajectories of prompt i: those this attempt holds (`have[i]`) or the journal
     finished (backends whose samples depend on the seed alone) are kept, the rest sampled and
-    journaled (`journal.add_sample`) as each finishes."""
+    journaled (`journal.add_sample`) as each finishes. Without a journal (evaluation, chat)
+    nothing is reused or journaled."""
     rollout, timer = config.rollout, timer or (lambda name: nullcontext())
-    reuse = GENERATION_BACKENDS[config.generation.backend].keeps_done
+    reuse = journal is not None and GENERATION_BACKENDS[config.generation.backend].keeps_done
+    have = have or [[] for _ in prompts]
     static = load_tools(rollout.tools)
     factory = load_environment(rollout.environment) if rollout.environment else None
     probe = factory() if factory else None  # the class's shape and tools (never reset)
@@ -112,7 +114,8 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         t.finished = True
         trajectory = _trajectory(t, tokenizer)
         rows[t.prompt][t.sample] = trajectory
-        journal.add_sample(t.prompt_id, t.sample, dataclasses.asdict(trajectory))
+        if journal is not None:
+            journal.add_sample(t.prompt_id, t.sample, dataclasses.asdict(trajectory))
 
     for turn in range(rollout.max_turns):
         active = [t for t in live if not t.finished]
