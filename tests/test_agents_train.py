@@ -119,3 +119,22 @@ def test_a_step_environment_run_resumes_to_the_same_stage(workspace, tiny_model_
     resumed = train(make_config(workspace, tiny_model_dir, raft={"stages": 3}, rollout=rollout),
                     resume=True)
     assert (resumed.run_dir / "stages/003/candidates.jsonl").read_text() == reference
+
+
+@pytest.mark.parametrize("objective, collector", [
+    ("grpo", "fixed"), ("raft++", "dynamic"), ("reward_weighted", "gvm")])
+def test_trajectories_train_under_every_objective_and_collector(workspace, tiny_model_dir,
+                                                                  trained_on, objective,
+                                                                  collector):
+    config = make_config(
+        workspace, tiny_model_dir, training={"objective": objective},
+        raft={"stages": 1, "collector": collector,
+              "gvm": {"first_samples": 2, "max_samples": 4, "accept_reward": 0.1}},
+        rollout={"environment": f"{workspace / 'envs.py'}:Counter", "max_turns": 2,
+                 "max_trajectory_tokens": 200})
+    result = train(config)
+    assert [m["stage"] for m in result.metrics] == [0, 1]
+    examples = [e for stage in trained_on for e in stage]
+    assert examples and all(len(e.loss_mask) == len(e.response_ids) == len(e.old_log_probs)
+                            for e in examples)
+    assert all(0 in e.loss_mask for e in examples)
