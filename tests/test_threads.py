@@ -104,3 +104,13 @@ def test_a_negative_thread_count_is_one_line(tiny_model_dir, capsys):
 
 def test_no_threads_keeps_torchs_default():
     assert configure_threads(None) == torch.get_num_threads()
+
+
+def test_the_installed_command_is_the_entry_that_sets_the_wait_policy():
+    """The `raftlm` script must start at `raftlm.__main__:main`, not at `cli.main`, or the
+    installed command spins idle OpenMP threads while `python -m raftlm` does not."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["raftlm"] == "raftlm.__main__:main"

@@ -31,6 +31,7 @@ from raftlm.rewards.reward import Reward, build_reward
 from raftlm.run.checkpoint import read_trainer_state
 from raftlm.run.lock import run_lock
 from raftlm.run.rundir import RunDir
+from raftlm.run.threads import configure_threads
 from raftlm.run.tracking import Tracker
 from raftlm.sampling.generate import GENERATION_BACKENDS
 from raftlm.stage.collectors import collector
@@ -104,8 +105,8 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
 
 
 def set_threads(config: RaftConfig) -> None:
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
+    """`run.threads` CPU threads (0: torch's default; `raftlm.run.threads`)."""
+    configure_threads(config.run.threads or None)
 
 
 def make_accelerator(config: RaftConfig) -> tuple[Accelerator, torch.dtype]:
