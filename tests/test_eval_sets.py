@@ -182,3 +182,11 @@ def test_set_metrics_from_hand_made_responses(tok):
     assert items[1]["extracted"] == {"strict": None, "lenient": "7"}
     assert items[0]["samples"][1] == {"response": "#### 17", "extracted": {
         "strict": "17", "lenient": "17"}, "correct": {"strict": False, "lenient": False}}
+
+
+def test_no_prompt_of_a_set_is_dropped_for_the_training_prompt_cap(workspace, tiny_model_dir,
+                                                                   tok):
+    config = config_for(workspace, tiny_model_dir, data={"max_prompt_tokens": 8}, evaluation={
+        "sets": [{"name": "w", "file": str(workspace / "capitals.jsonl")}]})
+    rset = resolve_set(config.evaluation.sets[0], config, tok, "evaluation.sets[0]")
+    assert len(rset.prompts) == 4 and rset.prompts.n_skipped_too_long == 0

@@ -79,9 +79,9 @@ def resolve_set(spec: EvalSet, config: RaftConfig, tokenizer: Any, where: str) -
         rows = read_rows(Path(spec.file))
         rows = rows[: spec.size] if spec.size else rows
         source, field = spec.file, data.prompt_field
-    # k-shot prompts are long: the set's own prompts are never dropped for the training cap.
-    cap = data.max_prompt_tokens if not spec.shots else 1 << 30
-    prompts = build_prompt_set(rows, tokenizer, prompt_field=field, max_prompt_tokens=cap,
+    # No prompt of a benchmark is dropped for data.max_prompt_tokens (a training cap): a
+    # smaller denominator would change the number that is compared with published ones.
+    prompts = build_prompt_set(rows, tokenizer, prompt_field=field, max_prompt_tokens=1 << 30,
                                system_prompt=data.system_prompt, source=source)
     rules = resolve(spec.extraction, reward_names(config), references(prompts),
                     f"{where}.extraction")
