@@ -11,6 +11,7 @@ from raftlm import RaftConfig, train
 from raftlm.cli import main as cli_main
 from raftlm.config import ConfigError
 from raftlm.data.prompts import build_prompt_set, load_prompt_sets
+from raftlm.errors import UserError
 from raftlm.evaluation.evaluate import evaluate
 from raftlm.evaluation.extraction import EXTRACTIONS
 from raftlm.evaluation.set_metrics import set_metrics
@@ -190,3 +191,13 @@ def test_no_prompt_of_a_set_is_dropped_for_the_training_prompt_cap(workspace, ti
         "sets": [{"name": "w", "file": str(workspace / "capitals.jsonl")}]})
     rset = resolve_set(config.evaluation.sets[0], config, tok, "evaluation.sets[0]")
     assert len(rset.prompts) == 4 and rset.prompts.n_skipped_too_long == 0
+
+
+def test_a_number_rule_on_a_set_without_answers_is_one_line(workspace, tiny_model_dir, tok):
+    (workspace / "bare.jsonl").write_text('{"prompt": "Hi"}\n')
+    config = config_for(workspace, tiny_model_dir, evaluation={
+        "sets": [{"name": "bare", "file": str(workspace / "bare.jsonl"),
+                  "extraction": ["strict"]}]})
+    with pytest.raises(UserError, match=r"evaluation.sets\[0\].extraction: extraction 'strict' "
+                                        "compares with an `answer` column, which this set has"):
+        resolve_set(config.evaluation.sets[0], config, tok, "evaluation.sets[0]")
