@@ -81,7 +81,7 @@ def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     add_quiet_arg(parser)
 
 
-def add_job_commands(commands: Any) -> None:
+def register(commands: Any) -> None:
     """Add `generate`, `score`, `select` and `finetune` to the `raftlm` sub-commands."""
     generate = commands.add_parser(
         "generate", help="Sample a stage's prompts x K responses into a work folder.",

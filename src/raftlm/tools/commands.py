@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.errors import InvalidInput
-from raftlm.jobs.commands import add_job_commands
 from raftlm.tools.args import add_quiet_arg, add_threads_arg
 
 # A chat reply's default length: a conversation's, not the run's `generation.max_new_tokens`
@@ -216,9 +215,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int | Non
                         help="Sampling temperature [default: the run's].")
 
 
-def add_tool_commands(commands: Any) -> None:
-    """Add `init`, `cache`, `export`, `sample`, `chat`, `serve-reward`, `serve` and the jobs
-    (`generate`, `score`, `select`, `finetune`) to the `raftlm` sub-commands."""
+def register(commands: Any) -> None:
+    """Add `init`, `cache`, `export`, `sample`, `chat`, `serve-reward` and `serve` to the
+    `raftlm` sub-commands."""
     add_init_command(commands)
     add_cache_command(commands)
     export = commands.add_parser(
@@ -289,4 +288,3 @@ def add_tool_commands(commands: Any) -> None:
     serve.add_argument("--name", help="The model's name in the API [default: RUN@stageN or the "
                                       "model path].")
     serve.set_defaults(handler=cmd_serve)
-    add_job_commands(commands)
