@@ -103,7 +103,7 @@ def test_two_stages_as_jobs_equal_raftlm_train(workspace, objective):
         assert {k: ours[k] for k in numbers} == numbers
 
 
-def test_the_kept_set_is_written_as_chat_messages_and_a_datasets_folder(workspace):
+def test_the_kept_set_is_written_as_prompt_completion_rows_and_a_datasets_folder(workspace):
     datasets = pytest.importorskip("datasets")
     config = load(workspace, "data.system_prompt=Be brief.")
     generate_stage(config, workspace / "work")
@@ -115,10 +115,9 @@ def test_the_kept_set_is_written_as_chat_messages_and_a_datasets_folder(workspac
     selected = [r for r in candidates if r["selected"]]
     assert len(kept) == len(selected) == 4  # best_per_prompt: one per prompt
     for row, chosen in zip(kept, selected):
-        assert row["messages"] == [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": chosen["original_prompt"]},
-            {"role": "assistant", "content": chosen["response"]}]
+        assert row["prompt"] == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": chosen["original_prompt"]}]
+        assert row["completion"] == [{"role": "assistant", "content": chosen["response"]}]
         assert (row["reward"], row["weight"]) == (chosen["reward"], 1.0)
     assert datasets.load_from_disk(str(workspace / "kept")).to_list() == kept
     assert cli_main(["report", str(workspace / "work")]) == 0  # a work folder is a run directory
@@ -257,7 +256,7 @@ def test_finetune_under_accelerate_launch_trains_like_one_process(workspace):
         "--main_process_port", port, "-m", "raftlm", "finetune", "--data",
         str(workspace / "work"), "--out", str(workspace / "two")],
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(workspace / "hf")},
-        capture_output=True, text=True, timeout=150)
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("stage 1: trained on") == 1  # only the main process speaks
     two = workspace / "two/checkpoints/stage-001"
