@@ -6,22 +6,5 @@
 `checks.py`: the input checks behind the public functions' one-line errors.
 """
 
-from raftlm.core.raft import (
-    best_per_prompt,
-    best_per_prompt_mask,
-    raft_alignment,
-    raft_iteration,
-    token_pooled_nll,
-    top_fraction_mask,
-    top_k_per_prompt_mask,
-)
-
-__all__ = [
-    "best_per_prompt",
-    "best_per_prompt_mask",
-    "raft_alignment",
-    "raft_iteration",
-    "token_pooled_nll",
-    "top_fraction_mask",
-    "top_k_per_prompt_mask",
-]
+from raftlm.core.raft import *  # noqa: F403  (the public names, listed once in raft.py)
+from raftlm.core.raft import __all__  # noqa: F401
