@@ -138,3 +138,33 @@ def test_trajectories_train_under_every_objective_and_collector(workspace, tiny_
     assert examples and all(len(e.loss_mask) == len(e.response_ids) == len(e.old_log_probs)
                             for e in examples)
     assert all(0 in e.loss_mask for e in examples)
+
+
+def test_a_stage_killed_mid_rollout_resumes_from_its_journal_to_the_same_stage(
+        workspace, tiny_model_dir, monkeypatch):
+    from raftlm.run.journal import StageJournal
+
+    rollout = {"environment": f"{workspace / 'envs.py'}:Counter", "max_turns": 3,
+               "max_trajectory_tokens": 200}
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 1}, rollout=rollout)
+    reference = (train(config).run_dir / "stages/001/candidates.jsonl").read_text()
+    shutil.rmtree(workspace / "run")
+
+    journaled = []
+    add_sample = StageJournal.add_sample
+
+    def dies_after_three(journal, prompt_id, sample, record):
+        if len(journaled) == 3:
+            raise RuntimeError("killed")
+        journaled.append((prompt_id, sample))
+        add_sample(journal, prompt_id, sample, record)
+
+    monkeypatch.setattr(StageJournal, "add_sample", dies_after_three)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config)
+    resampled = []
+    monkeypatch.setattr(StageJournal, "add_sample", lambda journal, prompt_id, sample, record: (
+        resampled.append((prompt_id, sample)), add_sample(journal, prompt_id, sample, record)))
+    resumed = train(config, resume=True)
+    assert (resumed.run_dir / "stages/001/candidates.jsonl").read_text() == reference
+    assert len(resampled) == 3 * 2 - 3 and not set(resampled) & set(journaled)
