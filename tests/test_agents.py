@@ -6,11 +6,14 @@ import time
 import pytest
 from tiny import CHATML, tiny_tokenizer
 
+from raftlm.agents import Trajectory, messages, rollout_metrics
 from raftlm.agents.calculator import calculator
 from raftlm.agents.calls import default_system_prompt, example_arguments, parse_tool_calls
 from raftlm.agents.chat_format import ChatFormat, TemplateError
 from raftlm.agents.tools import ERRORS, load_tools, run_calls, tool_of
+from raftlm.agents.trajectory import final_text
 from raftlm.config import ConfigError, RaftConfig
+from raftlm.sampling.completion import Completion
 
 
 def add(a: int, b: int) -> int:
@@ -248,3 +251,22 @@ def test_a_rollout_section_loads_its_knobs():
 def test_a_bad_rollout_section_names_its_field(rollout, field):
     with pytest.raises(ConfigError, match=field):
         _config(**rollout)
+
+
+# ------------------------------------------------------------------ trajectories as records
+
+def test_a_trajectorys_messages_and_final_text_leave_the_tools_numbers_out():
+    turns = [{"role": "assistant", "content": "<tool_call>...</tool_call>",
+              "finish_reason": "stop_string"},
+             {"role": "tool", "name": "calculator", "content": "408", "arguments": {},
+              "error": None},
+             {"role": "assistant", "content": "Done.", "finish_reason": "eos"}]
+    trajectory = Trajectory("...408...Done.", [1, 2, 3], "eos", None, [1, 0, 1], turns)
+    assert final_text(trajectory) == "Done."  # not the tool's 408
+    assert messages(trajectory)[1] == {"role": "tool", "name": "calculator", "content": "408"}
+    single = Completion("It is 408.", [1], "eos")
+    assert final_text(single) == "It is 408." and messages(single) is None
+
+
+def test_single_turn_responses_have_no_rollout_metrics():
+    assert rollout_metrics([Completion("a", [1], "eos")]) == {}
