@@ -287,3 +287,16 @@ def test_the_docs_examples_run(tok, scripted, tmp_path):
                              journal=Journal()).rows
     assert [(t["content"], t["reward"], t["done"]) for t in countdown.turns
             if t["role"] == "user"] == [("Lower.", 0.0, False), ("Correct.", 1.0, True)]
+
+
+def test_the_hf_backend_rolls_out_too_and_reuses_nothing_from_a_journal(tok, model, tmp_path):
+    config = config_with(tmp_path, 8, environment="envs.py:Counter", max_trajectory_tokens=300)
+    config.generation.backend = "hf"
+    records = prompts(tok)
+    kept = {(0, 0): {"text": "old", "token_ids": [5], "finish_reason": "eos"}}
+    rows, journal = run(tok, config, records, [2, 1], journal=Journal(kept), policy=model)
+    assert set(journal.added) == {(0, 0), (0, 1), (1, 0)}  # hf re-samples the stage
+    for trajectory in (t for row in rows for t in row):
+        assert [t["role"] for t in trajectory.turns] == ["assistant", "user"] * 3
+        assert 0 in trajectory.loss_mask and len(trajectory.loss_mask) == len(
+            trajectory.token_ids) == len(trajectory.token_log_probs)
