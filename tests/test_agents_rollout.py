@@ -37,6 +37,18 @@ class Vault:
         return "right" if number == self.secret else "wrong"
 
 
+class Flaky:
+    """Raises on its first step, hangs on the others."""
+
+    def step(self, action):
+        import time
+
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 1:
+            raise KeyError("no such move")
+        time.sleep(3)
+
+
 class Counter:
     """The step shape: every model turn is an action."""
 
@@ -300,3 +312,13 @@ def test_the_hf_backend_rolls_out_too_and_reuses_nothing_from_a_journal(tok, mod
         assert [t["role"] for t in trajectory.turns] == ["assistant", "user"] * 3
         assert 0 in trajectory.loss_mask and len(trajectory.loss_mask) == len(
             trajectory.token_ids) == len(trajectory.token_log_probs)
+
+
+def test_a_step_that_raises_or_hangs_is_an_error_observation(tok, scripted, tmp_path):
+    scripted[:] = ["left", "right", "stop"]
+    config = config_with(tmp_path, environment="envs.py:Flaky", max_turns=3, tool_timeout_s=0.3)
+    [[trajectory], _], _ = run(tok, config)
+    errors = [t for t in trajectory.turns if t["role"] == "user"]
+    assert [e["error"] for e in errors] == ["raised", "timeout", "timeout"]  # the last too
+    assert errors[0]["content"] == "Error: step raised: KeyError: 'no such move'"
+    assert rollout_metrics([trajectory])["rollout/tool_errors"] == 3

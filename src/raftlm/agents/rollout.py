@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from raftlm.agents.environments import (
     load_environment,
     reset,
 )
-from raftlm.agents.tools import Outcome, Tool, call_with_timeout, load_tools, run_calls
+from raftlm.agents.tools import Outcome, Tool, describe, load_tools, run_at_once, run_calls
 from raftlm.agents.trajectory import Trajectory
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.data.prompts import PromptRecord
@@ -223,22 +224,22 @@ def _tool_answers(waiting: list[tuple[Live, list[int]]], timeout_s: float,
 def _steps(waiting: list[tuple[Live, list[int]]], timeout_s: float, cut: Callable[[str], str]
            ) -> list[tuple[list[dict], bool]]:
     """Each waiting trajectory's environment observation (a user message) and whether the
-    environment is done; a step that raises or times out is an error observation."""
+    environment is done, every trajectory's step run at once; a step that raises or times
+    out is an error observation."""
+    finished = run_at_once([partial(t.environment.step, t.turns[-1]["content"])
+                            for t, _ in waiting], timeout_s)
     answers = []
-    for t, _ in waiting:
-        try:
-            step = as_step(t.environment, call_with_timeout(t.environment.step, timeout_s,
-                                                            t.turns[-1]["content"]))
+    for (t, _), (value, error) in zip(waiting, finished):
+        if error is None:
+            step = as_step(t.environment, value)  # another shape: the environment's bug
             record = {"role": "user", "content": cut(step.observation), "reward": step.reward,
                       "done": step.done, "error": None}
-        except EnvironmentFailure:
-            raise  # the environment broke its contract: the user's to fix
-        except TimeoutError:
-            record = {"role": "user", "content": f"Error: step timed out after {timeout_s:g} s",
-                      "reward": None, "done": False, "error": "timeout"}
-        except Exception as err:
-            record = {"role": "user", "content": f"Error: {type(err).__name__}: {err}",
-                      "reward": None, "done": False, "error": "raised"}
+        else:
+            timed_out = isinstance(error, TimeoutError)
+            record = {"role": "user", "reward": None, "done": False,
+                      "content": f"Error: step {'timed out' if timed_out else 'raised'}: "
+                                 f"{describe(error)}",
+                      "error": "timeout" if timed_out else "raised"}
         t.turns.append(record)
         answers.append(([{"role": "user", "content": record["content"]}], record["done"]))
     return answers

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from raftlm.agents.calculator import calculator
@@ -85,51 +86,57 @@ class Outcome:
 
 def run_calls(jobs: Sequence[tuple[ToolCall, dict[str, Tool]]], timeout_s: float
               ) -> list[Outcome]:
-    """Run every call of a turn, across trajectories, at once (each in a thread of its own, an
-    `async def` tool in its own event loop there), each within `timeout_s`. `jobs` pairs a call
-    with the tools its trajectory has. A call still running at the deadline is an error
-    observation; its thread is left to finish (a daemon: it never holds the process up)."""
-    outcomes: list[Outcome | None] = [None] * len(jobs)
-    threads = []
-    for i, (call, tools) in enumerate(jobs):
-        problem = _problem(call, tools)
-        if problem is not None:
-            outcomes[i] = problem
-            continue
-        tool = tools[call.name]
-        thread = threading.Thread(target=_run_one, args=(tool, call.arguments, outcomes, i),
-                                  daemon=True, name=f"raftlm-tool-{tool.name}")
-        thread.start()
-        threads.append((i, tool, thread))
-    deadline = time.monotonic() + timeout_s
-    for i, tool, thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive() or outcomes[i] is None:
+    """Every call of a turn, across trajectories (`jobs` pairs a call with the tools of its
+    trajectory), run at once (`run_at_once`). A call that cannot run, raises or is still
+    running at the deadline is an error observation."""
+    outcomes = [_problem(call, tools) for call, tools in jobs]
+    runnable = [(i, call, tools[call.name]) for i, ((call, tools), outcome)
+                in enumerate(zip(jobs, outcomes)) if outcome is None]
+    finished = run_at_once([partial(tool.fn, **call.arguments) for _, call, tool in runnable],
+                           timeout_s)
+    for (i, _, tool), (value, error) in zip(runnable, finished):
+        if error is None:
+            outcomes[i] = Outcome(as_text(value))
+        elif isinstance(error, TimeoutError):
             outcomes[i] = Outcome(f"Error: tool '{tool.name}' timed out after {timeout_s:g} s",
                                   "timeout")
+        else:
+            outcomes[i] = Outcome(f"Error: tool '{tool.name}' raised {describe(error)}",
+                                  "raised")
     return [o for o in outcomes if o is not None]
 
 
-def call_with_timeout(fn: Callable[..., Any], timeout_s: float, *args: Any) -> Any:
-    """`fn(*args)` in a thread of its own, TimeoutError after `timeout_s` (an environment's
-    `step`); what it raises is raised here."""
-    box: list[Any] = []
+def run_at_once(calls: Sequence[Callable[[], Any]], timeout_s: float
+                ) -> list[tuple[Any, BaseException | None]]:
+    """Each call in a thread of its own (an `async def` one in its own event loop there), all
+    at once under one deadline `timeout_s` away: (value, None), or (None, what it raised), or
+    (None, TimeoutError) for a call still running then. A timed-out call's thread cannot be
+    killed: it is left to finish (a daemon, so it never holds the process up at exit)."""
+    results: list[tuple[Any, BaseException | None] | None] = [None] * len(calls)
 
-    def target() -> None:
+    def run(i: int) -> None:
         try:
-            box.append((True, _await(fn(*args))))
-        except BaseException as err:  # handed to the caller's thread
-            box.append((False, err))
+            results[i] = (_await(calls[i]()), None)
+        except Exception as err:  # the caller's to report
+            results[i] = (None, err)
 
-    thread = threading.Thread(target=target, daemon=True, name="raftlm-environment")
-    thread.start()
-    thread.join(timeout_s)
-    if not box:
-        raise TimeoutError(f"took longer than {timeout_s:g} s")
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name="raftlm-tool")
+               for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    # Read once: a late thread may still write its slot after this.
+    return [result if result is not None and not thread.is_alive() else
+            (None, TimeoutError(f"took longer than {timeout_s:g} s"))
+            for result, thread in zip(list(results), threads)]
+
+
+def describe(error: BaseException) -> str:
+    """`KeyError: 'x'`: an exception in one line, as the model reads it."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}{': ' + message if message else ''}"
 
 
 def as_text(value: Any) -> str:
@@ -165,16 +172,6 @@ def _problem(call: ToolCall, tools: dict[str, Tool]) -> Outcome | None:
             return Outcome(f"Error: bad arguments for '{tool.name}': '{name}' must be "
                            f"{' or '.join(kinds)}, got {json.dumps(value)}", "bad_arguments")
     return None
-
-
-def _run_one(tool: Tool, arguments: dict[str, Any], outcomes: list[Outcome | None], i: int
-             ) -> None:
-    try:
-        outcomes[i] = Outcome(as_text(_await(tool.fn(**arguments))))
-    except Exception as err:
-        message = str(err).splitlines()[0] if str(err) else ""
-        outcomes[i] = Outcome(f"Error: tool '{tool.name}' raised {type(err).__name__}"
-                              f"{': ' + message if message else ''}", "raised")
 
 
 def _await(value: Any) -> Any:
