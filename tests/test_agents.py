@@ -6,7 +6,7 @@ import time
 import pytest
 from tiny import CHATML, tiny_tokenizer
 
-from raftlm.agents import Trajectory, messages, rollout_metrics
+from raftlm.agents import Trajectory, check_rollout, messages, rollout_metrics
 from raftlm.agents.calculator import calculator
 from raftlm.agents.calls import default_system_prompt, example_arguments, parse_tool_calls
 from raftlm.agents.chat_format import ChatFormat, TemplateError
@@ -270,3 +270,12 @@ def test_a_trajectorys_messages_and_final_text_leave_the_tools_numbers_out():
 
 def test_single_turn_responses_have_no_rollout_metrics():
     assert rollout_metrics([Completion("a", [1], "eos")]) == {}
+
+
+def test_a_run_can_check_its_tools_and_template_before_its_first_stage(tok):
+    check_rollout(RaftConfig.from_dict({"data": {"task": "multiplication"}}), tok)  # one turn
+    check_rollout(_config(tools=["calculator"]), tok)
+    with pytest.raises(ConfigError, match=r"rollout.tools\[0\]: unknown tool 'abacus'"):
+        check_rollout(_config(tools=["abacus"]), tok)
+    with pytest.raises(ConfigError, match="rollout.environment"):
+        check_rollout(_config(environment="nowhere.py:Env"), tok)

@@ -59,6 +59,38 @@ class Live:
     finished: bool = False
 
 
+@dataclass(frozen=True)
+class Agent:
+    """A run's tools, its environment class and its chat format, loaded and checked."""
+
+    tools: list[Tool]  # rollout.tools
+    factory: Any  # rollout.environment's class (or factory), None without one
+    step_shaped: bool  # the environment takes whole turns (`step`) rather than calls
+    chat: ChatFormat
+
+    @classmethod
+    def of(cls, config: RaftConfig, tokenizer: Any) -> Agent:
+        """Load `config.rollout`'s tools and environment and check the chat template can hold
+        a trajectory: ConfigError or TemplateError in one line otherwise."""
+        static = load_tools(config.rollout.tools)
+        factory = (load_environment(config.rollout.environment) if config.rollout.environment
+                   else None)
+        probe = factory() if factory else None  # the class's shape and tools (never reset)
+        step_shaped = probe is not None and is_step_shaped(probe)
+        if step_shaped and static:
+            raise ConfigError("rollout: a step-shaped environment takes whole turns; it cannot "
+                              "be combined with rollout.tools")
+        own = environment_tools(probe) if probe is not None and not step_shaped else []
+        return cls(static, factory, step_shaped, ChatFormat(tokenizer, static + own))
+
+
+def check_rollout(config: RaftConfig, tokenizer: Any) -> None:
+    """At the start of a run rather than at its first stage: a tool or an environment that
+    does not load, or a chat template that cannot hold a trajectory, stops it in one line."""
+    if config.rollout is not None:
+        Agent.of(config, tokenizer)
+
+
 @dataclass
 class Rolled:
     """What `roll_out` gives: each prompt's trajectories, and each prompt as the model saw it
@@ -79,15 +111,10 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
     rollout, timer = config.rollout, timer or (lambda name: nullcontext())
     reuse = journal is not None and GENERATION_BACKENDS[config.generation.backend].keeps_done
     have = have or [[] for _ in prompts]
-    static = load_tools(rollout.tools)
-    factory = load_environment(rollout.environment) if rollout.environment else None
-    probe = factory() if factory else None  # the class's shape and tools (never reset)
-    step_shaped = probe is not None and is_step_shaped(probe)
-    if step_shaped and static:
-        raise ConfigError("rollout: a step-shaped environment takes whole turns; it cannot be "
-                          "combined with rollout.tools")
-    own = bool(probe is not None and not step_shaped)
-    chat = ChatFormat(tokenizer, static + (environment_tools(probe) if own else []))
+    agent = Agent.of(config, tokenizer)
+    static, factory, step_shaped, chat = (agent.tools, agent.factory, agent.step_shaped,
+                                          agent.chat)
+    own = factory is not None and not step_shaped
     rows: list[list[Any]] = []
     seen: list[PromptRecord] = []
     live: list[Live] = []
