@@ -13,7 +13,7 @@ from raftlm.agents.tools import load_tools
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import build_prompt_set
 from raftlm.sampling.completion import Completion
-from raftlm.sampling.generate import generate
+from raftlm.sampling.generate import generate, sample_seeds
 
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>'
 ENVIRONMENTS = '''
@@ -99,21 +99,22 @@ def scripted(monkeypatch, tok):
     script = Script()
     script.contexts = []
 
-    def fake_generate(policy, tokenizer, contexts, count, config, *, seeds, desc,
-                      max_new_tokens):
-        rows = []
+    def fake_generate(policy, tokenizer, contexts, counts, config, *, seeds, desc,
+                      max_new_tokens, done=None):
         script.contexts += contexts
-        for context in contexts:
-            turn = tokenizer.decode(context).count("<|im_start|>assistant") - 1
-            text = script[min(turn, len(script) - 1)]
-            stop = text.endswith("</tool_call>")
-            ids = tok(text + ("" if stop else "<|im_end|>"), add_special_tokens=False)["input_ids"]
-            reason = "stop_string" if stop else "eos"
-            if len(ids) > max_new_tokens:
-                ids, reason = ids[:max_new_tokens], "length"
-            rows.append([Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, reason,
-                                    [-0.5] * len(ids))])
-        return rows
+        counts = [counts] * len(contexts) if isinstance(counts, int) else counts
+        return [[complete(context, max_new_tokens)] * n for context, n in zip(contexts, counts)]
+
+    def complete(context, max_new_tokens):
+        turn = tok.decode(context).count("<|im_start|>assistant") - 1
+        text = script[min(turn, len(script) - 1)]
+        stop = text.endswith("</tool_call>")
+        ids = tok(text + ("" if stop else "<|im_end|>"), add_special_tokens=False)["input_ids"]
+        reason = "stop_string" if stop else "eos"
+        if len(ids) > max_new_tokens:
+            ids, reason = ids[:max_new_tokens], "length"
+        return Completion(tok.decode(ids, skip_special_tokens=True), ids, reason,
+                          [-0.5] * len(ids))
 
     monkeypatch.setattr(rollout_module, "generate", fake_generate)
     return script
@@ -250,9 +251,14 @@ def test_a_step_environment_drives_the_real_sampler_and_ends_when_done(tok, mode
             starts = [k for k in range(len(mask)) if mask[k] == 1 and (k == 0 or mask[k - 1] == 0)]
             for turn, start in enumerate(starts):
                 end = next((k for k in range(start, len(mask)) if mask[k] == 0), len(mask))
-                [[alone]] = generate(model, tok, [context + trajectory.token_ids[:start]], 1,
-                                     config.generation, seeds=[turn_seed(3, 1, record.id, j,
-                                                                         turn)])
+                if turn == 0:  # sample j of the prompt, as a single-turn stage draws it
+                    [row] = generate(model, tok, [context], j + 1, config.generation,
+                                     seeds=sample_seeds(3, 1, [record.id]))
+                    alone = row[j]
+                else:
+                    [[alone]] = generate(model, tok, [context + trajectory.token_ids[:start]], 1,
+                                         config.generation,
+                                         seeds=[turn_seed(3, 1, record.id, j, turn)])
                 assert alone.token_ids == trajectory.token_ids[start:end]
 
 

@@ -4,11 +4,13 @@
 Each turn calls the run's sampler (`sampling.generate`) on every unfinished trajectory, its
 prompt being the prompt's ids followed by the trajectory's ids so far: the exact ids the
 sampler produced and each observation's ids as appended, never a re-tokenized conversation.
-Every turn re-prefills the whole trajectory (correct first; keeping each row's KV cache across
-turns is the optimisation still to do). Turn t of sample j of prompt p is seeded by (run seed,
-stage, p, j, t) alone, so a trajectory is the same however trajectories are batched, and a
-resumed stage (its finished trajectories read back from the journal) gives what an
-uninterrupted one gives, when the tools are deterministic.
+The first turn samples a prompt's trajectories as one prompt's samples (one prefill, sample j
+from the prompt's seed, as a single-turn stage draws it); every later turn re-prefills the whole
+trajectory (correct first; keeping each row's KV cache across turns is the optimisation still
+to do). Turn t >= 2 of sample j of prompt p is seeded by (run seed, stage, p, j, t) alone, so a
+trajectory is the same however trajectories are batched, and a resumed stage (its finished
+trajectories read back from the journal) gives what an uninterrupted one gives, when the tools
+are deterministic.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from raftlm.agents.tools import Outcome, Tool, describe, load_tools, run_at_once
 from raftlm.agents.trajectory import Trajectory
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.data.prompts import PromptRecord
-from raftlm.sampling.generate import GENERATION_BACKENDS, generate
+from raftlm.sampling.completion import Completion
+from raftlm.sampling.generate import GENERATION_BACKENDS, generate, sample_seeds
 
 Timer = Callable[[str], AbstractContextManager[Any]]  # `with timer("tools"):` (stage.collect)
 
@@ -150,15 +153,12 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         if not active:
             break
         room = [rollout.max_trajectory_tokens - len(t.ids) for t in active]
-        sampled = generate(
-            policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
-            seeds=[turn_seed(config.run.seed, stage, t.prompt_id, t.sample, turn)
-                   for t in active],
-            desc=f"collect stage {stage} turn {turn + 1}",
-            max_new_tokens=min(generation.max_new_tokens, max(room)))
+        sample = _first_turns if turn == 0 else _next_turns
+        sampled = sample(policy, tokenizer, active, generation, config.run.seed, stage, turn,
+                         min(generation.max_new_tokens, max(room)))
         last = turn == rollout.max_turns - 1
         waiting = []
-        for t, [completion], left in zip(active, sampled, room):
+        for t, completion, left in zip(active, sampled, room):
             said = _add_model_turn(t, completion, left, tokenizer)
             if len(said) >= left or (last and not step_shaped):
                 finish(t)  # the token budget is spent, or no turn is left to answer a call
@@ -205,9 +205,40 @@ def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | No
     return texts.pop()
 
 
+def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
+                 run_seed: int, stage: int, turn: int, max_new_tokens: int) -> list[Any]:
+    """Every trajectory's first turn: a prompt's trajectories sampled as the samples of one
+    prompt (one prefill), sample j from the prompt's seed as a single-turn stage draws it;
+    the samples a prompt does not need (kept from before) are passed as done, not drawn."""
+    prompts = list(dict.fromkeys(t.prompt for t in active))
+    needed = {i: {t.sample for t in active if t.prompt == i} for i in prompts}
+    first = {t.prompt: t for t in active}
+    counts = [max(needed[i]) + 1 for i in prompts]
+    skipped = Completion("", [], "length")  # stands for a sample nobody asks for
+    rows = generate(
+        policy, tokenizer, [first[i].prompt_ids for i in prompts], counts, generation,
+        seeds=sample_seeds(run_seed, stage, [first[i].prompt_id for i in prompts]),
+        done={(g, j): skipped for g, i in enumerate(prompts) for j in range(counts[g])
+              if j not in needed[i]},
+        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens)
+    where = {i: g for g, i in enumerate(prompts)}
+    return [rows[where[t.prompt]][t.sample] for t in active]
+
+
+def _next_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
+                run_seed: int, stage: int, turn: int, max_new_tokens: int) -> list[Any]:
+    """Every trajectory's next turn, each continuing its own ids (a prefill each)."""
+    rows = generate(
+        policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
+        seeds=[turn_seed(run_seed, stage, t.prompt_id, t.sample, turn) for t in active],
+        desc=f"collect stage {stage} turn {turn + 1}", max_new_tokens=max_new_tokens)
+    return [row[0] for row in rows]
+
+
 def turn_seed(run_seed: int, stage: int, prompt_id: int, sample: int, turn: int) -> int:
-    """The sampling seed of one turn of one trajectory: from (run seed, stage, prompt id, sample
-    index, turn) alone, so neither batching nor resuming changes it."""
+    """The sampling seed of a later turn (`turn` >= 1, counted from 0) of one trajectory: from
+    (run seed, stage, prompt id, sample index, turn) alone, so neither batching nor resuming
+    changes it."""
     state = np.random.SeedSequence([run_seed, stage, prompt_id, sample, turn])
     return int(state.generate_state(1, np.uint64)[0] >> 1)
 
