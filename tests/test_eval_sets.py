@@ -201,3 +201,13 @@ def test_a_number_rule_on_a_set_without_answers_is_one_line(workspace, tiny_mode
     with pytest.raises(UserError, match=r"evaluation.sets\[0\].extraction: extraction 'strict' "
                                         "compares with an `answer` column, which this set has"):
         resolve_set(config.evaluation.sets[0], config, tok, "evaluation.sets[0]")
+
+
+def test_a_run_logs_its_other_sets_every_evaluated_stage(workspace, tiny_model_dir):
+    config = config_for(workspace, tiny_model_dir, prompts="sums.jsonl", evaluation={
+        "sampled": False, "sets": [{"name": "larger", "task": "larger", "size": 2,
+                                    "max_new_tokens": 3}]})
+    metrics = train(config).metrics
+    for record in metrics:  # stage 0 (the baseline) and stage 1
+        assert {"eval/accuracy", "eval/larger/accuracy", "eval/larger/response_tokens_mean"} <= set(
+            record)
