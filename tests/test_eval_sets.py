@@ -142,9 +142,8 @@ def test_a_set_takes_its_own_temperature_and_k_shot_prompts(workspace, tiny_mode
     ([{"name": "a", "task": "gsm8k", "samples": -1}], r"evaluation.sets\[0\].samples"),
 ])
 def test_a_bad_set_is_one_line_naming_its_field(workspace, tiny_model_dir, sets, message):
-    config = config_for(workspace, tiny_model_dir, evaluation={"sets": sets})
-    with pytest.raises(ConfigError, match=message):
-        config.evaluation.check()
+    with pytest.raises(ConfigError, match=message):  # at load, before anything runs
+        config_for(workspace, tiny_model_dir, evaluation={"sets": sets})
 
 
 def test_an_unknown_extraction_is_refused_at_load(workspace, tiny_model_dir):

@@ -67,6 +67,10 @@ def test_one_run_writes_a_readable_run_directory(workspace, tiny_model_dir):
         assert [c for c in group if c["selected"]][0]["reward"] == best["reward"]
     assert (run / "checkpoints/stage-002/policy/adapter_model.safetensors").is_file()
     assert (run / "checkpoints/stage-002/trainer_state.safetensors").is_file()
+    # 34.8: the held-out answers of every evaluation are kept, one row per prompt
+    for stage in (0, 1, 2):
+        held_out = [json.loads(line) for line in (run / f"stages/{stage:03d}/eval.jsonl").open()]
+        assert len(held_out) == 3 and all("response" in row for row in held_out)
 
 
 def test_existing_run_is_not_replaced_without_overwrite(workspace, tiny_model_dir):

@@ -255,3 +255,16 @@ def test_report_page_holds_the_chat_not_the_special_tokens(run_dir):
     write_jsonl(run_dir / "stages/001/candidates.jsonl", rows)
     page = write_report(run_dir).read_text()
     assert "user: What is 3 + 4?" in page and "im_start" not in page
+
+
+def test_report_shows_held_out_answers_of_the_last_evaluation(run_dir):
+    """34.8: the held-out answers are the ones a user wants to read, not only averages."""
+    for stage, answer in ((0, "12"), (3, "<b>14</b>")):
+        write_jsonl(run_dir / f"stages/{stage:03d}/eval.jsonl", [
+            {"set": "heldout", "prompt_id": 0, "prompt": "What is 7 + 7?", "answer": "14",
+             "response": f"7 + 7 = {answer}", "correct": {"lenient": stage == 3}}])
+    page = write_report(run_dir).read_text()
+    section = page[page.index('id="held-out-answers"'):page.index('id="examples"')]
+    assert "stage 3&#x27;s greedy response" in section
+    assert "7 + 7 = &lt;b&gt;14&lt;/b&gt;" in section
+    assert "lenient: yes" in section and "= 12" not in section  # the last evaluation only

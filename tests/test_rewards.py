@@ -324,3 +324,24 @@ def test_an_async_term_that_raises_is_blamed_item_by_item():
     assert np.isnan(result.per_term["x"]).tolist() == [False, True, False]
     with pytest.raises(RewardError, match=r"reward 'x' raised ValueError: cannot score .* item 1"):
         Reward([("x", 1.0, raises_on_bad_async)])(["p"] * 3, COMPLETIONS, {})
+
+
+def test_a_function_that_declares_trajectories_gets_each_rollouts_turns():
+    """Issue 36.5: a multi-turn rollout's conversation reaches the reward as chat messages
+    (None for a single-turn response); a function that does not declare it gets nothing."""
+    from raftlm.data.prompts import PromptRecord
+    from raftlm.rewards.reward import score
+    from raftlm.stage.rollouts import Rollout
+
+    seen = []
+
+    def last_tool_result(prompts, completions, trajectories, **kwargs):
+        seen.append(trajectories)
+        return [float(t[-1]["content"] == "42") if t else 0.0 for t in trajectories]
+
+    turns = [{"role": "assistant", "content": "<tool_call>...</tool_call>"},
+             {"role": "tool", "name": "calculator", "content": "42"}]
+    rollouts = [[Rollout("42", [1], "eos", turns=turns), Rollout("41", [1], "eos")]]
+    record = PromptRecord(0, "q", "q", [5], {})
+    result = score(Reward([("tool", 1.0, last_tool_result)]), [record], rollouts)
+    assert result.scores.tolist() == [1.0, 0.0] and seen == [[turns, None]]

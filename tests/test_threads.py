@@ -109,8 +109,9 @@ def test_no_threads_keeps_torchs_default():
 def test_the_installed_command_is_the_entry_that_sets_the_wait_policy():
     """The `raftlm` script must start at `raftlm.__main__:main`, not at `cli.main`, or the
     installed command spins idle OpenMP threads while `python -m raftlm` does not."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["raftlm"] == "raftlm.__main__:main"

@@ -147,6 +147,7 @@ class RaftConfig:
             term.check(f"reward.terms[{i}]")
         if self.rollout is not None:
             self.rollout.check("rollout")
+        self.evaluation.check("evaluation")
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")

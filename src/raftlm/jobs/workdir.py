@@ -218,6 +218,7 @@ def candidate_table(candidates: Rollouts, ranked: Ranked | None = None
         prompt, response = candidates.prompts[p], candidates.responses[p][j]
         row.update(prompt_token_ids=prompt.token_ids, columns=prompt.columns,
                    token_ids=response.token_ids, token_log_probs=response.token_log_probs,
+                   loss_mask=response.loss_mask,
                    weight=None if weights is None else weights.get((p, j)))
     return rows
 
@@ -245,7 +246,8 @@ def candidates_from_rows(rows: list[dict[str, Any]]) -> Rollouts:
         if row["sample"] != len(responses[-1]):
             raise WorkMismatch(f"prompt {row['prompt_id']}: sample {row['sample']} out of order")
         responses[-1].append(Rollout(row["response"], row["token_ids"], row["finish_reason"],
-                                     row["token_log_probs"]))
+                                     row["token_log_probs"], row.get("loss_mask"),
+                                     turns=row.get("turns")))
         groups[-1].append(row)
     width = max((len(g) for g in groups), default=0)
     rewards = np.full((len(groups), width), np.nan)

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 # prompt file's columns: the RAFT stage (1-based), the optimizer step before the stage, the
 # prompts as the model saw them (chat template applied), and each of those followed by its
 # completion and the end-of-turn token it stopped on (OpenRLHF's `query`).
-CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts", "queries")
-PER_ITEM_KEYWORDS = ("prompt_texts", "queries")  # one value per completion
+CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts", "queries", "trajectories")
+# one value per completion; `trajectories`: a multi-turn rollout's turns as chat messages
+# (None for a single turn), TRL's conversational completions
+PER_ITEM_KEYWORDS = ("prompt_texts", "queries", "trajectories")
 
 
 def load_function(spec: str) -> Callable[..., Any]:

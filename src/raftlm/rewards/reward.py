@@ -361,7 +361,8 @@ def _score_records(reward: Reward, records: list[PromptRecord],
     prompt_texts = [r.text for r in flat_records]
     queries = [t + c.text + _end_of_turn(c, tokenizer) for t, c in zip(prompt_texts, flat)]
     return reward([r.prompt for r in flat_records], [c.text for c in flat], columns,
-                  **context, prompt_texts=prompt_texts, queries=queries)
+                  **context, prompt_texts=prompt_texts, queries=queries,
+                  trajectories=[getattr(c, "turns", None) for c in flat])
 
 
 def _end_of_turn(completion: Completion, tokenizer: Any) -> str:

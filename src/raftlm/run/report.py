@@ -53,6 +53,9 @@ GENERIC_NAMES = {"run", "runs", "output", "outputs", "out", "results"}
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 
 
+HELD_OUT_SHOWN = 8  # held-out answers shown on the page
+
+
 @dataclass
 class RunRecords:
     """What a run directory holds, read back."""
@@ -61,6 +64,7 @@ class RunRecords:
     config_text: str
     metrics: list[dict[str, Any]]  # metrics.jsonl: one record per stage, 0 = baseline
     candidates: dict[int, list[dict[str, Any]]]  # stage -> rows of its candidates.jsonl
+    held_out: dict[int, list[dict[str, Any]]]  # stage -> rows of its eval.jsonl (answers)
 
 
 def load_run(run_dir: str | Path) -> RunRecords:
@@ -74,6 +78,8 @@ def load_run(run_dir: str | Path) -> RunRecords:
         config_text=run.config_path.read_text() if run.config_path.is_file() else "",
         metrics=metrics,
         candidates={s: read_jsonl(run.candidates_path(s)) for s in stages},
+        held_out={s: read_jsonl(path) for s in [0, *stages]
+                  if (path := run.stage_dir(s) / "eval.jsonl").is_file()},
     )
 
 
@@ -181,6 +187,12 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
         f'<pre class="response">{e(str(row.get("response", "")))}</pre></div>'
         for stage, kind, row in examples(run.candidates)
     )
+    last = max(run.held_out, default=None)
+    answers = "" if last is None else _table(
+        "held-out", ["prompt", "answer", f"stage {last}'s greedy response", "correct"],
+        [[str(r.get("prompt", "")), r.get("answer"), r.get("response"),
+          ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r.get("correct", {}).items())]
+         for r in run.held_out[last][:HELD_OUT_SHOWN]])
     title = f"RAFT run: {run_name(run.root)}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
@@ -191,6 +203,8 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
 <h2>Plots</h2><section id="plots">{plots or "<p>nothing to plot yet</p>"}</section>
 <h2>Metrics per stage</h2>{table}
 <details><summary>every metric (metrics.jsonl)</summary>{full}</details>
+<h2>Held-out answers (the last evaluation; all in stages/NNN/eval.jsonl)</h2>
+<section id="held-out-answers">{answers or "<p>no held-out evaluation recorded</p>"}</section>
 <h2>Example responses: best and worst candidate per stage</h2>
 <section id="examples">{cards or "<p>no candidates recorded</p>"}</section>
 <h2>Config</h2><pre id="config">{e(run.config_text)}</pre>

@@ -19,6 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from raftlm.agents import check_rollout
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.config.evaluation import EvalSet
 from raftlm.data.prompts import PromptOrder, PromptSet, load_prompt_sets
@@ -86,6 +87,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     _check_offload(config, accelerator)
     run_dir, checkpoint = open_run_dir(config, accelerator, resume)
     model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
+    check_rollout(config, tokenizer)  # a tool or template that cannot work: now, not at stage 1
     train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
     trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)
     prompt_order = PromptOrder(len(train_prompts), config.run.seed)

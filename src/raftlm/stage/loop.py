@@ -98,18 +98,21 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
 
 
 def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
-    """Evaluate (if enabled and a held-out set exists), log one metrics record, print a summary."""
-    metrics = dict(extra)
-    every, last = run.config.evaluation.every, run.config.raft.stages
+    """Evaluate (if enabled and there is a held-out set or `evaluation.sets`), log one metrics
+    record, keep the held-out answers (`stages/NNN/eval.jsonl`), print a summary."""
+    metrics, config = dict(extra), run.config
+    every, last = config.evaluation.every, config.raft.stages
     due = stage % every == 0 or stage == last
-    if run.config.evaluation.enabled and run.eval_prompts is not None and due:
+    has_sets = run.eval_prompts is not None or bool(config.evaluation.sets)
+    if config.evaluation.enabled and has_sets and due:
         start = time.perf_counter()
         with run.whole_policy() as policy:
-            eval_metrics, _ = evaluate(
-                policy, run.tokenizer, run.eval_prompts, run.reward, run.config
-            )
+            eval_metrics, items = evaluate(policy, run.tokenizer, run.eval_prompts, run.reward,
+                                           config)
         metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - start
+        if run.accelerator.is_main_process:
+            write_jsonl(run.run_dir.stage_dir(stage) / "eval.jsonl", items)
     run.tracker.log(stage, metrics)
     if run.accelerator.is_main_process:
         print(summary_line(stage, run.config.raft.stages, metrics), flush=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from raftlm.agents import rollout_metrics
 from raftlm.evaluation.metrics import nanmean, reward_distribution
 from raftlm.stage.rank import Ranked
 from raftlm.stage.rollouts import Rollouts
@@ -22,6 +23,7 @@ def candidate_rows(rollouts: Rollouts, mask: np.ndarray | None = None) -> list[d
             "rewards": {name: _float(t[p, j]) for name, t in rollouts.per_term.items()},
             "selected": None if mask is None else bool(mask[p, j]),
             "finish_reason": response.finish_reason, "n_tokens": len(response.token_ids),
+            **({"turns": response.turns} if response.turns else {}),  # a multi-turn rollout
         }
         for p, (prompt, row) in enumerate(zip(rollouts.prompts, rollouts.responses))
         for j, response in enumerate(row)
@@ -42,6 +44,7 @@ def candidate_metrics(rollouts: Rollouts, ranked: Ranked) -> dict[str, Any]:
         **ranked.stats,
         "tokens/generated": int(rollouts.table(lambda r: len(r.token_ids)).sum()),
         **{f"reward/{name}/mean": nanmean(t) for name, t in rollouts.per_term.items()},
+        **rollout_metrics(r for row in rollouts.responses for r in row),  # {}: single turn
         **rollouts.collector_stats,
     }
 

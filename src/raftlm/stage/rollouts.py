@@ -32,6 +32,9 @@ class Rollout(Completion):
 
     loss_mask: list[int] | None = None
     policy_stage: int | None = None
+    # a multi-turn rollout's conversation after the prompt, turn by turn (chat messages: the
+    # model's turns, tool results, errors); None for a single turn (`raftlm.agents`)
+    turns: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, completion: Completion, policy_stage: int | None = None) -> Rollout:
