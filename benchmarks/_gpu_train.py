@@ -88,8 +88,8 @@ def measured(fn, name: str, device: torch.device, peaks: dict[str, float | None]
 
 def offload_peaks(ctx: Context, offload: str) -> dict[str, float | None]:
     """Peak memory per phase of stage 2 (stage 1 creates the AdamW moments offload moves)."""
-    import raftlm.loop as loop
-    import raftlm.steps as steps
+    import raftlm.stage.collect as steps  # where Collect calls the sampler and the reward
+    import raftlm.stage.loop as loop
     from raftlm.stage.build import prepare_run
 
     built = ctx.models(ctx.sizes[0])

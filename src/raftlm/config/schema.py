@@ -133,7 +133,7 @@ def convert(hint: Any, value: Any, where: str, name: str) -> Any:
         return {str(k): convert(item, v, where, f"{name}.{k}") for k, v in value.items()}
     if hint in _SCALARS:
         return _convert_scalar(hint, value, where, name)
-    raise TypeError(f"config field {name}: config_schema cannot load type {hint!r}")
+    raise TypeError(f"config field {name}: the config loader cannot load type {hint!r}")
 
 
 def check_choices(obj: Any, prefix: str = "") -> None:

@@ -1,4 +1,4 @@
-"""Reference math of the sampling modes (`raft.sampling`, docs/sampling.md), NumPy only.
+"""Reference math of the collectors (`raft.collector`, docs/sampling.md), NumPy only.
 
 - `has_reward_spread`: the useful-prompt test of group objectives (GRPO, Reinforce-Rej): a
   prompt teaches them something only when its rewards are not all equal.

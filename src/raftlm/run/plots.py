@@ -167,7 +167,7 @@ def time_figure(metrics: list[dict[str, Any]]) -> Figure | None:
 
 def cost_figure(metrics: list[dict[str, Any]]) -> Figure | None:
     """Held-out accuracy (or greedy reward) against cumulative generated tokens and seconds:
-    what the run paid for it, the axes on which `raft.sampling` modes are judged."""
+    what the run paid for it, the axes on which collectors (`raft.collector`) are judged."""
     key = "eval/accuracy" if series(metrics, "eval/accuracy")[0] else "eval/reward_mean"
     held = [i for i, m in enumerate(metrics) if isinstance(m.get(key), (int, float))]
     if len(held) < 2:
