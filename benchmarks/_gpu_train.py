@@ -155,3 +155,53 @@ def section_train_memory(ctx: Context) -> list[Row]:
         del run
         release_memory()
     return rows
+
+
+# --- section 6: this round's stage paths ----------------------------------------------------
+
+def check_round_run(ctx: Context, collector: str, rows: list[Row]) -> None:
+    """One grpo stage under `collector`, with pi_old recomputed by the training forward: the
+    sampler-training gap on this device and dtype (what the rollout correction is for)."""
+    from raftlm import train
+
+    result = train(raft_config(
+        ctx, f"round-{collector}", lora=True, stages=1,
+        raft={"collector": collector, "gvm": {"accept_reward": 0.2, "first_samples": 2}},
+        training={"objective": "grpo", "old_log_probs": "recompute",
+                  "rollout_correction": "token_truncate"},
+        evaluation={"enabled": False}))
+    last = result.metrics[-1]
+    gap = last.get("train/pi_old_gap")
+    ok = last["stage"] == 1 and gap is not None and math.isfinite(gap)
+    rows.append(Row(6, f"{collector} + grpo, pi_old recomputed (bf16)",
+                    f"{last['sampling/samples']} samples in {last['sampling/rounds']} round(s); "
+                    f"|log pi_sampler - log pi_train| {gap if gap is None else f'{gap:.2e}'}, "
+                    f"KL {last.get('train/pi_old_kl', float('nan')):.2e}, correction mean "
+                    f"{last.get('train/rollout_correction_mean', float('nan')):.4f}",
+                    "ok" if ok else "FAIL"))
+    release_memory()
+
+
+def check_tool_rollout(ctx: Context, rows: list[Row]) -> None:
+    """One stage of multi-turn rollouts with the calculator tool (token-in, token-out)."""
+    from raftlm import train
+
+    result = train(raft_config(ctx, "round-tools", lora=True, stages=1,
+                               rollout={"tools": ["calculator"], "max_turns": 2},
+                               evaluation={"enabled": False}))
+    last = result.metrics[-1]
+    ok = last["stage"] == 1 and math.isfinite(last.get("train/loss", float("nan")))
+    rows.append(Row(6, "tool rollouts (calculator, 2 turns)",
+                    f"turns {last.get('rollout/turns_mean', 1):.2f}, tool calls "
+                    f"{last.get('rollout/tool_calls_mean', 0):.2f}, parse failures "
+                    f"{last.get('rollout/parse_failures', 0)}; generate "
+                    f"{last['time/generate_s']:.1f}s", "ok" if ok else "FAIL"))
+    release_memory()
+
+
+def section_round(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for collector in ("dynamic", "gvm"):
+        attempt(rows, 6, collector, check_round_run, ctx, collector, rows)
+    attempt(rows, 6, "tool rollouts", check_tool_rollout, ctx, rows)
+    return rows

@@ -10,7 +10,10 @@ a random reward model and an in-memory tokenizer are built and saved to a temp f
    memory-bandwidth limit (`--bandwidth-gbs`, else from the GPU's name);
 3. a 2-stage RAFT run through `raftlm.train` (LoRA and full fine-tuning, bf16), resumed once;
 4. `offload: phases` vs `none` with a reward model: peak memory per phase of one stage;
-5. peak training memory of one optimizer step per micro-batch size.
+5. peak training memory of one optimizer step per micro-batch size;
+6. this round's stage paths: dynamic and gvm collectors with grpo, pi_old recomputed by the
+   training forward (the sampler-training gap in bf16) and the rollout correction; one stage
+   of multi-turn tool rollouts.
 
 A failing check is reported in its row (status FAIL) and the script goes on; it exits 1 if
 any check failed. Speed goals that are missed say "below goal" without failing the run.
@@ -45,12 +48,18 @@ from _gpu_models import (  # noqa: E402
     chat_prompts,
     release_memory,
 )
-from _gpu_train import section_offload, section_raft, section_train_memory  # noqa: E402
+from _gpu_train import (  # noqa: E402
+    section_offload,
+    section_raft,
+    section_round,
+    section_train_memory,
+)
 
 # Peak memory bandwidth (GB/s) by a substring of torch.cuda.get_device_name().
 BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864, "A10": 600, "L4": 300}
 SECTIONS = {1: "sampler correctness", 2: "sampling throughput (bf16)", 3: "RAFT run + resume",
-            4: "offload: phases vs none", 5: "training memory per micro-batch"}
+            4: "offload: phases vs none", 5: "training memory per micro-batch",
+            6: "this round's stage paths (collectors, pi_old gap, tool rollouts)"}
 
 
 # --- section 1: sampler correctness -----------------------------------------------------
@@ -224,7 +233,7 @@ def section_throughput(ctx: Context) -> list[Row]:
 
 
 SECTION_FUNCTIONS = {1: section_correctness, 2: section_throughput, 3: section_raft,
-                     4: section_offload, 5: section_train_memory}
+                     4: section_offload, 5: section_train_memory, 6: section_round}
 
 
 # --- driver -----------------------------------------------------------------------------
@@ -263,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default=None,
                         help=f"comma-separated model sizes from {sorted(SIZES)} (default "
                              "0.5b,1.5b; tiny with --tiny); sections 3-5 use the first")
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated sections to run")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated sections to run")
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="GPU memory bandwidth in GB/s (default: from the device name)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

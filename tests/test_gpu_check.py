@@ -29,7 +29,7 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One `--tiny` run of all five sections, as a user would start it (PYTHONPATH=src)."""
+    """One `--tiny` run of all six sections, as a user would start it (PYTHONPATH=src)."""
     out = tmp_path_factory.mktemp("gpu_check") / "result.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out)], env=env,
@@ -42,10 +42,10 @@ def rows_of(rows: list[dict], section: int) -> list[dict]:
     return [r for r in rows if r["section"] == section]
 
 
-def test_tiny_run_passes_and_prints_all_five_sections(tiny_run):
+def test_tiny_run_passes_and_prints_all_six_sections(tiny_run):
     done, _ = tiny_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for number in range(1, 6):
+    for number in range(1, 7):
         assert f"== {number}. " in done.stdout
     assert "all checks passed" in done.stdout
 
@@ -73,6 +73,13 @@ def test_raft_runs_resume_from_stage_two_to_three(tiny_run):
     for row in runs:
         assert row["status"] == "ok"
         assert "stages [0, 1, 2, 3], optimizer steps [1, 2, 3]" in row["value"]
+
+
+def test_the_rounds_stage_paths_run_and_report_the_sampler_training_gap(tiny_run):
+    _, rows = tiny_run
+    round_rows = rows_of(rows, 6)
+    assert [r["status"] for r in round_rows] == ["ok"] * 3
+    assert all("|log pi_sampler - log pi_train|" in r["value"] for r in round_rows[:2])
 
 
 def test_throughput_and_memory_sections_report_numbers(tiny_run):
