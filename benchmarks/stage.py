@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from raftlm.stage.build import prepare_run
 from raftlm.config import RaftConfig
-from raftlm.stage.loop import raft_stage
 from raftlm.models.loading import load_policy, resolve_dtype
 from raftlm.rewards.verifiable import numeric_answer
+from raftlm.stage.build import prepare_run
+from raftlm.stage.loop import raft_stage
 from raftlm.training.batches import Example
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arithmetic.yaml"

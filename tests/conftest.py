@@ -24,3 +24,13 @@ def model(tok):
     distributions, which the sampler tests need. A module defining its own `model` wins."""
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config(len(tok), initializer_range=0.3)).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Every test starts with no AcceleratorState: accelerate keeps one per process, and a test
+    that trains in bf16 would otherwise refuse the fp32 Accelerator of every later test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import save_tiny_model, tiny_tokenizer
 
-from raftlm.config import ConfigError, GenerationConfig
+from raftlm.config import ConfigError, GenerationConfig, VllmConfig
 from raftlm.sampling.vllm import (
     VLLM_NEEDED,
     check_vllm_available,
@@ -35,17 +35,17 @@ def test_greedy_sampling_params_decode_once_at_temperature_zero():
 
 
 def test_engine_runs_in_process_with_lora_rank_rounded_up_to_one_vllm_serves():
-    kwargs = engine_kwargs(GenerationConfig(vllm_gpu_memory_utilization=0.4), "/models/x",
-                           lora_rank=12, num_processes=1)
+    config = GenerationConfig(vllm=VllmConfig(gpu_memory_utilization=0.4))
+    kwargs = engine_kwargs(config, "/models/x", lora_rank=12, num_processes=1)
     assert kwargs["distributed_executor_backend"] == "external_launcher"
     assert (kwargs["enable_lora"], kwargs["max_lora_rank"]) == (True, 16)
     assert kwargs["gpu_memory_utilization"] == 0.4
 
 
 def test_tensor_parallel_engines_need_a_single_process():
-    config = GenerationConfig(vllm_tensor_parallel_size=2)
+    config = GenerationConfig(vllm=VllmConfig(tensor_parallel_size=2))
     assert "distributed_executor_backend" not in engine_kwargs(config, "/m", None, 1)
-    with pytest.raises(ValueError, match="vllm_tensor_parallel_size: expected 1 with 2 processes"):
+    with pytest.raises(ValueError, match="vllm.tensor_parallel_size: expected 1 with 2 processes"):
         engine_kwargs(config, "/m", None, num_processes=2)
 
 
@@ -98,7 +98,8 @@ def test_vllm_samples_with_the_policys_current_lora_weights(tmp_path):
     tok = tiny_tokenizer()
     base = AutoModelForCausalLM.from_pretrained(folder).cuda()
     policy = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    config = GenerationConfig(backend="vllm", max_new_tokens=8, vllm_gpu_memory_utilization=0.2)
+    config = GenerationConfig(backend="vllm", max_new_tokens=8,
+                              vllm=VllmConfig(gpu_memory_utilization=0.2))
     prompts = [tok.encode("Say 1", add_special_tokens=False)] * 2
     first = generate(policy, tok, prompts, 3, config, seeds=[5, 5])
     assert [len(row) for row in first] == [3, 3]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,6 +65,15 @@ def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
 
     async def completions(request: Request) -> Response:
         try:
+            return await answer(request)
+        except Exception as exc:  # a bug: answered here, so the client's connection stays
+            # open (an exception left to Starlette is re-raised and uvicorn drops the
+            # connection under a client that keeps it alive, e.g. the openai package's pool)
+            traceback.print_exc()
+            return await crashed(request, exc)
+
+    async def answer(request: Request) -> Response:
+        try:
             try:
                 body = json.loads(await request.body())
             except ValueError as err:
@@ -105,6 +115,9 @@ def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
         return JSONResponse({"status": "ok", "model": name})
 
     async def legacy_completions(request: Request) -> Response:
+        # Read the body first: a kept-alive connection whose request body is left unread is
+        # closed under the client, which then sees a reset instead of this 404.
+        await request.body()
         return failure(RequestError("raftlm serve answers chat completions only: POST "
                                     "/v1/chat/completions", status=404, code="unknown_url"))
 
