@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from raftlm.errors import InvalidInput
-from raftlm.rewards.verifiable import BUILTIN_REWARDS, math_answer, numeric_answer
+from raftlm.rewards.verifiable import BUILTIN_REWARDS, NUMBER, math_answer, numeric_answer
 
 # A number: "1,234.5" (thousands groups) or "-12.5"; never the "-" of "10-5" nor the "5" of ".5".
-NUMBER = r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _NUMBER = re.compile(NUMBER)
 _AFTER_HASHES = re.compile(r"####\s*\**\s*\$?\s*(" + NUMBER + ")")
 _ANSWER_IS = re.compile(r"(?i)answer\s+is\s*:?\s*\**\s*\$?\s*(" + NUMBER + ")")

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 # A number: "1,234.5" (thousands groups) or "-12.5"; never the "-" of "10-5".
-_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A number as answers write it: thousands separators, a sign, decimals (the evaluation's
+# answer rules read numbers by the same pattern).
+NUMBER = r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER = re.compile(NUMBER)
 
 
 def _to_decimal(text: str) -> Decimal | None:
