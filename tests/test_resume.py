@@ -346,3 +346,43 @@ def test_a_resume_under_another_model_prompts_or_seed_is_refused_in_one_line(
     assert [m["stage"] for m in RunDir(workspace / "run").read_metrics()] == [0, 1]  # kept
     more = config_for(workspace, tiny_model_dir, stages=2)  # only raft.stages grew: fine
     assert [m["stage"] for m in train(more, resume=True).metrics] == [0, 1, 2]
+
+
+def test_a_resume_before_the_first_checkpoint_keeps_the_baseline_evaluation(
+        workspace, tiny_model_dir, monkeypatch):
+    """33.7: an interruption inside stage 1 threw away the stage-0 evaluation (cheap here,
+    minutes on a benchmark set); a resume under the same evaluation config keeps it."""
+    import raftlm.stage.loop as loop
+    from raftlm.training.trainer import PolicyTrainer
+
+    original_train, original_eval = PolicyTrainer.train, loop.evaluate
+    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
+        (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
+    with pytest.raises(Killed):
+        train(config_for(workspace, tiny_model_dir, stages=1))
+    baseline = RunDir(workspace / "run").read_metrics()
+    assert [m["stage"] for m in baseline] == [0]
+    monkeypatch.setattr(PolicyTrainer, "train", original_train)
+    evaluated = []
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: (
+        evaluated.append(1), original_eval(*args, **kwargs))[1])
+    resumed = train(config_for(workspace, tiny_model_dir, stages=1), resume=True)
+    assert len(evaluated) == 1 and resumed.metrics[0] == baseline[0]  # stage 1's only
+    assert [m["stage"] for m in resumed.metrics] == [0, 1]
+
+
+def test_a_resume_under_another_evaluation_config_evaluates_the_baseline_again(
+        workspace, tiny_model_dir, monkeypatch):
+    from raftlm.training.trainer import PolicyTrainer
+
+    original_train = PolicyTrainer.train
+    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
+        (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
+    with pytest.raises(Killed):
+        train(config_for(workspace, tiny_model_dir, stages=1))
+    monkeypatch.setattr(PolicyTrainer, "train", original_train)
+    config = config_for(workspace, tiny_model_dir, stages=1)
+    config.evaluation.samples_per_prompt = 2
+    resumed = train(config, resume=True)
+    assert [m["stage"] for m in resumed.metrics] == [0, 1]
+    assert "eval/avg@2" in resumed.metrics[0]  # measured again, under the new settings

@@ -56,6 +56,7 @@ class Run:
     prompt_order: PromptOrder  # which training prompts the next stage draws
     tracker: Tracker
     start_stage: int  # first stage still to run (1 for a fresh run)
+    baseline_done: bool = False  # stage 0's evaluation is recorded (a resume kept it)
 
     @property
     def policy(self) -> Any:
@@ -81,8 +82,9 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     check_objective_config(config)
     collector(config.raft.collector).check(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
-    if resume:
-        check_continues(RunDir(config.run.output_dir), config)
+    previous = previous_config(RunDir(config.run.output_dir)) if resume else None
+    if previous is not None:
+        check_continues(previous, config, config.run.output_dir)
     accelerator, dtype = make_accelerator(config)
     _check_offload(config, accelerator)
     run_dir, checkpoint = open_run_dir(config, accelerator, resume)
@@ -94,15 +96,23 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     start_stage = 1
     if checkpoint is not None:
         start_stage = restore(checkpoint, trainer, prompt_order) + 1
+    # Metrics of stages after the checkpoint are redone. Before the first checkpoint, the
+    # baseline evaluation is kept when it was made under this evaluation config (on a large
+    # set it is the costliest part of an early interruption); otherwise everything is redone.
+    same_evaluation = previous is not None and (
+        previous.get("evaluation") == config.to_dict()["evaluation"])
     if accelerator.is_main_process and resume:
-        # Metrics of stages after the checkpoint are redone (-1: nothing completed, start over).
-        run_dir.truncate_metrics(start_stage - 1 if checkpoint is not None else -1)
+        run_dir.truncate_metrics(start_stage - 1 if checkpoint is not None
+                                 else 0 if same_evaluation else -1)
+    accelerator.wait_for_everyone()
+    baseline_done = start_stage == 1 and any(r.get("stage") == 0
+                                             for r in run_dir.read_metrics())
     tracker = Tracker(run_dir, config.tracking, enabled=accelerator.is_main_process)
     return Run(
         config=config, run_dir=run_dir, accelerator=accelerator, tokenizer=tokenizer,
         trainer=trainer, reward=build_offloaded_reward(config, trainer),
         train_prompts=train_prompts, eval_prompts=eval_prompts, prompt_order=prompt_order,
-        tracker=tracker, start_stage=start_stage,
+        tracker=tracker, start_stage=start_stage, baseline_done=baseline_done,
     )
 
 
@@ -150,16 +160,21 @@ CONTINUED = ("model.path", "model.gguf_file", "model.dtype", "model.lora", "data
              "raft.prompts_per_stage", "raft.samples_per_prompt")
 
 
-def check_continues(run_dir: RunDir, config: RaftConfig) -> None:
+def previous_config(run_dir: RunDir) -> dict[str, Any] | None:
+    """The config a run directory was last run with (its config.yaml), or None."""
+    if not run_dir.config_path.is_file():
+        return None
+    return yaml.safe_load(run_dir.config_path.read_text()) or {}
+
+
+def check_continues(before: dict[str, Any], config: RaftConfig, root: str | Path) -> None:
     """Refuse, in one line naming the settings, a resume whose config would continue another
     run: another model, dtype, adapter, prompt source, system prompt or seed."""
-    if not run_dir.config_path.is_file():
-        return
-    before, now = yaml.safe_load(run_dir.config_path.read_text()) or {}, config.to_dict()
+    now = config.to_dict()
     differ = [name for name in CONTINUED if _dotted(before, name) != _dotted(now, name)]
     if differ:
         raise ConfigError(
-            f"--resume {run_dir.root}: the run was started with other {', '.join(differ)}; "
+            f"--resume {root}: the run was started with other {', '.join(differ)}; "
             "resuming would continue its checkpoints and samples under these (start a new run "
             "with another run.output_dir, or resume with the run's own config.yaml)")
 

@@ -51,7 +51,7 @@ def train(config: RaftConfig, resume: bool = False) -> RunResult:
     without the interruption (bit for bit on the same machine)."""
     with exclusive_run_dir(config):
         run = prepare_run(config, resume)
-        if run.start_stage == 1:
+        if run.start_stage == 1 and not run.baseline_done:
             record_evaluation(run, stage=0, extra={
                 "data/train_prompts": len(run.train_prompts),
                 "data/skipped_too_long": run.train_prompts.n_skipped_too_long,
