@@ -113,15 +113,21 @@ def test_resume_inside_sampling_reuses_finished_samples_and_ends_identical(
     assert_same_run(snapshot(resumed.run_dir), reference)
 
 
-def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, monkeypatch):
+def killed_in_stage_one_training(workspace, model_dir, monkeypatch) -> None:
+    """A one-stage run killed while stage 1 trains (sampled and scored, not checkpointed);
+    training works again afterwards."""
     from raftlm.training.trainer import PolicyTrainer
 
     original_train = PolicyTrainer.train
     monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
         (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
     with pytest.raises(Killed):
-        train(config_for(workspace, tiny_model_dir, stages=1))
+        train(config_for(workspace, model_dir, stages=1))
     monkeypatch.setattr(PolicyTrainer, "train", original_train)
+
+
+def test_resume_after_scoring_does_not_score_again(workspace, tiny_model_dir, monkeypatch):
+    killed_in_stage_one_training(workspace, tiny_model_dir, monkeypatch)
     import raftlm.stage.collect
 
     monkeypatch.setattr(raftlm.stage.collect, "score", lambda *args: pytest.fail("scored again"))
@@ -353,16 +359,11 @@ def test_a_resume_before_the_first_checkpoint_keeps_the_baseline_evaluation(
     """33.7: an interruption inside stage 1 threw away the stage-0 evaluation (cheap here,
     minutes on a benchmark set); a resume under the same evaluation config keeps it."""
     import raftlm.stage.loop as loop
-    from raftlm.training.trainer import PolicyTrainer
 
-    original_train, original_eval = PolicyTrainer.train, loop.evaluate
-    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
-        (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
-    with pytest.raises(Killed):
-        train(config_for(workspace, tiny_model_dir, stages=1))
+    original_eval = loop.evaluate
+    killed_in_stage_one_training(workspace, tiny_model_dir, monkeypatch)
     baseline = RunDir(workspace / "run").read_metrics()
     assert [m["stage"] for m in baseline] == [0]
-    monkeypatch.setattr(PolicyTrainer, "train", original_train)
     evaluated = []
     monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: (
         evaluated.append(1), original_eval(*args, **kwargs))[1])
@@ -373,14 +374,7 @@ def test_a_resume_before_the_first_checkpoint_keeps_the_baseline_evaluation(
 
 def test_a_resume_under_another_evaluation_config_evaluates_the_baseline_again(
         workspace, tiny_model_dir, monkeypatch):
-    from raftlm.training.trainer import PolicyTrainer
-
-    original_train = PolicyTrainer.train
-    monkeypatch.setattr(PolicyTrainer, "train", lambda self, examples, stage: (
-        (_ for _ in ()).throw(Killed) if stage == 1 else original_train(self, examples, stage)))
-    with pytest.raises(Killed):
-        train(config_for(workspace, tiny_model_dir, stages=1))
-    monkeypatch.setattr(PolicyTrainer, "train", original_train)
+    killed_in_stage_one_training(workspace, tiny_model_dir, monkeypatch)
     config = config_for(workspace, tiny_model_dir, stages=1)
     config.evaluation.samples_per_prompt = 2
     resumed = train(config, resume=True)

@@ -10,7 +10,7 @@ tool.
 """
 
 from raftlm.agents.rollout import check_rollout, roll_out
-from raftlm.agents.trajectory import Trajectory, fields_for, messages, rollout_metrics
+from raftlm.agents.trajectory import Trajectory, messages, rollout_metrics
 
-__all__ = ["Trajectory", "check_rollout", "fields_for", "messages", "roll_out",
+__all__ = ["Trajectory", "check_rollout", "messages", "roll_out",
            "rollout_metrics"]

@@ -36,14 +36,6 @@ class Trajectory(Completion):
         return cls(**{k: v for k, v in record.items() if k in names})
 
 
-def fields_for(cls: type, trajectory: Any) -> dict[str, Any]:
-    """The fields of dataclass `cls` (the stage's `Rollout`) that `trajectory` has, by name:
-    `Rollout(**fields_for(Rollout, t), policy_stage=s)` keeps the loss mask (and the turns,
-    once `Rollout` has such a field)."""
-    return {f.name: getattr(trajectory, f.name) for f in dataclasses.fields(cls)
-            if hasattr(trajectory, f.name)}
-
-
 def messages(trajectory: Any) -> list[dict[str, str]] | None:
     """A trajectory's turns as plain chat messages ({role, content}, and a tool's name): the
     `completions` of TRL's conversational reward functions. None for a single-turn response."""

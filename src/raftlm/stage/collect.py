@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from raftlm.agents import fields_for, roll_out
+from raftlm.agents import roll_out
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptOrder, PromptRecord, PromptSet
 from raftlm.models.distributed import gather, shard
@@ -111,8 +111,7 @@ class Collect:
             rolled = roll_out(policy, self.run.tokenizer, prompts, counts, config, stage,
                               have=have, journal=journal, timer=self.timer)
             prompts[:] = rolled.prompts  # as the model saw them (tools): what all else uses
-            rows = [[r if isinstance(r, Rollout) else Rollout(**fields_for(Rollout, r),
-                                                               policy_stage=stage - 1)
+            rows = [[r if isinstance(r, Rollout) else Rollout.of(r, stage - 1)
                      for r in row] for row in rolled.rows]
             self.samples.update(zip(ids, rows))
             return rows

@@ -37,9 +37,12 @@ class Rollout(Completion):
     turns: list[dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, completion: Completion, policy_stage: int | None = None) -> Rollout:
-        return cls(**{f.name: getattr(completion, f.name)
-                      for f in dataclasses.fields(Completion)}, policy_stage=policy_stage)
+    def of(cls, sampled: Completion, policy_stage: int | None = None) -> Rollout:
+        """A sampler's `Completion` (or an agent's trajectory, which also has a loss mask and
+        turns) as a Rollout: every field of ours that it has, by name."""
+        fields = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(sampled, f.name)}
+        return cls(**{**fields, "policy_stage": policy_stage})
 
 
 @dataclass
