@@ -39,8 +39,8 @@ from raftlm.core.objectives import group_advantages, rollout_correction, transfo
 from raftlm.training.batches import Example
 from raftlm.training.losses import clipped_ratio_loss, k3_kl, weighted_nll
 
-__all__ = ["LOSSES", "OBJECTIVES", "WEIGHTINGS", "ConfigError", "Loss", "Objective",
-           "Weighting", "objective_of"]
+__all__ = ["LOSSES", "OBJECTIVES", "WEIGHTINGS", "Loss", "Objective", "Weighting",
+           "objective_of"]
 
 # rewards [P, K] (NaN: not eligible), config -> (weight or advantage [P, K], prompts kept [P])
 Weights = Callable[[np.ndarray, TrainingConfig], tuple[np.ndarray, np.ndarray]]
