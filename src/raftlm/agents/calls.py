@@ -65,6 +65,29 @@ def format_call(name: str, arguments: dict[str, Any]) -> str:
     return f"{CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments})}{CALL_CLOSE}"
 
 
+# tool_choice as OpenAI's and vLLM's API take it: what a first model turn starts with, written
+# for the model (prefilled) rather than by it. `auto`: nothing, the model chooses. `required`: a
+# call's opening up to the tool's name. A tool's name (not a key here): up to its arguments.
+# The bytes are format_call's, the default prompt's example call.
+TOOL_CHOICES: dict[str, str] = {
+    "auto": "",
+    "required": format_call("", {}).partition('""')[0] + '"',  # <tool_call>{"name": "
+}
+
+
+def forced_opening(tool_choice: str, tool_names: list[str]) -> str:
+    """The text a first turn starts with under `tool_choice` (a key of TOOL_CHOICES or one of
+    `tool_names`); ValueError naming the tools for anything else, and for a forced call
+    without tools (a step-shaped environment has none)."""
+    opening = TOOL_CHOICES.get(tool_choice)
+    if opening is None and tool_choice in tool_names:
+        opening = format_call(tool_choice, {}).removesuffix("}}" + CALL_CLOSE)
+    if opening is None or (opening and not tool_names):
+        raise ValueError(f"expected {', '.join(TOOL_CHOICES)} or a tool's name "
+                         f"({', '.join(tool_names) or 'no tools'}), got {tool_choice!r}")
+    return opening
+
+
 def example_arguments(schema: dict[str, Any], tool: Any = None) -> dict[str, Any]:
     """Arguments for an example call of a tool: its `example_arguments` attribute when it has
     one, else each required parameter's default or a placeholder of its JSON type."""

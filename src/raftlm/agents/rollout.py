@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from raftlm.agents.calls import CALL_CLOSE, ToolCall, parse_tool_calls
+from raftlm.agents.calls import CALL_CLOSE, ToolCall, forced_opening, parse_tool_calls
 from raftlm.agents.chat_format import ChatFormat
 from raftlm.agents.environments import (
     EnvironmentFailure,
@@ -60,6 +60,7 @@ class Live:
     turns: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "length"
     finished: bool = False
+    opening: str = ""  # prefilled text the next model turn starts with (rollout.tool_choice)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Agent:
     factory: Any  # rollout.environment's class (or factory), None without one
     step_shaped: bool  # the environment takes whole turns (`step`) rather than calls
     chat: ChatFormat
+    opening: str = ""  # what the first model turn starts with (rollout.tool_choice)
 
     @classmethod
     def of(cls, config: RaftConfig, tokenizer: Any) -> Agent:
@@ -84,7 +86,12 @@ class Agent:
             raise ConfigError("rollout: a step-shaped environment takes whole turns; it cannot "
                               "be combined with rollout.tools")
         own = environment_tools(probe) if probe is not None and not step_shaped else []
-        return cls(static, factory, step_shaped, ChatFormat(tokenizer, static + own))
+        try:
+            opening = forced_opening(config.rollout.tool_choice,
+                                     [] if step_shaped else [t.name for t in static + own])
+        except ValueError as err:
+            raise ConfigError(f"rollout.tool_choice: {err}") from None
+        return cls(static, factory, step_shaped, ChatFormat(tokenizer, static + own), opening)
 
 
 def check_rollout(config: RaftConfig, tokenizer: Any) -> None:
@@ -106,11 +113,11 @@ class Rolled:
 
 def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: list[int],
              config: RaftConfig, stage: int, *, have: list[list[Any]] | None = None,
-             journal: Any = None, timer: Timer | None = None) -> Rolled:
+             journal: Any = None, timer: Timer | None = None, greedy: bool = False) -> Rolled:
     """`counts[i]` trajectories of prompt i: those this attempt holds (`have[i]`) or the journal
     finished (backends whose samples depend on the seed alone) are kept, the rest sampled and
     journaled (`journal.add_sample`) as each finishes. Without a journal (evaluation, chat)
-    nothing is reused or journaled."""
+    nothing is reused or journaled. `greedy`: every turn by argmax (evaluation)."""
     rollout, timer = config.rollout, timer or (lambda name: nullcontext())
     reuse = journal is not None and GENERATION_BACKENDS[config.generation.backend].keeps_done
     have = have or [[] for _ in prompts]
@@ -136,6 +143,11 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
                  for j, env in enumerate(envs) if not kept[j]]
     if not live:
         return Rolled(rows, seen)
+    if agent.opening:  # forced function calling: ids appended as an observation's, no loss
+        opening = tokenizer(agent.opening, add_special_tokens=False)["input_ids"]
+        for t in live:
+            t.opening, t.ids, t.mask = agent.opening, list(opening), [0] * len(opening)
+            t.log_probs = [0.0] * len(opening)
     generation = config.generation
     if not step_shaped:  # a turn with a call ends at it: the model waits for the result
         generation = dataclasses.replace(generation,
@@ -155,7 +167,7 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         room = [rollout.max_trajectory_tokens - len(t.ids) for t in active]
         sample = _first_turns if turn == 0 else _next_turns
         sampled = sample(policy, tokenizer, active, generation, config.run.seed, stage, turn,
-                         min(generation.max_new_tokens, max(room)))
+                         min(generation.max_new_tokens, max(room)), greedy)
         last = turn == rollout.max_turns - 1
         waiting = []
         for t, completion, left in zip(active, sampled, room):
@@ -206,7 +218,8 @@ def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | No
 
 
 def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                 run_seed: int, stage: int, turn: int, max_new_tokens: int) -> list[Any]:
+                 run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool
+                 ) -> list[Any]:
     """Every trajectory's first turn: a prompt's trajectories sampled as the samples of one
     prompt (one prefill), sample j from the prompt's seed as a single-turn stage draws it;
     the samples a prompt does not need (kept from before) are passed as done, not drawn."""
@@ -215,23 +228,25 @@ def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: An
     first = {t.prompt: t for t in active}
     counts = [max(needed[i]) + 1 for i in prompts]
     skipped = Completion("", [], "length")  # stands for a sample nobody asks for
-    rows = generate(
-        policy, tokenizer, [first[i].prompt_ids for i in prompts], counts, generation,
-        seeds=sample_seeds(run_seed, stage, [first[i].prompt_id for i in prompts]),
+    rows = generate(  # a prompt's trajectories share the prefilled opening, if any
+        policy, tokenizer, [first[i].prompt_ids + first[i].ids for i in prompts], counts,
+        generation, seeds=sample_seeds(run_seed, stage, [first[i].prompt_id for i in prompts]),
         done={(g, j): skipped for g, i in enumerate(prompts) for j in range(counts[g])
               if j not in needed[i]},
-        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens)
+        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens, greedy=greedy)
     where = {i: g for g, i in enumerate(prompts)}
     return [rows[where[t.prompt]][t.sample] for t in active]
 
 
 def _next_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                run_seed: int, stage: int, turn: int, max_new_tokens: int) -> list[Any]:
+                run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool
+                ) -> list[Any]:
     """Every trajectory's next turn, each continuing its own ids (a prefill each)."""
     rows = generate(
         policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
         seeds=[turn_seed(run_seed, stage, t.prompt_id, t.sample, turn) for t in active],
-        desc=f"collect stage {stage} turn {turn + 1}", max_new_tokens=max_new_tokens)
+        desc=f"collect stage {stage} turn {turn + 1}", max_new_tokens=max_new_tokens,
+        greedy=greedy)
     return [row[0] for row in rows]
 
 
@@ -254,7 +269,10 @@ def _add_model_turn(t: Live, completion: Any, room: int, tokenizer: Any) -> list
     t.ids += ids
     t.mask += [1] * len(ids)
     t.log_probs = None if log_probs is None or t.log_probs is None else t.log_probs + log_probs
-    t.turns.append({"role": "assistant", "content": text, "finish_reason": reason})
+    turn = {"role": "assistant", "content": t.opening + text, "finish_reason": reason}
+    if t.opening:  # the turn's call reads whole; which part was not the model's choice
+        turn["prefilled"], t.opening = t.opening, ""
+    t.turns.append(turn)
     t.finish_reason = reason
     return ids
 
