@@ -108,11 +108,7 @@ class PromptKV:
                 continue  # nothing to cache: the only token is the first decode input
             if i not in self.kv:
                 self._prefill(i)
-            index = torch.tensor(rows, device=self.device)
-            for layer, (keys, values) in zip(cache.layers, self.kv[i], strict=True):
-                layer.allocate(width, keys, values)
-                layer.keys[index, :, : keys.shape[1]] = keys
-                layer.values[index, :, : values.shape[1]] = values
+            cache.fill(rows, self.kv[i], width)
             if self.left[i] == 0:
                 del self.kv[i]
 
@@ -222,6 +218,21 @@ class SlotCache(Cache):
         """Make room for `max_len` positions per row (a longer prompt joined the call); the
         layers grow, keeping their contents, at their next allocation."""
         self.max_len = max(self.max_len, max_len)
+
+    def fill(self, rows: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], width: int
+             ) -> None:
+        """Copy one sequence's KV (per layer keys and values [kv_heads, n, head_dim]) into
+        `rows`, the cache holding `width` rows."""
+        index = torch.tensor(rows, device=layers[0][0].device)
+        for layer, (keys, values) in zip(self.layers, layers, strict=True):
+            layer.allocate(width, keys, values)
+            layer.keys[index, :, : keys.shape[1]] = keys
+            layer.values[index, :, : values.shape[1]] = values
+
+    def row_kv(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of `row`'s KV at its first `length` positions, per layer."""
+        return [(layer.keys[row, :, :length].clone(), layer.values[row, :, :length].clone())
+                for layer in self.layers]
 
     def move_rows(self, moves: list[tuple[int, int]], device: torch.device) -> None:
         """Copy row src to row dst for each (src, dst)."""

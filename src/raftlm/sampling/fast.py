@@ -53,6 +53,7 @@ from raftlm.sampling.decoding import (
     decode_step,
     packed_linears,
 )
+from raftlm.sampling.kept_kv import KeepKV, continued_kv
 
 __all__ = ["choose_tokens", "sample", "uniform"]
 
@@ -82,6 +83,7 @@ def sample(
     on_finish: Callable[[int, int, Sample], None] | None = None,
     on_token: Callable[[int, int, list[int]], None] | None = None,
     more: Callable[[], Sequence[tuple[Sequence[int], int, int]]] | None = None,
+    keep_kv: KeepKV | None = None,
 ) -> list[list[Sample | None]]:
     """Sample ``num_samples[i]`` continuations of prompt i; returns (token_ids, finish_reason,
     token_log_probs) each.
@@ -101,6 +103,10 @@ def sample(
     seed) each, numbered after the others in the order they came, their rows admitted as rows
     free up (continuous batching across a server's requests); they sample what a call of
     their own would, since a row depends on its (seed, sample index) alone.
+
+    ``keep_kv`` continues and keeps sequences across calls (`raftlm.sampling.kept_kv`): a row
+    whose sequence is in its store prefills only what the store does not hold, and every row
+    that finishes leaves its KV there. Rows of joining prompts are never continued.
     """
     check_supported(model)
     prompts, num_samples, seeds = list(prompts), list(num_samples), list(seeds)
@@ -124,7 +130,9 @@ def sample(
     batch = _Batch(max(2, min(batch_size, len(queue))))
     cache = SlotCache(model.config.get_text_config().num_hidden_layers,
                       max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
-    prompt_kv = PromptKV(model, prompts, queue, device)
+    continued = set() if keep_kv is None else {
+        (i, j) for i, j in queue if keep_kv.key(i, j) in keep_kv.store}
+    prompt_kv = PromptKV(model, prompts, [q for q in queue if q not in continued], device)
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
         while queue or batch.running():
@@ -135,7 +143,13 @@ def sample(
                     batch.widen(max(2, min(batch_size, len(batch.running()) + len(queue))))
             admitted = batch.admit(queue, new_row)
             if admitted:
-                prompt_kv.copy_into(cache, admitted, batch.width)
+                prompt_kv.copy_into(cache, [a for a in admitted if a[1:] not in continued],
+                                    batch.width)
+                for r, i, j in admitted:
+                    if (i, j) in continued and len(prompts[i]) > 1:
+                        held = keep_kv.store.take(keep_kv.key(i, j))
+                        cache.fill([r], continued_kv(model, held, prompts[i], device),
+                                   batch.width)
             logits = decode_step(model, cache, *batch.inputs(device))
             chosen, log_probs = _choose(logits, batch, filters)
             if progress is not None:
@@ -145,7 +159,11 @@ def sample(
                 for row in batch.rows:
                     if row is not None:
                         on_token(row.prompt, row.sample, row.ids)
-            for row, reason in finished:
+            for r, row, reason in finished:
+                if keep_kv is not None:  # all its tokens but the last, never fed
+                    keep_kv.store.keep(keep_kv.key(row.prompt, row.sample),
+                                       prompts[row.prompt] + row.ids[:-1],
+                                       cache.row_kv(r, row.pos + 1))
                 results[row.prompt][row.sample] = (row.ids, reason, row.log_probs)
                 if on_finish is not None:
                     on_finish(row.prompt, row.sample, results[row.prompt][row.sample])
@@ -233,9 +251,10 @@ class _Batch:
                 np.array([len(row.ids) for row in rows], dtype=np.uint64))
 
     def advance(self, chosen: torch.Tensor, log_probs: torch.Tensor,
-                finish_reason: Callable[[list[int]], str | None]) -> list[tuple[_Row, str]]:
+                finish_reason: Callable[[list[int]], str | None]
+                ) -> list[tuple[int, _Row, str]]:
         """Append each running row's chosen token; free the rows that finished and return
-        them with their finish reasons."""
+        them with their slots and finish reasons."""
         finished = []
         for r, (token, log_prob) in enumerate(zip(chosen.tolist(), log_probs.tolist())):
             row = self.rows[r]
@@ -247,7 +266,7 @@ class _Batch:
             if reason is None:
                 row.pos, row.token = row.pos + 1, token
             else:
-                finished.append((row, reason))
+                finished.append((r, row, reason))
                 self.rows[r] = None
         return finished
 

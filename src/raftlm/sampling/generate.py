@@ -6,9 +6,11 @@ count for all, or one per prompt). ``config.backend`` picks who decodes, by name
 
 - ``raftlm``: the fast sampler in ``raftlm.sampling.fast`` (shared prefill, in-place KV cache,
   continuous batching, counter-based randomness: the same seeds give the same samples however
-  prompts are batched or sharded);
+  prompts are batched or sharded; an agent's trajectory keeps its KV between turns,
+  ``raftlm.sampling.kept_kv``);
 - ``hf``: plain ``model.generate`` with left padding, as users usually write it;
-- ``vllm``: ``raftlm.sampling.vllm``.
+- ``vllm``: ``raftlm.sampling.vllm`` (its engine's prefix caching finds a trajectory's
+  earlier turns itself).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from raftlm.sampling import vllm as vllm_backend
 from raftlm.sampling.completion import Completion, eos_token_ids, to_completion
 from raftlm.sampling.fast import sample
 from raftlm.sampling.hf import generate_hf
+from raftlm.sampling.kept_kv import KeepKV
 
 OnFinish = Callable[[int, int, Completion], None]
 OnToken = Callable[[int, int, list[int]], None]  # (prompt, sample, its token ids so far)
@@ -52,6 +55,7 @@ def generate(
     on_finish: OnFinish | None = None,
     on_token: OnToken | None = None,
     more: More | None = None,
+    keep_kv: KeepKV | None = None,
 ) -> list[list[Completion]]:
     """Sample completions for each tokenized prompt (chat template applied): ``num_samples``
     each, or ``num_samples[i]`` for prompt i.
@@ -74,6 +78,9 @@ def generate(
     they are numbered after ``prompts`` in the order they came and returned after them, each
     with what a call of its own would give (raftlm backend; the others never ask, so a caller
     keeps what it would have handed over for a later call).
+    ``keep_kv`` keeps each sample's KV in its store when the sample ends, and a prompt whose
+    sample is there continues from it, prefilling only its new tokens (a backend that
+    ``keeps_kv``, raftlm; the others prefill every prompt whole).
     """
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -93,7 +100,7 @@ def generate(
         with_greedy=with_greedy, desc=desc,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else config.max_new_tokens,
         done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish,
-        on_token=on_token, more=more)
+        on_token=on_token, more=more, keep_kv=keep_kv if backend.keeps_kv else None)
     return backend.generate(model, tokenizer, request)
 
 
@@ -113,6 +120,7 @@ class GenerationRequest:
     on_finish: OnFinish | None
     on_token: OnToken | None = None
     more: More | None = None
+    keep_kv: KeepKV | None = None
 
     def per_prompt(self) -> list[int]:
         """Completions to return per prompt: the greedy one (``with_greedy``) and the samples."""
@@ -136,6 +144,9 @@ class GenerationBackend:
     check_available: Callable[[], None] = lambda: None
     # Records each sampled token's log-prob (pi_old, the entropy, GVM's gradient norms).
     records_log_probs: bool = True
+    # Continues a sequence from the KV a call before it kept (`keep_kv`): an agent's next turn
+    # prefills its new tokens only, not the whole trajectory again.
+    keeps_kv: bool = False
 
 
 def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> Rows:
@@ -156,6 +167,7 @@ def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> 
             greedy=request.greedy, stop_strings=config.stop_strings,
             batch_size=config.batch_size, greedy_first=int(request.with_greedy), progress=bar,
             skip=skip, on_finish=finished, on_token=request.on_token, more=request.more,
+            keep_kv=request.keep_kv,
         )
     return [[request.done[(i, j)] if s is None else _completion(tokenizer, s, config)
              for j, s in enumerate(row)] for i, row in enumerate(raw)]
@@ -192,7 +204,7 @@ def _check_vllm() -> None:
 
 # The generation backends by the name `generation.backend` gives (config lists these names).
 GENERATION_BACKENDS: dict[str, GenerationBackend] = {
-    "raftlm": GenerationBackend(_generate_raftlm, keeps_done=True),
+    "raftlm": GenerationBackend(_generate_raftlm, keeps_done=True, keeps_kv=True),
     "hf": GenerationBackend(_generate_hf, keeps_done=False),
     "vllm": GenerationBackend(_generate_vllm, keeps_done=False, check_available=_check_vllm,
                               records_log_probs=False),

@@ -81,6 +81,9 @@ def engine_kwargs(config: GenerationConfig, folder: str, lora_rank: int | None,
     kwargs: dict[str, Any] = {
         "model": folder, "tokenizer": folder, "dtype": "auto", "tensor_parallel_size": tp,
         "gpu_memory_utilization": config.vllm.gpu_memory_utilization, "seed": 0,
+        # An agent's next turn is its trajectory so far plus an observation: the engine reuses
+        # the KV blocks of the prefix it already computed (raftlm's sampler: `keep_kv`).
+        "enable_prefix_caching": True,
     }
     if tp == 1:
         # In-process engine: weights can be loaded in place, and it runs inside torchrun's
