@@ -17,9 +17,11 @@ from raftlm.run.progress import (
     PlainProgress,
     count_decoded,
     count_finished,
+    count_prefilled,
     decode_progress,
     progress,
     progress_seconds,
+    rate_postfix,
     set_quiet,
 )
 from raftlm.sampling import generate as generate_module
@@ -123,6 +125,40 @@ def test_the_sampler_moves_the_bar_before_its_first_sequence_finishes(model, tok
     assert finished == 0 and n > 0  # moved by the first step's tokens
     assert bar.n == pytest.approx(6) and bar.finished == 6
     assert bar.tokens == sum(len(c.token_ids) for row in rows for c in row)
+
+
+def test_the_decode_rate_leaves_out_the_time_spent_prefilling():
+    # 70 s of prefill, then one 2-second step of 128 rows: 64 tok/s, not 128 / 72 = 1.8.
+    assert rate_postfix(0, 128, 72.0, 9600, 70.0) == (
+        "0 done, 64.0 tok/s, prefill 9,600 tok at 137 tok/s")
+
+
+def test_before_the_first_token_the_bar_shows_prefill_not_zero_tok_s():
+    assert rate_postfix(0, 0, 30.0, 4000, 30.0) == "0 done, prefill 4,000 tok at 133 tok/s"
+    assert rate_postfix(0, 0, 0.5) == "0 done"
+
+
+def test_a_log_gets_a_line_while_the_first_prompts_are_prefilled(monkeypatch):
+    monkeypatch.setenv("RAFTLM_PROGRESS_SECONDS", "0")
+    out = io.StringIO()
+    bar = decode_progress(total=64, max_new_tokens=256, desc="eval gsm8k", file=out)
+    count_prefilled(bar, 1000, 5.0)  # no sequence has decoded a token yet
+    assert "eval gsm8k: 0/64" in out.getvalue()
+    assert "prefill 1,000 tok at 200 tok/s" in out.getvalue()
+    bar.close()
+
+
+def test_the_sampler_reports_each_prompt_prefilled_once(model, tok, monkeypatch):
+    bars = []
+    monkeypatch.setattr(generate_module, "decode_progress", lambda *a, **k: bars.append(
+        decode_progress(*a, **k, file=io.StringIO())) or bars[-1])
+    prompts = [tok("Say 1")["input_ids"], tok("Say 22 now")["input_ids"]]
+    generate_module.generate(model, tok, prompts, 3, RaftConfig().generation, max_new_tokens=4,
+                             seeds=[0, 1])
+    (bar,) = bars
+    # All tokens but the last of each prompt, once for its three samples.
+    assert bar.prefill_tokens == sum(len(p) - 1 for p in prompts)
+    assert bar.prefill_seconds > 0
 
 
 def test_a_long_bar_in_a_log_thins_its_lines(monkeypatch):

@@ -10,8 +10,9 @@ weights packed for oneDNN once per call (`packed_linears`).
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -77,11 +78,13 @@ class PromptKV:
     gives wherever the kernels compute every row of a matmul alike (fp32 on CPU: checked by the
     tests). CPU bf16 kernels do not (oneDNN switches kernels by row count), so there each prompt
     is prefilled alone and a prompt's samples never depend on its neighbours.
+    ``on_prefill(tokens, seconds)`` hears of each prefill forward (a progress bar's rate).
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], queue: Collection[tuple[int, int]],
-                 device: torch.device):
+                 device: torch.device, on_prefill: Callable[[int, float], None] | None = None):
         self.model, self.prompts, self.device = model, prompts, device
+        self.on_prefill = on_prefill
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer [H, n, D]
         self.left: dict[int, int] = {}  # rows of the prompt not yet admitted
         self.waiting: dict[int, deque[int]] = {}  # per prompt length, prompts not prefilled
@@ -119,9 +122,12 @@ class PromptKV:
         n = max(1, PREFILL_TOKENS // (len(self.prompts[i]) - 1)) if self.together else 1
         group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
         ids = torch.tensor([self.prompts[j][:-1] for j in group], device=self.device)
+        start = time.perf_counter()
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         for b, j in enumerate(group):
             self.kv[j] = [(layer.keys[b], layer.values[b]) for layer in forward_cache(out).layers]
+        if self.on_prefill is not None:
+            self.on_prefill(ids.numel(), time.perf_counter() - start)
 
 
 # Prompt tokens per prefill forward: large enough for full-speed matmuls, small enough that the

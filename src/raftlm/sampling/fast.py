@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raftlm.run.progress import count_decoded, count_finished
+from raftlm.run.progress import count_decoded, count_finished, count_prefilled
 from raftlm.sampling.choice import choose_tokens, pick_tokens, uniform
 from raftlm.sampling.decoding import (
     PromptKV,
@@ -132,7 +132,9 @@ def sample(
                       max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
     continued = set() if keep_kv is None else {
         (i, j) for i, j in queue if keep_kv.key(i, j) in keep_kv.store}
-    prompt_kv = PromptKV(model, prompts, [q for q in queue if q not in continued], device)
+    prompt_kv = PromptKV(model, prompts, [q for q in queue if q not in continued], device,
+                         on_prefill=None if progress is None else
+                         lambda tokens, seconds: count_prefilled(progress, tokens, seconds))
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
         while queue or batch.running():
