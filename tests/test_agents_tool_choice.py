@@ -24,7 +24,7 @@ def test_a_named_tool_opens_the_first_turn_with_its_call_up_to_the_arguments():
 
 def test_required_opens_the_call_up_to_the_tools_name_and_auto_opens_nothing():
     assert forced_opening("required", ["calculator"]) == '<tool_call>{"name": "'
-    assert TOOL_CHOICES["auto"] == ""
+    assert TOOL_CHOICES["auto"].opening == ""
 
 
 def test_the_prefilled_opening_is_in_the_trajectory_with_no_loss_and_the_call_runs(

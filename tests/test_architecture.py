@@ -146,8 +146,8 @@ def test_the_registry_table_of_the_docs_names_every_registry_and_its_config_choi
         assert isinstance(table, dict) and table, f"{kind}: {path} is not a registry"
         if field.startswith("reward.terms[].name /"):
             assert set(table) == set(RewardTerm.kinds), kind
-        elif field.startswith(("reward.terms[].name", "rollout.tools")):  # built-ins among
-            # any function's name
+        elif field.startswith(("reward.terms[].name", "rollout.tools", "rollout.tool_choice")):
+            # built-ins among any function's (a tool's) name
             pass
         else:
             assert set(table) == set(field_choices(RaftConfig, field)), f"{kind}: {path}"

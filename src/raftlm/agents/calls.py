@@ -65,13 +65,20 @@ def format_call(name: str, arguments: dict[str, Any]) -> str:
     return f"{CALL_OPEN}{json.dumps({'name': name, 'arguments': arguments})}{CALL_CLOSE}"
 
 
-# tool_choice as OpenAI's and vLLM's API take it: what a first model turn starts with, written
-# for the model (prefilled) rather than by it. `auto`: nothing, the model chooses. `required`: a
-# call's opening up to the tool's name. A tool's name (not a key here): up to its arguments.
-# The bytes are format_call's, the default prompt's example call.
-TOOL_CHOICES: dict[str, str] = {
-    "auto": "",
-    "required": format_call("", {}).partition('""')[0] + '"',  # <tool_call>{"name": "
+@dataclass(frozen=True)
+class ToolChoice:
+    """A `rollout.tool_choice` (OpenAI's and vLLM's): what a first model turn starts with,
+    written for the model (prefilled) rather than by it."""
+
+    opening: str
+
+
+# `auto`: nothing, the model chooses. `required`: a call's opening up to the tool's name. A
+# tool's name (not a key here) forces that tool: its call's opening up to the arguments. The
+# bytes are format_call's, the default prompt's example call.
+TOOL_CHOICES: dict[str, ToolChoice] = {
+    "auto": ToolChoice(""),
+    "required": ToolChoice(format_call("", {}).partition('""')[0] + '"'),  # <tool_call>{"name": "
 }
 
 
@@ -79,7 +86,8 @@ def forced_opening(tool_choice: str, tool_names: list[str]) -> str:
     """The text a first turn starts with under `tool_choice` (a key of TOOL_CHOICES or one of
     `tool_names`); ValueError naming the tools for anything else, and for a forced call
     without tools (a step-shaped environment has none)."""
-    opening = TOOL_CHOICES.get(tool_choice)
+    choice = TOOL_CHOICES.get(tool_choice)
+    opening = None if choice is None else choice.opening
     if opening is None and tool_choice in tool_names:
         opening = format_call(tool_choice, {}).removesuffix("}}" + CALL_CLOSE)
     if opening is None or (opening and not tool_names):

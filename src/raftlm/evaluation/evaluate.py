@@ -35,6 +35,7 @@ from raftlm.data.prompts import PromptRecord, PromptSet
 from raftlm.evaluation.metrics import sequence_kl
 from raftlm.evaluation.set_metrics import set_metrics
 from raftlm.evaluation.sets import ResolvedSet, configured_sets, held_out_set
+from raftlm.evaluation.trajectories import rolled_responses
 from raftlm.models.loading import (
     is_lora,
     materialize_model,
@@ -69,7 +70,11 @@ def evaluate_sets(policy: Any, tokenizer: Any, sets: list[ResolvedSet], reward: 
     with _precision(config, device):
         for rset in sets:
             with merged_adapter(policy) as merged:
-                greedy, sampled = _responses(merged, tokenizer, rset, config)
+                if config.rollout is not None:  # with the run's tools, as it trains
+                    rset, greedy, sampled = rolled_responses(merged, tokenizer, rset, config,
+                                                             SAMPLING_STAGE)
+                else:
+                    greedy, sampled = _responses(merged, tokenizer, rset, config)
             found, rows = set_metrics(rset, greedy, sampled, reward,
                                       config.evaluation.correct_reward)
             if sampled and "kl" in rset.metrics:

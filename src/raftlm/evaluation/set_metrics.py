@@ -5,6 +5,7 @@ Per answer rule (the set's first rule names the plain metrics, the others add `_
   avg@n      mean accuracy of the n samples        (held-out legacy name: sampled_accuracy)
   maj@n      majority vote over extracted answers  (not under `reward`, which extracts none)
   pass@k     unbiased, every k <= n                (held-out legacy name: pass_at_k = pass@n)
+A trajectory's answer is read from its last model turn (`agents.trajectory.final_text`).
 Once per set: reward (reward_mean greedy, sampled_reward_mean, best_of_k_reward), tokens
 (response_tokens_mean, sampled_tokens_mean), diversity (distinct_1, distinct_2). The NumPy
 references are in `raftlm.core.evaluation` and `raftlm.evaluation.metrics`.
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from raftlm.agents.trajectory import final_text
 from raftlm.core.evaluation import avg_at_n, maj_at_n, pass_at_k_curve
 from raftlm.evaluation.extraction import Extraction
 from raftlm.evaluation.metrics import best_of_k, distinct_n, nanmean
@@ -49,13 +51,13 @@ def set_metrics(rset: ResolvedSet, greedy: list[Completion], sampled: list[list[
     if "tokens" in wanted:
         metrics[p + "response_tokens_mean"] = float(np.mean([len(c.token_ids) for c in greedy]))
     items = [{"set": rset.name or "heldout", "prompt_id": r.id, "prompt": r.prompt,
-              "answer": ref, "response": c.text, "extracted": {}, "correct": {}}
+              "answer": ref, "response": c.text, "extracted": {}, "correct": {}, **_turns(c)}
              for r, ref, c in zip(records, refs, greedy)]
     if greedy_rewards is not None:
         for item, value in zip(items, greedy_rewards):
             item["reward"] = float(value)
     for j, rule in enumerate(rset.rules):
-        answers, correct = judge(rule, [c.text for c in greedy], refs, greedy_rewards,
+        answers, correct = judge(rule, [final_text(c) for c in greedy], refs, greedy_rewards,
                                  correct_reward)
         if "accuracy" in wanted:
             metrics[p + "accuracy" + _suffix(j, rule)] = float(np.mean(correct))
@@ -87,9 +89,11 @@ def _sampled(rset: ResolvedSet, sampled: list[list[Completion]], refs: list[Any]
         metrics[p + "distinct_1"] = distinct_n(texts, 1)
         metrics[p + "distinct_2"] = distinct_n(texts, 2)
     for item, row in zip(items, sampled):
-        item["samples"] = [{"response": c.text, "extracted": {}, "correct": {}} for c in row]
+        item["samples"] = [{"response": c.text, "extracted": {}, "correct": {}, **_turns(c)}
+                           for c in row]
+    finals = [final_text(c) for row in sampled for c in row]
     for j, rule in enumerate(rset.rules):
-        answers, correct = judge(rule, texts, flat_refs,
+        answers, correct = judge(rule, finals, flat_refs,
                                  None if rewards is None else rewards.reshape(-1), correct_reward)
         table = correct.reshape(len(records), n)
         suffix = _suffix(j, rule)
@@ -109,6 +113,12 @@ def _sampled(rset: ResolvedSet, sampled: list[list[Completion]], refs: list[Any]
                 sample["extracted"][rule.name] = answers[i * n + s]
                 sample["correct"][rule.name] = bool(table[i, s])
     return metrics
+
+
+def _turns(completion: Completion) -> dict[str, Any]:
+    """A trajectory's turns for its eval.jsonl row (nothing for a single-turn response)."""
+    turns = getattr(completion, "turns", None)
+    return {"turns": turns} if turns else {}
 
 
 def _suffix(j: int, rule: Extraction) -> str:
