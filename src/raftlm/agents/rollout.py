@@ -5,12 +5,13 @@ Each turn calls the run's sampler (`sampling.generate`) on every unfinished traj
 prompt being the prompt's ids followed by the trajectory's ids so far: the exact ids the
 sampler produced and each observation's ids as appended, never a re-tokenized conversation.
 The first turn samples a prompt's trajectories as one prompt's samples (one prefill, sample j
-from the prompt's seed, as a single-turn stage draws it); every later turn re-prefills the whole
-trajectory (correct first; keeping each row's KV cache across turns is the optimisation still
-to do). Turn t >= 2 of sample j of prompt p is seeded by (run seed, stage, p, j, t) alone, so a
-trajectory is the same however trajectories are batched, and a resumed stage (its finished
-trajectories read back from the journal) gives what an uninterrupted one gives, when the tools
-are deterministic.
+from the prompt's seed, as a single-turn stage draws it); on the raftlm backend every later turn
+continues from the KV the trajectory's last turn left (`raftlm.sampling.kept_kv`), prefilling
+only the observation; the other backends re-prefill the whole trajectory. Turn t >= 2 of
+sample j of prompt p is seeded by (run seed, stage, p, j, t) alone, so a trajectory is the
+same however trajectories are batched, and a resumed stage (its finished trajectories read
+back from the journal) gives what an uninterrupted one gives, when the tools are
+deterministic.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from raftlm.config import ConfigError, RaftConfig
 from raftlm.data.prompts import PromptRecord
 from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import GENERATION_BACKENDS, generate, sample_seeds
+from raftlm.sampling.kept_kv import KeepKV, KVStore
 
 Timer = Callable[[str], AbstractContextManager[Any]]  # `with timer("tools"):` (stage.collect)
 
@@ -153,8 +155,11 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         generation = dataclasses.replace(generation,
                                          stop_strings=[*generation.stop_strings, CALL_CLOSE])
 
+    kept = KVStore()  # each trajectory's KV between its turns (backends that keep_kv)
+
     def finish(t: Live) -> None:
         t.finished = True
+        kept.drop((t.prompt, t.sample))
         trajectory = _trajectory(t, tokenizer)
         rows[t.prompt][t.sample] = trajectory
         if journal is not None:
@@ -167,7 +172,7 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         room = [rollout.max_trajectory_tokens - len(t.ids) for t in active]
         sample = _first_turns if turn == 0 else _next_turns
         sampled = sample(policy, tokenizer, active, generation, config.run.seed, stage, turn,
-                         min(generation.max_new_tokens, max(room)), greedy)
+                         min(generation.max_new_tokens, max(room)), greedy, kept)
         last = turn == rollout.max_turns - 1
         waiting = []
         for t, completion, left in zip(active, sampled, room):
@@ -218,8 +223,8 @@ def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | No
 
 
 def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                 run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool
-                 ) -> list[Any]:
+                 run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool,
+                 kept: KVStore) -> list[Any]:
     """Every trajectory's first turn: a prompt's trajectories sampled as the samples of one
     prompt (one prefill), sample j from the prompt's seed as a single-turn stage draws it;
     the samples a prompt does not need (kept from before) are passed as done, not drawn."""
@@ -233,20 +238,22 @@ def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: An
         generation, seeds=sample_seeds(run_seed, stage, [first[i].prompt_id for i in prompts]),
         done={(g, j): skipped for g, i in enumerate(prompts) for j in range(counts[g])
               if j not in needed[i]},
-        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens, greedy=greedy)
+        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens, greedy=greedy,
+        keep_kv=KeepKV(kept, lambda g, j: (prompts[g], j)))
     where = {i: g for g, i in enumerate(prompts)}
     return [rows[where[t.prompt]][t.sample] for t in active]
 
 
 def _next_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool
-                ) -> list[Any]:
-    """Every trajectory's next turn, each continuing its own ids (a prefill each)."""
+                run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool,
+                kept: KVStore) -> list[Any]:
+    """Every trajectory's next turn, each continuing its own ids: from the KV its last turn
+    kept, prefilling only the observation (backends that keep_kv), else a prefill each."""
     rows = generate(
         policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
         seeds=[turn_seed(run_seed, stage, t.prompt_id, t.sample, turn) for t in active],
         desc=f"collect stage {stage} turn {turn + 1}", max_new_tokens=max_new_tokens,
-        greedy=greedy)
+        greedy=greedy, keep_kv=KeepKV(kept, lambda r, _: (active[r].prompt, active[r].sample)))
     return [row[0] for row in rows]
 
 
