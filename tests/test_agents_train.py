@@ -69,7 +69,7 @@ def test_a_tool_run_trains_only_on_the_models_tokens(workspace, tiny_model_dir, 
     """Scripted turns (the tiny model cannot write a call): odd draws ask the calculator how
     many digits the prompt wants and answer with that many; even draws answer at once."""
     def scripted(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
-                 done=None):
+                 done=None, greedy=False, keep_kv=None):
         counts = [counts] * len(contexts) if isinstance(counts, int) else counts
         return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
                 for context, seed, n in zip(contexts, seeds, counts)]
