@@ -279,3 +279,15 @@ def test_a_run_can_check_its_tools_and_template_before_its_first_stage(tok):
         check_rollout(_config(tools=["abacus"]), tok)
     with pytest.raises(ConfigError, match="rollout.environment"):
         check_rollout(_config(environment="nowhere.py:Env"), tok)
+
+
+def test_numeric_answer_reads_a_trajectorys_last_model_turn_not_a_tools_output():
+    from raftlm.rewards.verifiable import numeric_answer
+
+    turns = [{"role": "assistant", "content": "<tool_call>...</tool_call>"},
+             {"role": "tool", "name": "calculator", "content": "408"},
+             {"role": "assistant", "content": "Done."}]
+    texts = ["<tool_call>...</tool_call>408Done.", "It is 408."]
+    assert numeric_answer([""] * 2, texts, ["408"] * 2, trajectories=[turns, None]) == [0.0, 1.0]
+    turns[-1]["content"] = "It is 408."
+    assert numeric_answer([""], texts[:1], ["408"], trajectories=[turns]) == [1.0]

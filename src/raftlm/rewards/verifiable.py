@@ -24,11 +24,17 @@ def _to_decimal(text: str) -> Decimal | None:
         return None
 
 
-def numeric_answer(prompts: list, completions: list[str], answer: list, **kwargs) -> list[float]:
+def numeric_answer(prompts: list, completions: list[str], answer: list,
+                   trajectories: list | None = None, **kwargs) -> list[float]:
     """1.0 where the last number in the completion equals the reference answer, else 0.0.
 
-    The last number, because small chat models restate the question ("17 + 25 = 42").
+    The last number, because small chat models restate the question ("17 + 25 = 42"). A
+    multi-turn trajectory's answer is its last model turn: a number in a tool's output is not
+    the model's answer.
     """
+    if trajectories is not None:
+        completions = [_last_model_turn(turns, text)
+                       for turns, text in zip(trajectories, completions, strict=True)]
     scores = []
     for completion, reference in zip(completions, answer, strict=True):
         expected = _to_decimal(str(reference))
@@ -37,6 +43,11 @@ def numeric_answer(prompts: list, completions: list[str], answer: list, **kwargs
         got = _to_decimal(completion)
         scores.append(1.0 if got is not None and got == expected else 0.0)
     return scores
+
+
+def _last_model_turn(turns: list[dict] | None, text: str) -> str:
+    said = [turn["content"] for turn in turns or [] if turn["role"] == "assistant"]
+    return said[-1] if said else text
 
 
 def math_answer(prompts: list, completions: list[str], answer: list, **kwargs) -> list[float]:
