@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.rewards import JudgeConfig, RewardConfig, RewardTerm  # noqa: F401 (re-exported)
 from raftlm.config.schema import ConfigError, option
-from raftlm.core.objectives import ADVANTAGE_SCALES, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
+from raftlm.core.objectives import (
+    ADVANTAGE_SCALES,
+    LOSS_AGGREGATIONS,
+    PAIR_RULES,
+    ROLLOUT_CORRECTIONS,
+)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo")
-WEIGHTINGS = ("unit", "reward", "centred", "group_normalised")
-LOSSES = ("nll", "weighted_nll", "clipped_ratio")
+OBJECTIVES = ("sft", "reward_weighted", "raft++", "reinforce_rej", "grpo", "dpo", "rpo")
+WEIGHTINGS = ("unit", "reward", "centred", "group_normalised", "pairs")
+LOSSES = ("nll", "weighted_nll", "clipped_ratio", "dpo", "rpo")
 COLLECTORS = ("fixed", "dynamic", "gvm")
 
 
@@ -188,6 +193,26 @@ class SelectionConfig:
 
 
 @dataclass
+class DpoConfig:
+    """training.objective: dpo / rpo (iterative DPO on the stage's pairs; TRL's names)."""
+
+    beta: float = option(0.1, "beta: how strongly the policy is tied to the reference (TRL's "
+                         "beta, its default).")
+    rpo_alpha: float | None = option(
+        None, "Weight of the chosen responses' token-mean NLL added to the DPO loss (RPO); "
+        "null: 0 for dpo, 1.0 for rpo.")
+    pairs: str = option(
+        "best_worst", "Pairs per prompt: best_worst (its best response against its worst, "
+        "RLHFlow) or all_pairs (every two with different rewards, e.g. each correct x each "
+        "incorrect, up to max_pairs); equal rewards give no pair.", choices=PAIR_RULES)
+    max_pairs: int = option(4, "all_pairs: most pairs per prompt.")
+    reference: str = option(
+        "stage_start", "The reference: stage_start (the policy before the stage's first "
+        "update, Iterative RPO) or initial (the LoRA base with the adapter off, RLHFlow; "
+        "needs LoRA).", choices=("stage_start", "initial"))
+
+
+@dataclass
 class TrainingConfig:
     learning_rate: float = option(2e-4, "Peak learning rate (AdamW).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -204,11 +229,12 @@ class TrainingConfig:
     objective: str = option("sft", "Fine-tuning objective (docs/objectives.md): a preset "
                             "(weighting, loss) pair.", choices=OBJECTIVES)
     weighting: str | None = option(
-        None, "Replaces the objective's weighting: unit, reward, centred, group_normalised, or "
+        None, "Replaces the objective's weighting: unit, reward, centred, group_normalised, "
+        "pairs, or "
         "pkg.mod:obj / file.py:obj naming a Weighting; null: the objective's.",
         choices=WEIGHTINGS, import_path=True)
     loss: str | None = option(
-        None, "Replaces the objective's per-token loss: nll, weighted_nll, clipped_ratio, or "
+        None, "Replaces the objective's loss: nll, weighted_nll, clipped_ratio, dpo, rpo, or "
         "pkg.mod:obj / file.py:obj naming a Loss; null: the objective's.",
         choices=LOSSES, import_path=True)
     clip_eps: float = option(0.2, "Ratio objectives: PPO clip range, rho in [1-eps, 1+eps].")
@@ -253,6 +279,7 @@ class TrainingConfig:
         "selection.drop_truncated removes them from the statistics too.")
     overlong_penalty: float = option(1.0, "The overlong penalty at max_new_tokens (subtracted "
                                      "from the reward before ranking); 0 disables.")
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 @dataclass

@@ -13,6 +13,9 @@ per prompt), NaN = invalid or filtered.
                    (Ye et al. 2020); the log-ratio is clamped to [-20, 20] first (as verl)
 - k3 KL:           exp(ref - logp) - (ref - logp) - 1 per token (Schulman's k3 estimator),
                    ref - logp clamped to [-20, 20] and the term to [-10, 10] (as verl)
+- dpo / rpo:       mean over pairs of -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))) on
+                   summed response log-probs, plus rpo_alpha times the chosen responses'
+                   token-pooled NLL (TRL's DPOTrainer: loss_type sigmoid, and sft for RPO)
 """
 
 from __future__ import annotations
@@ -200,3 +203,64 @@ def rollout_correction(train_log_probs: np.ndarray, sampler_log_probs: np.ndarra
     rho = np.exp(np.clip(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     rho = np.minimum(rho, cap) if mode.endswith("_truncate") else np.where(rho > cap, 0.0, rho)
     return np.where(mask, rho, 1.0)
+
+
+PAIR_RULES = ("best_worst", "all_pairs")
+
+
+def preference_pairs(rewards: np.ndarray, rule: str = "best_worst", max_pairs: int = 1
+                     ) -> np.ndarray:
+    """(prompt, chosen, rejected) index triples [N, 3] from a [P, K] reward table (NaN: not a
+    candidate, e.g. filtered or a repeat of an earlier response).
+
+    best_worst: each prompt's best response against its worst (RLHFlow's iterative DPO; the
+    first of equal rewards); all_pairs: every two responses with different rewards (with a 0/1
+    reward each correct one against each incorrect one), the largest reward gap first, then
+    the earliest samples, at most `max_pairs` per prompt. A chosen response always has a
+    strictly higher reward than its rejected one: ties and all-equal prompts give no pair.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    triples = []
+    for p, row in enumerate(rewards):
+        valid = np.flatnonzero(~np.isnan(row))
+        if valid.size < 2:
+            continue
+        if rule == "best_worst":
+            candidates = [(valid[np.argmax(row[valid])], valid[np.argmin(row[valid])])]
+        elif rule == "all_pairs":
+            candidates = sorted(((i, j) for i in valid for j in valid),
+                                key=lambda ij: (row[ij[1]] - row[ij[0]], ij[0] + ij[1], ij[0]))
+        else:
+            raise ValueError(f"unknown pair rule {rule!r}; expected {', '.join(PAIR_RULES)}")
+        kept = [(int(i), int(j)) for i, j in candidates if row[i] > row[j]]
+        triples += [(p, i, j) for i, j in kept[:max_pairs]]
+    return np.array(triples, dtype=np.int64).reshape(-1, 3)
+
+
+def nominal_pairs(rule: str, k: int, max_pairs: int) -> int:
+    """Pairs per prompt at most (K responses): sizes the learning-rate schedule."""
+    return 1 if rule == "best_worst" else min(max_pairs, k * (k - 1) // 2)
+
+
+def dpo_loss(chosen: np.ndarray, chosen_mask: np.ndarray, rejected: np.ndarray,
+             rejected_mask: np.ndarray, ref_chosen: np.ndarray, ref_rejected: np.ndarray,
+             beta: float, rpo_alpha: float = 0.0) -> dict[str, float]:
+    """TRL's sigmoid DPO loss of N pairs from per-token log-probs [N, L] (masks: the response
+    tokens that count) and the reference's summed log-probs [N]; with `rpo_alpha`, plus that
+    times the chosen tokens' pooled NLL (RPO). Also TRL's metrics: the implicit rewards
+    beta (pi - ref) of chosen and rejected, their margin and how often chosen > rejected."""
+    def summed(log_probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return (np.asarray(log_probs, np.float64) * np.asarray(mask, np.float64)).sum(axis=1)
+
+    chosen_rewards = beta * (summed(chosen, chosen_mask) - np.asarray(ref_chosen, np.float64))
+    rejected_rewards = beta * (summed(rejected, rejected_mask)
+                               - np.asarray(ref_rejected, np.float64))
+    margins = chosen_rewards - rejected_rewards
+    loss = float(np.mean(np.logaddexp(0.0, -margins)))  # -log sigmoid(m), without overflow
+    if rpo_alpha:
+        loss += rpo_alpha * float(-summed(chosen, chosen_mask).sum()
+                                  / np.asarray(chosen_mask, np.float64).sum())
+    return {"loss": loss, "rewards_chosen": float(chosen_rewards.mean()),
+            "rewards_rejected": float(rejected_rewards.mean()),
+            "rewards_margin": float(margins.mean()),
+            "rewards_accuracy": float(np.mean(chosen_rewards > rejected_rewards))}

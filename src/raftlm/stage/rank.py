@@ -21,9 +21,9 @@ import numpy as np
 from raftlm.config import ConfigError, RaftConfig, SelectionConfig, TrainingConfig
 from raftlm.core import best_per_prompt_mask, top_fraction_mask, top_k_per_prompt_mask
 from raftlm.core.collectors import has_reward_spread
-from raftlm.core.objectives import overlong_penalty
+from raftlm.core.objectives import nominal_pairs, overlong_penalty
 from raftlm.stage.rollouts import Rollouts
-from raftlm.training.batches import TrainingExample
+from raftlm.training.batches import PairExample, TrainingExample
 from raftlm.training.objectives import objective_of
 
 
@@ -160,6 +160,9 @@ SELECTION_STRATEGIES: dict[str, SelectionStrategy] = {
 def expected_selected(config: RaftConfig) -> int:
     """Nominal training examples per stage (filters only lower it); sizes the LR schedule."""
     b, k = config.raft.prompts_per_stage, config.raft.samples_per_prompt
+    dpo = config.training.dpo
+    if objective_of(config.training).weighting.pairs:
+        return b * nominal_pairs(dpo.pairs, k, dpo.max_pairs)
     if objective_of(config.training).weighting.group:
         return b * k  # these train on all K responses (groups with a reward spread)
     return SELECTION_STRATEGIES[config.selection.strategy].nominal(b, k, config.selection)
@@ -185,8 +188,12 @@ def useful_prompts(rollouts: Rollouts, config: RaftConfig) -> np.ndarray:
     """bool [P]: the prompts that carry a learning signal for the configured objective — for
     the RAFT family at least one response passes selection (filters, min_reward, on the
     shaped rewards Rank selects by); for group weightings (grpo, reinforce_rej) eligible raw
-    rewards that are not all equal."""
-    _, selection = ranked_view(rollouts, config)
+    rewards that are not all equal; for a pairing (dpo, rpo) at least one pair."""
+    rewards, selection = ranked_view(rollouts, config)
+    weighting = objective_of(config.training).weighting
+    if weighting.pairs:
+        pairs = weighting.pairs(pair_rewards(rollouts, rewards, selection), config.training)
+        return np.isin(np.arange(len(rewards)), pairs[:, 0])
     if objective_of(config.training).weighting.group:
         # On the raw rewards, as DAPO filters on accuracy: the overlong penalty alone (all
         # answers right, of different lengths) makes a spread but no signal about the task.
@@ -204,6 +211,7 @@ def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Select
     with its weight or advantage (and recorded log-probs and loss mask), plus the stage's rank
     statistics (`train/groups_dropped`, `train/n_examples`, `train/entropy`).
 
+    A pairing (dpo, rpo) hands over (chosen, rejected) pairs instead (`pair_examples`).
     Group weightings train on every eligible response (`selection.eligible`: a valid reward
     that passed the response filters) of the prompts they keep; the others on
     `selection.mask`. Weights and advantages are computed from eligible rewards only.
@@ -214,6 +222,9 @@ def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Select
     """
     weighting = objective_of(config).weighting
     prompts, responses = rollouts.prompts, rollouts.responses
+    if weighting.pairs:
+        return pair_examples(rollouts, weighting.pairs(
+            pair_rewards(rollouts, rewards, selection), config))
     rewards = np.where(selection.eligible, np.asarray(rewards, dtype=np.float64), np.nan)
     if rollouts.set_aside is not None:
         rewards[rollouts.set_aside] = np.nan
@@ -243,15 +254,45 @@ def training_examples(rollouts: Rollouts, rewards: np.ndarray, selection: Select
                         responses[p][j].token_log_probs, responses[p][j].loss_mask)
         for p, j in zip(*np.nonzero(chosen))
     ]
-    recorded = [lp for row in responses for r in row if (lp := r.token_log_probs) is not None]
-    entropy = -float(np.mean(np.concatenate(recorded))) if recorded and any(
-        len(lp) for lp in recorded) else None
     return examples, {
         "train/groups_dropped": int((~keep).sum()) if weighting.group else 0,
         "train/n_examples": len(examples),
-        "train/entropy": entropy,
+        "train/entropy": _entropy(rollouts),
         **masked,
     }
+
+
+def _entropy(rollouts: Rollouts) -> float | None:
+    """-mean of the recorded token log-probs of every sampled response; None if none."""
+    recorded = [lp for row in rollouts.responses for r in row
+                if (lp := r.token_log_probs) is not None]
+    return -float(np.mean(np.concatenate(recorded))) if recorded and any(
+        len(lp) for lp in recorded) else None
+
+
+def pair_rewards(rollouts: Rollouts, rewards: np.ndarray, selection: Selection) -> np.ndarray:
+    """The [P, K] rewards a pairing pairs by: eligible responses (`selection.eligible`), each
+    text once per prompt (a repeat would only repeat a pair), none of a prompt a collector set
+    aside."""
+    rewards = np.where(selection.eligible, np.asarray(rewards, dtype=np.float64), np.nan)
+    rewards[_duplicates([[r.text for r in row] for row in rollouts.responses],
+                        rewards.shape)] = np.nan
+    if rollouts.set_aside is not None:
+        rewards[rollouts.set_aside] = np.nan
+    return rewards
+
+
+def pair_examples(rollouts: Rollouts, pairs: np.ndarray
+                  ) -> tuple[list[PairExample], dict[str, float | None]]:
+    """A pairing's training examples, one per (prompt, chosen, rejected) row of `pairs`, and
+    the stage's rank statistics (`train/n_pairs`, `train/n_examples`: the same number)."""
+    examples = []
+    for p, c, r in pairs.tolist():
+        chosen, rejected = rollouts.responses[p][c], rollouts.responses[p][r]
+        examples.append(PairExample(rollouts.prompts[p].token_ids, chosen.token_ids,
+                                    rejected.token_ids, chosen.loss_mask, rejected.loss_mask))
+    return examples, {"train/n_pairs": len(examples), "train/n_examples": len(examples),
+                      "train/groups_dropped": 0, "train/entropy": _entropy(rollouts)}
 
 
 _warned: set[str] = set()
@@ -268,7 +309,8 @@ def _warn_about_all_equal_prompts(rewards: np.ndarray, selection: Selection,
     low = np.nanmin(np.where(valid, rewards, np.inf), axis=1)
     high = np.nanmax(np.where(valid, rewards, -np.inf), axis=1)
     uniform = (valid.sum(axis=1) > 1) & (low == high) & selection.mask.any(axis=1)
-    if uniform.any() and not objective_of(config.training).weighting.group:
+    weighting = objective_of(config.training).weighting
+    if uniform.any() and not (weighting.group or weighting.pairs):
         _warned.add("all_equal")
         print(f"raftlm: note: {int(uniform.sum())} prompt(s) had all rewards equal (e.g. every "
               "answer wrong) and one of them was kept for training; set selection.min_reward "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,35 @@ class TrainingExample(Example):
     loss_mask: list[int] | None = None
     # per response token: pi_old / pi_sampler as `training.rollout_correction` weighs it
     correction: list[float] | None = None
+
+
+@dataclass
+class PairExample(Example):
+    """A preference pair for the paired losses (dpo, rpo): one prompt, its chosen response
+    (`response_ids`, `loss_mask`) and a rejected one, and the reference policy's summed
+    log-probs of each (over their `loss_mask` tokens), set by training before the stage's first
+    update."""
+
+    rejected_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] | None = None
+    rejected_loss_mask: list[int] | None = None
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+def sequences(examples: list[Example]) -> list[Example]:
+    """The (prompt, response) rows a micro-batch of examples stands for: each example itself,
+    a pair its chosen response then its rejected one (rows 2i and 2i + 1)."""
+    rows: list[Example] = []
+    for example in examples:
+        if isinstance(example, PairExample):
+            rows += [TrainingExample(example.prompt_ids, example.response_ids,
+                                     loss_mask=example.loss_mask),
+                     TrainingExample(example.prompt_ids, example.rejected_ids,
+                                     loss_mask=example.rejected_loss_mask)]
+        else:
+            rows.append(example)
+    return rows
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ Token tensors are [B, T] aligned with `raftlm.training.batches.token_nll` (0 whe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from raftlm.core.objectives import K3_CLAMP, LOG_RATIO_CLAMP
 
@@ -50,6 +51,18 @@ def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tens
     clamped to [-20, 20] and the value to [-10, 10], as verl's low_var_kl."""
     delta = torch.clamp(ref_log_probs - log_probs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.clamp(torch.exp(delta) - delta - 1, -K3_CLAMP, K3_CLAMP) * mask
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss [N] -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))) from
+    summed response log-probs [N] (TRL's loss_type sigmoid), and the implicit rewards
+    beta (pi - ref) of the chosen and rejected responses (detached)."""
+    chosen_rewards = beta * (chosen - ref_chosen)
+    rejected_rewards = beta * (rejected - ref_rejected)
+    return (-F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards.detach(),
+            rejected_rewards.detach())
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm_tokens: int

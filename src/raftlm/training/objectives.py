@@ -13,6 +13,9 @@ times a per-token loss, two registries picked independently as verl picks `adv_e
 | reinforce_rej      | centred: r - mean  | all eligible; all-equal dropped | clipped_ratio   |
 | grpo               | group_normalised:  | all eligible; all-equal dropped | clipped_ratio   |
 |                    | (r - mean) / std   |                                 |                 |
+| dpo                | pairs: (chosen,    | pairs of eligible responses     | dpo             |
+| rpo                | rejected) per      | with different rewards          | rpo: dpo + NLL  |
+|                    | prompt             | (`training.dpo.pairs`)          | of the chosen   |
 
 `training.weighting` / `training.loss` override the preset's half (a name of the table, or
 `pkg.mod:obj` / `file.py:obj` naming a `Weighting` / `Loss` record of your own).
@@ -21,8 +24,10 @@ Clipped ratio (PPO): -min(rho A, clip(rho, 1-eps, 1+eps_high) A) with rho = pi /
 token (pi_old: the policy that sampled, fixed for the stage's epochs; pi and pi_old at the
 sampling temperature), and with a dual clip c, max(that, c A) where A < 0. Every loss is
 aggregated over an optimizer step (`training.loss_aggregation`), plus `kl_coef` times the k3
-penalty to pi_0 per token. Group weightings use only *eligible* candidates: a valid reward
-that passed the response filters (`raftlm.stage.rank.Selection.eligible`).
+penalty to pi_0 per token. DPO (`raftlm.training.pairs`) is TRL's sigmoid loss on summed
+response log-probs against a reference (`training.dpo`), a mean over pairs. Group weightings
+and pairings use only *eligible* candidates: a valid reward that passed the response filters
+(`raftlm.stage.rank.Selection.eligible`).
 """
 
 from __future__ import annotations
@@ -35,9 +40,15 @@ import torch
 
 from raftlm.config import ConfigError, RaftConfig, TrainingConfig
 from raftlm.config.registry import lookup
-from raftlm.core.objectives import group_advantages, rollout_correction, transform_weights
-from raftlm.training.batches import Example
+from raftlm.core.objectives import (
+    group_advantages,
+    preference_pairs,
+    rollout_correction,
+    transform_weights,
+)
+from raftlm.training.batches import Example, PairExample
 from raftlm.training.losses import clipped_ratio_loss, k3_kl, weighted_nll
+from raftlm.training.pairs import REFERENCES, pair_loss
 
 __all__ = ["LOSSES", "OBJECTIVES", "WEIGHTINGS", "Loss", "Objective", "Weighting",
            "objective_of"]
@@ -47,27 +58,37 @@ Weights = Callable[[np.ndarray, TrainingConfig], tuple[np.ndarray, np.ndarray]]
 # log pi [B, T], batch (mask, weights [B], old_log_probs), config -> (loss [B, T], token stats)
 TokenLoss = Callable[[torch.Tensor, dict[str, torch.Tensor], TrainingConfig],
                      tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# rewards [P, K] (NaN: not eligible, or a repeat), config -> (prompt, chosen, rejected) [N, 3]
+Pairs = Callable[[np.ndarray, TrainingConfig], np.ndarray]
+# log pi [2N, T] (`batches.sequences` rows), mask, N pairs, config, the step's denominator per
+# pair -> (loss numerator, pair stats)
+PairLoss = Callable[[torch.Tensor, torch.Tensor, list[PairExample], TrainingConfig, float],
+                    tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
 class Weighting:
     """What each response the Rank step keeps counts for: a weight or an advantage."""
 
-    weights: Weights
+    weights: Weights | None  # None for a pairing
     # Compares a prompt's responses with each other: trains on every eligible response of the
     # prompts whose rewards differ (all-equal groups are dropped), not on the selection.
     group: bool = False
     # Weights multiply the log-likelihood: a negative one is refused, a zero one left out.
     nonnegative: bool = False
+    # Pairs a prompt's responses (chosen, rejected) for a paired loss instead of weighting them.
+    pairs: Pairs | None = None
 
 
 @dataclass(frozen=True)
 class Loss:
     """The per-token loss of a response, given its weight or advantage."""
 
-    loss: TokenLoss
+    loss: TokenLoss | None  # None for a paired loss
     uses_ratio: bool = False  # compares with pi_old (the sampling policy): needs its log-probs
     plain_nll: bool = False  # exactly -log pi per token, whatever the weight (the fast path)
+    # A loss on (chosen, rejected) pairs of summed log-probs instead of per token (DPO).
+    paired: PairLoss | None = None
 
 
 @dataclass(frozen=True)
@@ -114,24 +135,43 @@ def _clipped(log_probs: torch.Tensor, batch: dict[str, torch.Tensor], config: Tr
     return loss, {"ratio": ratio, "clipped": clipped}
 
 
+def _pairs(rewards: np.ndarray, config: TrainingConfig) -> np.ndarray:
+    return preference_pairs(rewards, config.dpo.pairs, config.dpo.max_pairs)
+
+
+def _dpo(rpo_alpha: float) -> PairLoss:
+    """The paired loss with `rpo_alpha` as its NLL weight unless `training.dpo.rpo_alpha` says
+    otherwise (dpo: 0, rpo: 1.0, the value TRL's docs suggest)."""
+    def loss(log_probs: torch.Tensor, mask: torch.Tensor, pairs: list[PairExample],
+             config: TrainingConfig, per_pair: float) -> tuple[torch.Tensor, dict[str, float]]:
+        alpha = rpo_alpha if config.dpo.rpo_alpha is None else config.dpo.rpo_alpha
+        return pair_loss(log_probs, mask, pairs, config.dpo.beta, alpha, per_pair)
+    return loss
+
+
 WEIGHTINGS: dict[str, Weighting] = {
     "unit": Weighting(_unit_weights),
     "reward": Weighting(_reward_weights, nonnegative=True),
     "centred": Weighting(_centred, group=True),
     "group_normalised": Weighting(_grpo_advantages, group=True),
+    "pairs": Weighting(None, pairs=_pairs),
 }
 LOSSES: dict[str, Loss] = {
     "nll": Loss(_nll, plain_nll=True),
     "weighted_nll": Loss(_weighted),
     "clipped_ratio": Loss(_clipped, uses_ratio=True),
+    "dpo": Loss(None, paired=_dpo(0.0)),
+    "rpo": Loss(None, paired=_dpo(1.0)),
 }
-# `training.objective`: today's five names, each a (weighting, loss) pair.
+# `training.objective`: each name a (weighting, loss) pair.
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "sft": ("unit", "nll"),
     "reward_weighted": ("reward", "weighted_nll"),
     "raft++": ("unit", "clipped_ratio"),
     "reinforce_rej": ("centred", "clipped_ratio"),
     "grpo": ("group_normalised", "clipped_ratio"),
+    "dpo": ("pairs", "dpo"),
+    "rpo": ("pairs", "rpo"),
 }
 
 
@@ -147,7 +187,7 @@ def objective_of(config: TrainingConfig) -> Objective:
 def check_objective_config(config: RaftConfig) -> None:
     """Settings the objective needs from other sections; raises ConfigError naming the field."""
     objective, k = objective_of(config.training), config.raft.samples_per_prompt
-    if objective.weighting.group and k < 2:
+    if (objective.weighting.group or objective.weighting.pairs) and k < 2:
         raise ConfigError(f"raft.samples_per_prompt: expected >= 2 for training.objective="
                           f"{config.training.objective} (advantages compare K responses), "
                           f"got {k}")
@@ -167,10 +207,52 @@ def check_objective_config(config: RaftConfig) -> None:
         raise ConfigError(f"training.rollout_correction: expected none with "
                           "training.old_log_probs=sampler (it weighs pi_old recomputed by "
                           f"training against the sampler's), got {training.rollout_correction}")
+    _check_paired(config)
     buffer = config.training.overlong_buffer
     if buffer > config.generation.max_new_tokens:
         raise ConfigError(f"training.overlong_buffer: expected <= generation.max_new_tokens "
                           f"({config.generation.max_new_tokens}), got {buffer}")
+
+
+def _check_paired(config: RaftConfig) -> None:
+    """A paired loss trains on a pairing's pairs, and only there; its knobs and what it makes
+    meaningless are checked here (ConfigError naming the field)."""
+    training, dpo = config.training, config.training.dpo
+    objective = objective_of(training)
+    paired, pairing = objective.loss.paired is not None, objective.weighting.pairs is not None
+    weighting, loss = (mine or preset for mine, preset in
+                       zip((training.weighting, training.loss), OBJECTIVES[training.objective]))
+    if paired and not pairing:
+        raise ConfigError(f"training.weighting: expected pairs with training.loss={loss} (a "
+                          f"paired loss trains on pairs), got {weighting}")
+    if pairing and not paired:
+        raise ConfigError(f"training.loss: expected a paired loss (dpo, rpo) with "
+                          f"training.weighting={weighting}, got {loss}")
+    if not paired:
+        return
+    name = f"training.objective={training.objective}"
+    for field, ok, expected in [
+        ("training.dpo.beta", dpo.beta > 0, "> 0"),
+        ("training.dpo.rpo_alpha", dpo.rpo_alpha is None or dpo.rpo_alpha >= 0, ">= 0 or null"),
+        ("training.dpo.max_pairs", dpo.max_pairs >= 1, ">= 1"),
+        ("training.dpo.reference", not REFERENCES[dpo.reference].adapter_off
+         or config.model.lora.enabled, "stage_start without LoRA (initial is the base with "
+         "the adapter off; a frozen copy of the weights is not kept)"),
+        ("training.kl_coef", training.kl_coef == 0, f"0 with {name} (beta already ties it to "
+         "training.dpo.reference)"),
+        ("training.loss_aggregation", training.loss_aggregation == "token_mean",
+         f"token_mean with {name} (a mean over pairs plus rpo_alpha x the chosen tokens' mean "
+         "NLL, as TRL)"),
+        ("training.mask_truncated", not training.mask_truncated, f"false with {name} (use "
+         "selection.drop_truncated: a truncated response is then in no pair)"),
+        ("selection.strategy", config.selection.strategy == "best_per_prompt",
+         f"best_per_prompt (unused) with {name}: training.dpo.pairs picks the pairs"),
+    ]:
+        if not ok:
+            got = config
+            for part in field.split("."):
+                got = getattr(got, part)
+            raise ConfigError(f"{field}: expected {expected}, got {got!r}")
 
 
 def sampling_mismatch(config: TrainingConfig, temperature: float, top_p: float, top_k: int
@@ -203,7 +285,8 @@ def token_loss(config: TrainingConfig, log_probs: torch.Tensor, batch: dict[str,
     when `batch` holds `ref_log_probs`) and the micro-batch's statistics as sums over its
     response tokens: tokens, clipped, ratio_sum, ratio_max, kl.
 
-    `batch` holds `mask`, `weights` [B] and, for ratio objectives, `old_log_probs` [B, T]
+    Unpaired losses only (a paired one is `Loss.paired`). `batch` holds `mask`, `weights` [B]
+    and, for ratio objectives, `old_log_probs` [B, T]
     and, with `training.rollout_correction`, `correction` [B, T] (pi_old / pi_sampler).
     """
     mask = batch["mask"]

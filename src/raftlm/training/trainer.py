@@ -35,7 +35,14 @@ from raftlm.config import GenerationConfig, TrainingConfig
 from raftlm.errors import UserError
 from raftlm.models.distributed import shard, shards_optimizer_state
 from raftlm.run.progress import progress
-from raftlm.training.batches import IGNORE, Example, collate, response_log_probs, token_nll
+from raftlm.training.batches import (
+    IGNORE,
+    Example,
+    collate,
+    response_log_probs,
+    sequences,
+    token_nll,
+)
 from raftlm.training.losses import aggregate, step_denominator
 from raftlm.training.objectives import (
     objective_of,
@@ -45,6 +52,7 @@ from raftlm.training.objectives import (
     token_tensors,
     training_temperature,
 )
+from raftlm.training.pairs import PAIR_STATS, pair_metrics, set_reference_log_probs
 
 
 class NonFiniteLossError(UserError, ValueError):
@@ -90,7 +98,7 @@ class PolicyTrainer:
         # pi (and pi_0 in the KL term) at the temperature pi_old was recorded at.
         self.temperature = training_temperature(config, generation.temperature)
         self.norm_tokens = config.loss_norm_tokens or generation.max_new_tokens
-        if self.objective.loss.uses_ratio or config.kl_coef > 0:
+        if self.objective.loss.uses_ratio or config.kl_coef > 0 or self.objective.loss.paired:
             disable_dropout(model)
             warning = sampling_mismatch(config, generation.temperature, generation.top_p,
                                         generation.top_k)
@@ -125,8 +133,12 @@ class PolicyTrainer:
         self._gap = {}
         if self.objective.loss.uses_ratio:
             examples = self._with_old_log_probs(examples)
+        if self.objective.loss.paired:  # the reference, once per stage (every process: FSDP)
+            with self._autocast():
+                set_reference_log_probs(self.accelerator.unwrap_model(self.model), examples,
+                                        self.pad_id, self.accelerator.device, cfg)
         self._stats = {"clipped": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "tokens": 0.0,
-                       "kl": 0.0}
+                       "kl": 0.0, **dict.fromkeys(PAIR_STATS, 0.0)}
         self._stage = stage
         self.model.train()
         per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
@@ -194,6 +206,8 @@ class PolicyTrainer:
                           "train/ratio_mean": ratio_sum / tokens, "train/ratio_max": ratio_max})
         if cfg.kl_coef > 0 and tokens:
             stats["train/kl_penalty"] = kl / tokens
+        if self.objective.loss.paired:
+            stats.update(pair_metrics(acc, s))
         return stats
 
     def _optimizer_step(self, step_examples: list[Example]) -> tuple[float, int, int, float]:
@@ -218,13 +232,15 @@ class PolicyTrainer:
             chunk = mine[i * cfg.micro_batch_size : (i + 1) * cfg.micro_batch_size]
             weight = scale if chunk else 0.0
             chunk = chunk or step_examples[:1]
-            batch = {k: v.to(acc.device) for k, v in collate(chunk, self.pad_id).items()}
+            batch = {k: v.to(acc.device) for k, v in collate(sequences(chunk),
+                                                             self.pad_id).items()}
             sync = i == n_micro - 1
             # DeepSpeed steps inside backward unless told the step is not over yet.
             acc.sync_gradients = sync
             with nullcontext() if sync else acc.no_sync(self.model):
                 with self._autocast():
-                    loss_sum = self._loss(batch, chunk, count=bool(weight))
+                    loss_sum = self._loss(batch, chunk, bool(weight),
+                                          denominator / len(step_examples))
                 acc.backward(loss_sum * weight)
             step_loss += float(loss_sum.detach()) if weight else 0.0
         # max_norm = inf measures without clipping (the norm is over all processes' shards).
@@ -264,14 +280,20 @@ class PolicyTrainer:
                 device, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
             yield
 
-    def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool
-              ) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], chunk: list[Example], count: bool,
+              per_example: float) -> torch.Tensor:
         """The objective's loss on one micro-batch, aggregated as `training.loss_aggregation`
-        says (the step divides it by `step_denominator`); with `count`, its ratio and KL
-        statistics are added to the stage's."""
+        says (the step divides it by `step_denominator`, `per_example` times its examples);
+        with `count`, its ratio, KL or pair statistics are added to the stage's."""
         cfg = self.config
         nll = token_nll(self.model, batch, self.temperature)
         mask = (batch["labels"][:, 1:] != IGNORE).float()
+        if self.objective.loss.paired:
+            loss, stats = self.objective.loss.paired(-nll, mask, chunk, cfg, per_example)
+            if count:
+                for key, value in stats.items():
+                    self._stats[key] += value
+            return loss
         if (self.objective.loss.plain_nll and cfg.kl_coef == 0
                 and cfg.loss_aggregation == "token_mean"):
             if count:
