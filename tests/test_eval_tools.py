@@ -72,3 +72,21 @@ def test_sampled_trajectories_are_judged_per_sample(model, tok, scripted):
     assert metrics["eval/sampled_accuracy"] == 0.5 and "eval/kl_to_initial" not in metrics
     assert [list(s["correct"].values()) for s in items[0]["samples"]] == [[True], [True]]
     assert "turns" in items[0]["samples"][0]
+
+
+def test_raftlm_eval_with_a_tool_rolls_out_and_writes_the_turns(tiny_model_dir, scripted,
+                                                                tmp_path):
+    import json
+
+    from raftlm.cli import main as cli_main
+
+    scripted[:] = [CALL, "It is 408."]
+    (tmp_path / "products.jsonl").write_text(
+        json.dumps({"prompt": "What is 12 * 34?", "answer": "408"}) + "\n")
+    output = tmp_path / "out.json"
+    assert cli_main(["eval", str(tiny_model_dir), "--file", str(tmp_path / "products.jsonl"),
+                     "--tool", "calculator", "--max-new-tokens", "200", "--output",
+                     str(output), "--quiet"]) == 0
+    assert json.loads(output.read_text())["eval/products/accuracy"] == 1.0
+    [row] = [json.loads(line) for line in (tmp_path / "out.items.jsonl").open()]
+    assert [t["role"] for t in row["turns"]] == ["assistant", "tool", "assistant"]

@@ -6,6 +6,11 @@ Both render prompts with the chat template and system prompt of training
 (`raftlm.sampling.generate`). The sampler returns whole responses, so chat streams by
 decoding a few tokens per call and continuing from them (each call prefills the conversation
 again: fine for chat-sized models and replies).
+
+With tools (a tool run's `rollout` section, or `--tool`), both run the tool loop of training
+(`raftlm.agents.roll_out`): the model writes, its calls run, it reads their results and
+writes again, with the run's `tool_choice`; each turn is shown as it came (chat does not stream
+then: a turn is shown once the loop has it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from raftlm.agents import messages as turn_messages
+from raftlm.agents import roll_out
 from raftlm.config import GenerationConfig
 from raftlm.data.prompts import PromptRecord, render_chat
 from raftlm.errors import InvalidInput
@@ -42,6 +49,7 @@ class SampleResult:
     text: str
     finish_reason: str
     reward: float | None  # None: no reward configured, or it could not score this prompt
+    turns: list[dict] | None = None  # with tools: the trajectory's turns (calls, results)
 
 
 def sample_responses(target: Target, prompt: str, n: int, generation: GenerationConfig,
@@ -52,10 +60,17 @@ def sample_responses(target: Target, prompt: str, n: int, generation: Generation
     Returns the results and, when the reward could not be computed, why (e.g. a column it
     needs, such as `answer`, was not given).
     """
-    text, ids = render_chat(prompt, target.tokenizer, target.config.data.system_prompt)
-    record = PromptRecord(0, prompt, text, ids, dict(columns or {}))
-    completions = generate(target.model, target.tokenizer, [ids], n, generation,
-                           seeds=sample_seeds(seed, 0, [0]), desc="sample")[0]
+    record = PromptRecord(0, prompt, "", [], dict(columns or {}))
+    if target.config.rollout is not None:  # the tool loop, first turns seeded as below
+        config = dataclasses.replace(target.config, generation=generation,
+                                     run=dataclasses.replace(target.config.run, seed=seed))
+        rolled = roll_out(target.model, target.tokenizer, [record], [n], config, 0)
+        record, completions = rolled.prompts[0], rolled.rows[0]
+    else:
+        text, ids = render_chat(prompt, target.tokenizer, target.config.data.system_prompt)
+        record = dataclasses.replace(record, text=text, token_ids=ids)
+        completions = generate(target.model, target.tokenizer, [ids], n, generation,
+                               seeds=sample_seeds(seed, 0, [0]), desc="sample")[0]
     rewards: list[float | None] = [None] * n
     problem = None
     if target.run_dir is not None:
@@ -64,8 +79,32 @@ def sample_responses(target: Target, prompt: str, n: int, generation: Generation
             rewards = [None if np.isnan(s) else float(s) for s in scores]
         except (RewardError, TypeError, ValueError) as err:
             problem = f"{err} (pass the columns the reward needs with --column KEY=VALUE)"
-    results = [SampleResult(c.text, c.finish_reason, r) for c, r in zip(completions, rewards)]
+    results = [SampleResult(c.text, c.finish_reason, r, getattr(c, "turns", None))
+               for c, r in zip(completions, rewards)]
     return results, problem
+
+
+def tool_reply(target: Target, messages: list[dict], generation: GenerationConfig,
+               write: Callable[[str], Any], seed: int = 0) -> list[dict]:
+    """The model's turns after `messages` through the tool loop (calls run, results read),
+    each written as it came; returns them as chat messages."""
+    config = dataclasses.replace(target.config, generation=generation,
+                                 run=dataclasses.replace(target.config.run, seed=seed))
+    record = PromptRecord(0, [dict(m) for m in messages], "", [], {})
+    (trajectory,) = roll_out(target.model, target.tokenizer, [record], [1], config,
+                             len(messages)).rows[0]
+    for turn in trajectory.turns:
+        write(format_turn(turn))
+    return turn_messages(trajectory) or []
+
+
+def format_turn(turn: dict) -> str:
+    """One turn of a trajectory as a line of the terminal: the model's text, or a tool's
+    result (`[calculator] 408`) or error, or an environment's observation."""
+    if turn["role"] == "assistant":
+        return f"assistant> {turn['content']}\n"
+    name = turn.get("name") or "environment"
+    return f"  [{name}] {turn['content']}\n"
 
 
 def stream_reply(target: Target, messages: list[dict], generation: GenerationConfig,
@@ -126,6 +165,9 @@ def chat(target: Target, generation: GenerationConfig, read_line: Callable[[str]
             write(f"unknown command {command}; /help lists them\n")
             continue
         messages.append({"role": "user", "content": line})
+        if target.config.rollout is not None:
+            messages += tool_reply(target, messages, generation, write, seed=len(messages))
+            continue
         write("assistant> ")
         reply = stream_reply(target, messages, generation, write, seed=len(messages))
         write("\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raftlm.errors import InvalidInput
-from raftlm.tools.args import add_quiet_arg, add_threads_arg
+from raftlm.tools.args import add_quiet_arg, add_threads_arg, add_tool_args, with_tools
 
 # A chat reply's default length: a conversation's, not the run's `generation.max_new_tokens`
 # (sized for the task's answers, often a few dozen tokens).
@@ -35,18 +35,20 @@ def generation_settings(args: argparse.Namespace, target: Any) -> Any:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from raftlm.run.threads import configure_threads
-    from raftlm.tools.chat import sample_responses
+    from raftlm.tools.chat import format_turn, sample_responses
     from raftlm.tools.target import load_target
 
     columns = dict(parse_column(c) for c in args.column)
     configure_threads(args.threads)
     target = load_target(args.target, args.stage)
+    target = dataclasses.replace(target, config=with_tools(target.config, args))
     results, problem = sample_responses(target, args.prompt, args.n,
                                         generation_settings(args, target), columns, args.seed)
     for i, result in enumerate(results, start=1):
         reward = "" if result.reward is None else f" reward {result.reward:.3f}"
         print(f"--- sample {i}/{len(results)}{reward} ({result.finish_reason})")
-        print(result.text)
+        print("".join(map(format_turn, result.turns)).rstrip("\n") if result.turns
+              else result.text)
     if problem:
         print(f"reward: not computed: {problem}")
     return 0
@@ -68,6 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     set_quiet(True)  # progress bars would interleave with the streamed reply
     configure_threads(args.threads)
     target = load_target(args.target, args.stage)
+    target = dataclasses.replace(target, config=with_tools(target.config, args))
     chat(target, generation_settings(args, target))
     return 0
 
@@ -246,6 +249,7 @@ def register(commands: Any) -> None:
                         help="A column for the reward, e.g. --column answer=42 (repeatable).")
     sample.add_argument("--seed", type=int, default=0, help="Sampling seed [default: 0].")
     add_sampling_args(sample, None)
+    add_tool_args(sample)
     add_quiet_arg(sample)
     sample.set_defaults(handler=cmd_sample)
 
@@ -257,6 +261,7 @@ def register(commands: Any) -> None:
     )
     add_target_args(chat)
     add_sampling_args(chat, CHAT_MAX_NEW_TOKENS)
+    add_tool_args(chat)
     chat.set_defaults(handler=cmd_chat)
 
     serve_reward = commands.add_parser(

@@ -21,7 +21,7 @@ from typing import Any
 from raftlm.config import RaftConfig
 from raftlm.config.evaluation import EXTRACTIONS, TASKS, EvalSet
 from raftlm.errors import InvalidInput
-from raftlm.tools.args import add_config_args, add_quiet_arg
+from raftlm.tools.args import add_config_args, add_quiet_arg, add_tool_args, with_tools
 
 PRESET_EXTRACTION = ["strict", "lenient"]  # both, where published numbers are compared
 SET_MAX_NEW_TOKENS = 256  # GSM8K's worked solutions run to ~150 tokens; eos stops earlier
@@ -66,6 +66,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="The JSON summary; the per-prompt rows go beside it as "
                              "<name>.items.jsonl [default: <checkpoint, run directory or "
                              "run.output_dir>/eval.json; a plain model: runs/eval/<model>/].")
+    add_tool_args(parser)  # a tool run's config rolls out with its tools without it
     add_quiet_arg(parser)
 
 
@@ -81,6 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise InvalidInput("no evaluation set: give --preset NAME or --file PATH (or --config "
                            "with a held-out set)")
     config, checkpoint, default_dir = eval_target(args)
+    config = with_tools(config, args)  # evaluation then rolls out with them (per-item turns)
     summary, items = evaluate_checkpoint(config, checkpoint, sets)
     summary = json_safe({"model": str(args.model or config.model.path), **summary})
     output = args.output or default_dir / "eval.json"
