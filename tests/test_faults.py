@@ -3,7 +3,8 @@ space, and then resumed, ends exactly as the uninterrupted run: same metrics (ti
 candidate files, same checkpoints and final weights, no stray temporary files.
 
 `make chaos` runs the SIGKILL test with RAFTLM_CHAOS_KILLS=100 (20 here), once per
-`raft.sampling` mode (fixed, dynamic, gvm); docs/resume.md has its result. Killed processes
+`raft.sampling` mode (fixed, dynamic, gvm) and, under `make chaos` only, on a multi-turn run
+(a scripted environment answering each turn); docs/resume.md has its result. Killed processes
 are real processes running `raftlm.cli.main`, forked from a forkserver that imported raftlm
 once (a fresh interpreter spends ~2.5 s importing torch, which
 would leave little time for killing anything else); one test kills `python -m raftlm` itself.
@@ -120,18 +121,40 @@ SAMPLING_MODES = {
 }
 
 
-@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES])
+# A multi-turn run (docs/agents.md): a scripted environment answers every model turn as a
+# deterministic tool would, so trajectories are journaled and each later turn continues its
+# trajectory's KV. `make chaos` only: three turns per trajectory make the run slower.
+MULTI_TURN = pytest.param("multi-turn", marks=pytest.mark.skipif(
+    "RAFTLM_CHAOS_KILLS" not in os.environ, reason="make chaos only"))
+STEPS = """
+class Steps:
+    def reset(self, prompt, answer, **row):
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        return f"{len(action)} characters", None, self.steps >= 3
+"""
+
+
+@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES, MULTI_TURN])
 def killed_run(request, workspace, forkserver, reference):
     """(workspace, uninterrupted snapshot, its wall time) of the run the SIGKILL test kills:
-    the shared one (fixed sampling), or one in a folder of its own per sampling mode."""
+    the shared one (fixed sampling), or one in a folder of its own per sampling mode and for
+    the multi-turn run."""
     if request.param == "fixed":
         return workspace, *reference
     root = workspace / request.param
     root.mkdir(exist_ok=True)
     config = yaml.safe_load((workspace / "config.yaml").read_text())
     config["run"]["output_dir"] = str(root / "run")
-    config["raft"].update(SAMPLING_MODES[request.param]["raft"])
-    config["selection"] = {"min_reward": 0.15}
+    if request.param == "multi-turn":
+        (root / "steps.py").write_text(STEPS)
+        config["rollout"] = {"environment": f"{root / 'steps.py'}:Steps", "max_turns": 3,
+                             "max_trajectory_tokens": 200}
+    else:
+        config["raft"].update(SAMPLING_MODES[request.param]["raft"])
+        config["selection"] = {"min_reward": 0.15}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root, *uninterrupted(forkserver, root)
 
