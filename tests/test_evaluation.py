@@ -144,6 +144,7 @@ def test_kl_is_positive_after_a_training_step(workspace, tiny_model_dir, lora):
 
 def test_every_stage_records_sampled_metrics_and_the_reward_spread(workspace, tiny_model_dir):
     config = make_config(workspace, tiny_model_dir, raft={"stages": 2},
+                         evaluation={"samples_per_prompt": 3, "sampled_every": 1},
                          tracking={"report": False})
     metrics = train(config).metrics
     for record in metrics:
@@ -164,6 +165,28 @@ def test_evaluation_every_n_stages_keeps_the_first_and_last(workspace, tiny_mode
                          evaluation={"every": 2, "sampled": False}, tracking={"report": False})
     metrics = train(config).metrics
     assert [("eval/accuracy" in r) for r in metrics] == [True, False, True, True]
+
+
+def test_by_default_only_the_last_stage_gets_sampled_metrics(workspace, tiny_model_dir):
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 2},
+                         tracking={"report": False})
+    metrics = train(config).metrics
+    assert [("eval/accuracy" in r) for r in metrics] == [True, True, True]
+    assert [any(key in r for key in SAMPLED_KEYS) for r in metrics] == [False, False, True]
+    assert all(key in metrics[2] for key in SAMPLED_KEYS)
+
+
+def test_sampled_every_n_stages_keeps_the_last(workspace, tiny_model_dir):
+    config = make_config(workspace, tiny_model_dir, raft={"stages": 3},
+                         evaluation={"samples_per_prompt": 3, "sampled_every": 2},
+                         tracking={"report": False})
+    metrics = train(config).metrics
+    assert [("eval/sampled_accuracy" in r) for r in metrics] == [True, False, True, True]
+
+
+def test_a_negative_sampled_every_is_named(workspace, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"evaluation.sampled_every: expected >= 0, got -1$"):
+        make_config(workspace, tiny_model_dir, evaluation={"sampled_every": -1})
 
 
 def test_sampled_evaluation_can_be_switched_off(workspace, tiny_model_dir):

@@ -66,6 +66,9 @@ class EvalConfig:
     kl_responses: int = option(64, "Responses the KL estimate uses (a forward each); 0 = all.")
     max_new_tokens: int | None = option(None, "Eval response cap; None = generation's.")
     every: int = option(1, "Evaluate after every N-th stage (stage 0 and the last always).")
+    sampled_every: int = option(
+        0, "Sampled metrics (every set's samples, the KL, diversity) at the evaluated "
+        "stages that are multiples of N; 0 = at the last stage only, which always gets them.")
     extraction: list[str] = option(
         ["auto"], "The held-out set's answer rules (as evaluation.sets[].extraction); auto: "
         "the reward's built-in check, else the last number where every answer is a number.",
@@ -80,9 +83,16 @@ class EvalConfig:
         """Raise ConfigError naming the field: each set's values, and names used once."""
         if not self.extraction:
             raise ConfigError(f"{where}.extraction: expected at least one rule, got []")
+        if self.sampled_every < 0:
+            raise ConfigError(f"{where}.sampled_every: expected >= 0, got {self.sampled_every}")
         names = set()
         for i, eval_set in enumerate(self.sets):
             eval_set.check(f"{where}.sets[{i}]")
             if eval_set.name in names:
                 raise ConfigError(f"{where}.sets[{i}].name: {eval_set.name!r} is used twice")
             names.add(eval_set.name)
+
+    def samples_at(self, stage: int, last: int) -> bool:
+        """Whether stage `stage` (of `last`) gets the sampled metrics (`sampled_every`)."""
+        every = self.sampled_every
+        return stage == last or (every > 0 and stage % every == 0)

@@ -22,6 +22,7 @@ response (pi_0's), not two.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,14 +52,18 @@ SAMPLING_STAGE = 0  # seeds of sampled eval: (run seed, 0, prompt id), never a t
 
 
 def evaluate(policy: Any, tokenizer: Any, prompts: PromptSet | None, reward: Reward,
-             config: RaftConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+             config: RaftConfig, sampled: bool = True
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics of `policy` (the unmerged training model) on the held-out `prompts` (None: none)
     and on every set of `evaluation.sets`; returns the metrics and one row per prompt and set
     (prompt, answer, responses, extracted answers, correct). With several processes the
-    sampling is split between them and every process computes the same metrics."""
+    sampling is split between them and every process computes the same metrics. `sampled`
+    False: greedy responses only, on every set (a stage `evaluation.sampled_every` skips)."""
     sets = [held_out_set(prompts, config)] if prompts is not None else []
-    return evaluate_sets(policy, tokenizer, sets + configured_sets(config, tokenizer), reward,
-                         config)
+    sets += configured_sets(config, tokenizer)
+    if not sampled:
+        sets = [dataclasses.replace(rset, samples=0) for rset in sets]
+    return evaluate_sets(policy, tokenizer, sets, reward, config)
 
 
 def evaluate_sets(policy: Any, tokenizer: Any, sets: list[ResolvedSet], reward: Reward,

@@ -108,7 +108,7 @@ def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
         start = time.perf_counter()
         with run.whole_policy() as policy:
             eval_metrics, items = evaluate(policy, run.tokenizer, run.eval_prompts, run.reward,
-                                           config)
+                                           config, config.evaluation.samples_at(stage, last))
         metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - start
         if run.accelerator.is_main_process:
