@@ -37,6 +37,7 @@ from raftlm.config.sections import (
     TrainingConfig,
     option,
 )
+from raftlm.config.teaching import active_hints
 
 # Old dotted name -> new one: a choice's knobs moved into the choice's own sub-section.
 MOVED = {
@@ -147,6 +148,7 @@ class RaftConfig:
             term.check(f"reward.terms[{i}]")
         if self.rollout is not None:
             self.rollout.check("rollout")
+        self._teaching_checks()
         self.evaluation.check("evaluation")
         for name, ok, expected in checks:
             if not ok:
@@ -159,6 +161,21 @@ class RaftConfig:
             raise ConfigError("data.eval_split: needs data.dataset")
         if self.data.eval_split and self.data.eval_file:
             raise ConfigError("data: set `eval_file` or `eval_split`, not both")
+
+    def _teaching_checks(self) -> None:
+        hints, teacher = active_hints(self), self.generation.teacher
+        if hints is not None:
+            hints.check("raft.hints")
+            if hints.accept_reward is None and self.selection.min_reward is None:
+                raise ConfigError("raft.hints.accept_reward: expected a number when "
+                                  "selection.min_reward is null (which reward counts as "
+                                  "solved), got None")
+        if teacher is not None:
+            teacher.check("generation.teacher")
+        if self.rollout is not None and (hints or teacher):
+            raise ConfigError(f"{'raft.hints' if hints else 'generation.teacher'}: expected no "
+                              "`rollout` section (hints and teachers answer single-turn "
+                              "prompts), got one")
 
     def _objective_checks(self) -> list[tuple[str, bool, str]]:
         t = self.training

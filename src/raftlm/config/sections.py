@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.rewards import JudgeConfig, RewardConfig, RewardTerm  # noqa: F401 (re-exported)
 from raftlm.config.schema import ConfigError, option
+from raftlm.config.teaching import HintsConfig, TeacherConfig  # noqa: F401 (re-exported)
 from raftlm.core.objectives import (
     ADVANTAGE_SCALES,
     LOSS_AGGREGATIONS,
@@ -113,6 +114,8 @@ class RaftStageConfig:
         choices=COLLECTORS, import_path=True)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     gvm: GvmConfig = field(default_factory=GvmConfig)
+    hints: HintsConfig | None = option(
+        None, "STaR hints for prompts nobody solved (docs/teaching.md); null: none.")
 
 
 @dataclass
@@ -134,6 +137,8 @@ class GenerationConfig:
     stop_strings: list[str] = option([], "Stop a response after any of these strings.")
     batch_size: int = option(64, "Sequences decoded together.")
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    teacher: TeacherConfig | None = option(
+        None, "Another model samples a share of each prompt's K (docs/teaching.md); null: none.")
 
 
 @dataclass

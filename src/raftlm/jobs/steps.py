@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from raftlm.config import RaftConfig
+from raftlm.config.teaching import active_hints
 from raftlm.data.prompts import PromptOrder, PromptRecord, load_prompt_sets
 from raftlm.jobs.workdir import (
     CANDIDATES_FILE,
@@ -85,6 +86,7 @@ class JobParts:
     config: RaftConfig
     tokenizer: Any = None
     reward: Reward | None = None
+    teacher: None = None  # `raftlm generate` refuses generation.teacher
 
 
 def policy_source(from_dir: Path | None) -> tuple[Checkpoint | None, dict[str, Any] | None]:
@@ -130,6 +132,10 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
             "the rewards of its earlier rounds, so sampling and scoring cannot be separate jobs; "
             "raftlm generate samples a fixed stage (b prompts x K): use raftlm train for it, or "
             "raft.collector=fixed")
+    if config.generation.teacher is not None or active_hints(config) is not None:
+        raise WorkMismatch(
+            "generation.teacher and raft.hints: raftlm generate samples the policy's own K "
+            "(hints depend on the stage's rewards); use raftlm train for them")
     set_threads(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()
     checkpoint, source = policy_source(from_dir)

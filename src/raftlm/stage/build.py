@@ -35,7 +35,9 @@ from raftlm.run.rundir import RunDir
 from raftlm.run.threads import configure_threads
 from raftlm.run.tracking import Tracker
 from raftlm.sampling.generate import GENERATION_BACKENDS
+from raftlm.sampling.teacher import Teacher, build_teacher, check_teacher
 from raftlm.stage.collectors import collector
+from raftlm.stage.hints import check_hint_answers
 from raftlm.stage.rank import expected_selected
 from raftlm.training.objectives import check_objective_config
 from raftlm.training.trainer import PolicyTrainer, planned_optimizer_steps
@@ -57,6 +59,7 @@ class Run:
     tracker: Tracker
     start_stage: int  # first stage still to run (1 for a fresh run)
     baseline_done: bool = False  # stage 0's evaluation is recorded (a resume kept it)
+    teacher: Teacher | None = None  # `generation.teacher` (a local one stays loaded)
 
     @property
     def policy(self) -> Any:
@@ -81,6 +84,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     set_threads(config)
     check_objective_config(config)
     collector(config.raft.collector).check(config)
+    check_teacher(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
     previous = previous_config(RunDir(config.run.output_dir)) if resume else None
     if previous is not None:
@@ -91,6 +95,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
     check_rollout(config, tokenizer)  # a tool or template that cannot work: now, not at stage 1
     train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
+    check_hint_answers(config, train_prompts)
     trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)
     prompt_order = PromptOrder(len(train_prompts), config.run.seed)
     start_stage = 1
@@ -113,6 +118,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         trainer=trainer, reward=build_offloaded_reward(config, trainer),
         train_prompts=train_prompts, eval_prompts=eval_prompts, prompt_order=prompt_order,
         tracker=tracker, start_stage=start_stage, baseline_done=baseline_done,
+        teacher=build_teacher(config, tokenizer, accelerator.device, dtype),
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from raftlm.agents import roll_out
 from raftlm.config import RaftConfig
+from raftlm.config.teaching import active_hints
 from raftlm.data.prompts import PromptOrder, PromptRecord, PromptSet
 from raftlm.models.distributed import gather, shard
 from raftlm.rewards.kinds import reward_fingerprint
@@ -33,6 +34,7 @@ from raftlm.rewards.reward import Reward, RewardResult, score
 from raftlm.run.journal import StageJournal
 from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import GENERATION_BACKENDS, generate, sample_seeds
+from raftlm.sampling.teacher import Teacher, teacher_seeds
 from raftlm.stage.rollouts import (
     Rollout,
     Rollouts,
@@ -50,6 +52,7 @@ class StageRun(Protocol):
     reward: Reward
     train_prompts: PromptSet
     prompt_order: PromptOrder
+    teacher: Teacher | None  # samples a share of each prompt's K (`generation.teacher`)
 
     def sampling_policy(self) -> AbstractContextManager[Any]: ...
 
@@ -84,12 +87,16 @@ class Collect:
     reward_rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by prompt id
     rounds: int = 0  # calls so far: the collector's rounds of sampling
 
-    def __call__(self, prompts: list[PromptRecord], counts: list[int]) -> Rollouts:
+    def __call__(self, prompts: list[PromptRecord], counts: list[int],
+                 shown: list[PromptRecord] | None = None) -> Rollouts:
+        """`shown[i]`, when given, is what the policy samples prompt i's new responses from
+        (STaR's hinted prompt, `hints.py`); they are scored and recorded as prompt i's."""
         self.rounds += 1
         mine = shard(list(range(len(prompts))))
         local = [prompts[i] for i in mine]
         with self.timer("generate"), self.run.sampling_policy() as policy:
-            responses = self.sample(policy, local, [counts[i] for i in mine])
+            responses = self.sample(policy, [(shown or prompts)[i] for i in mine],
+                                    [counts[i] for i in mine])
         with self.timer("reward"):
             rows = self.score(local, responses)
         # Every process names every term, so gather_rollouts' collectives match (a process may
@@ -118,9 +125,12 @@ class Collect:
         if GENERATION_BACKENDS[config.generation.backend].keeps_done:
             start, seeds, wanted = [0] * len(ids), sample_seeds(config.run.seed, stage, ids), counts
             done = {(i, j): have[i][j] if j < len(have[i]) else
-                    Completion(**journal.samples[(pid, j)])
+                    _journaled(journal.samples[(pid, j)])
                     for i, pid in enumerate(ids) for j in range(counts[i])
                     if j < len(have[i]) or (pid, j) in journal.samples}
+            if self.run.teacher is not None:  # its share first: the policy samples the rest
+                with self.timer("teacher"):
+                    done.update(self.teach(prompts, counts, done))
         else:
             start = [len(h) for h in have]
             wanted = [max(0, n - s) for n, s in zip(counts, start)]
@@ -138,6 +148,27 @@ class Collect:
                 for h, s, row, n in zip(have, start, new, counts)]
         self.samples.update(zip(ids, rows))
         return rows
+
+    def teach(self, prompts: list[PromptRecord], counts: list[int],
+              done: dict[tuple[int, int], Completion]) -> dict[tuple[int, int], Rollout]:
+        """The teacher's samples of each prompt: positions K - t .. K - 1 of its row (t of K,
+        `generation.teacher.share`), those in `done` kept, the rest sampled by the teacher
+        (seeded by run seed, stage, prompt id, sample index) and journaled as they finish."""
+        teacher, k = self.run.teacher, self.run.config.raft.samples_per_prompt
+        first = k - self.run.config.generation.teacher.samples(k)
+        ids = [p.id for p in prompts]
+
+        def rollout(c: Completion) -> Rollout:
+            return dataclasses.replace(Rollout.of(c), source=teacher.name, token_log_probs=None)
+
+        rows = teacher.sample(
+            self.run.config.generation, prompts, [max(0, min(n, k) - first) for n in counts],
+            teacher_seeds(self.run.config.run.seed, self.stage, ids),
+            {(i, j - first): c for (i, j), c in done.items() if first <= j < k},
+            lambda i, j, c: self.journal.add_sample(ids[i], first + j,
+                                                    dataclasses.asdict(rollout(c))))
+        return {(i, first + j): rollout(c) for i, row in enumerate(rows)
+                for j, c in enumerate(row)}
 
     def score(self, prompts: list[PromptRecord], responses: list[list[Rollout]]
               ) -> list[dict[str, Any]]:
@@ -194,6 +225,7 @@ def open_journal(folder: Path, process_index: int, config: RaftConfig,
               "samples_per_prompt": config.raft.samples_per_prompt,
               "generation": dataclasses.asdict(config.generation), "seed": config.run.seed,
               "scoring": reward_fingerprint(config.reward),
+              **({"hints": dataclasses.asdict(hints)} if (hints := active_hints(config)) else {}),
               **({"rollout": dataclasses.asdict(config.rollout)} if config.rollout else {})}
     journal = StageJournal(folder, process_index, header,
                            reuse=GENERATION_BACKENDS[config.generation.backend].keeps_done)
@@ -208,6 +240,12 @@ def _digest(value: Any) -> str:
 
 
 _EMPTY: dict[str, Any] = {"rewards": [], "terms": {}}
+
+
+def _journaled(sample: dict[str, Any]) -> Completion:
+    """A journaled sample: the policy's Completion, or a teacher's Rollout (it names its
+    source)."""
+    return Rollout(**sample) if "source" in sample else Completion(**sample)
 
 
 def _prefix(row: dict[str, Any], n: int) -> dict[str, Any]:

@@ -26,10 +26,12 @@ import numpy as np
 
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.config.registry import lookup
+from raftlm.config.teaching import active_hints
 from raftlm.core.collectors import gvm_allocation, logit_gradient_norm
 from raftlm.data.prompts import PromptRecord
 from raftlm.sampling.generate import GENERATION_BACKENDS
 from raftlm.stage.collect import Collect, StageRun
+from raftlm.stage.hints import with_hints
 from raftlm.stage.rank import ranked_view, useful_prompts
 from raftlm.stage.rollouts import Rollouts, concatenate
 
@@ -100,12 +102,17 @@ def collector(name: str) -> Collector:
 
 
 def collect_stage(run: StageRun, prompts: list[PromptRecord], collect: Collect) -> Rollouts:
-    """The configured collector's rollouts of the stage, with its `sampling/*` numbers."""
+    """The configured collector's rollouts of the stage (and `raft.hints`' hinted samples),
+    with their `sampling/*` numbers."""
     try:
         rollouts = collector(run.config.raft.collector).collect(run, prompts, collect)
+        stats = collector_stats(rollouts, run.config, collect.rounds)
+        if active_hints(run.config) is not None:  # STaR: unsolved prompts, with the answer
+            rollouts, hinted = with_hints(run, rollouts, collect)
+            stats.update(hinted)
     finally:
         collect.close()
-    rollouts.collector_stats = collector_stats(rollouts, run.config, collect.rounds)
+    rollouts.collector_stats = stats
     return rollouts
 
 

@@ -24,6 +24,8 @@ def candidate_rows(rollouts: Rollouts, mask: np.ndarray | None = None) -> list[d
             "selected": None if mask is None else bool(mask[p, j]),
             "finish_reason": response.finish_reason, "n_tokens": len(response.token_ids),
             **({"turns": response.turns} if response.turns else {}),  # a multi-turn rollout
+            # a teacher's sample, a STaR-hinted one (docs/teaching.md)
+            **{k: getattr(response, k) for k in ("source", "hint") if getattr(response, k, None)},
         }
         for p, (prompt, row) in enumerate(zip(rollouts.prompts, rollouts.responses))
         for j, response in enumerate(row)

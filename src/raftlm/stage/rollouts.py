@@ -35,6 +35,12 @@ class Rollout(Completion):
     # a multi-turn rollout's conversation after the prompt, turn by turn (chat messages: the
     # model's turns, tool results, errors); None for a single turn (`raftlm.agents`)
     turns: list[dict[str, Any]] | None = None
+    # who sampled it when not the policy on the prompt as given (docs/teaching.md): `source`
+    # names a teacher; `hint` is STaR's outcome for a response sampled with the answer as a
+    # hint (kept, quoted, wrong). Either way it carries no log-probs: they were not the
+    # policy's on this prompt, so objectives recompute pi_old.
+    source: str | None = None
+    hint: str | None = None
 
     @classmethod
     def of(cls, sampled: Completion, policy_stage: int | None = None) -> Rollout:
