@@ -184,6 +184,24 @@ def test_sampled_every_n_stages_keeps_the_last(workspace, tiny_model_dir):
     assert [("eval/sampled_accuracy" in r) for r in metrics] == [True, False, True, True]
 
 
+def test_sampling_fewer_evaluations_leaves_training_and_greedy_accuracy_alone(
+        workspace, tiny_model_dir):
+    def run(sampled_every: int, name: str) -> list[dict]:
+        config = make_config(workspace, tiny_model_dir, raft={"stages": 2},
+                             run={"output_dir": str(workspace / name)},
+                             evaluation={"samples_per_prompt": 3,
+                                         "sampled_every": sampled_every},
+                             tracking={"report": False})
+        return train(config).metrics
+
+    every, last_only = run(1, "every"), run(0, "last")
+    for a, b in zip(every, last_only, strict=True):
+        assert {k: v for k, v in a.items() if k.startswith(("train/", "tokens/"))} == {
+            k: v for k, v in b.items() if k.startswith(("train/", "tokens/"))}
+        assert a["eval/accuracy"] == b["eval/accuracy"]
+        assert a["eval/reward_mean"] == b["eval/reward_mean"]
+
+
 def test_a_negative_sampled_every_is_named(workspace, tiny_model_dir):
     with pytest.raises(ValueError, match=r"evaluation.sampled_every: expected >= 0, got -1$"):
         make_config(workspace, tiny_model_dir, evaluation={"sampled_every": -1})
