@@ -6,7 +6,8 @@ sampler with the training chat template and system prompt:
 
     POST /v1/chat/completions  {"model"?, "messages": [...], "max_completion_tokens"? (or
                                 "max_tokens"), "temperature"? (0 = greedy), "top_p"?, "n"?,
-                                "seed"?, "stop"?, "stream"?, "stream_options"?}
+                                "seed"?, "stop"?, "stream"?, "stream_options"?, "tools"?,
+                                "tool_choice"?}
     GET  /v1/models            the one model served;  GET /v1/models/{id}
     GET  /health
 
@@ -42,6 +43,7 @@ from raftlm.tools.serve_api import (
     usage,
 )
 from raftlm.tools.serve_batching import Batcher, Job
+from raftlm.tools.serve_tools import tool_prompt
 from raftlm.tools.target import Target
 
 
@@ -83,8 +85,13 @@ def openai_app(target: Target, name: str, max_batch_requests: int = 256) -> Any:
                 raise RequestError(f"The model '{chat.model}' does not exist (this server "
                                    f"serves '{name}')", "model", 404, "model_not_found")
             try:
-                _, prompt_ids = render_chat(chat.messages, target.tokenizer,
-                                            target.config.data.system_prompt)
+                if chat.tools:  # shown as rollouts show them, a forced call's opening after
+                    prompt_ids = tool_prompt(target.tokenizer, chat.messages,
+                                             target.config.data.system_prompt, chat.tools,
+                                             chat.tool_choice)
+                else:
+                    _, prompt_ids = render_chat(chat.messages, target.tokenizer,
+                                                target.config.data.system_prompt)
             except ValueError as err:  # e.g. a chat template that refuses the roles' order
                 raise RequestError(f"'messages': {err}", "messages") from None
         except RequestError as err:

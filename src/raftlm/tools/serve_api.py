@@ -7,8 +7,10 @@ Pure functions with no server in them, so the API's rules are readable in one pl
 - `content` is text or a list of content parts, of which only `{"type": "text"}` is supported;
 - `max_completion_tokens` (OpenAI's current name) wins over `max_tokens` (its old one);
 - values outside OpenAI's ranges (`max_tokens: -1`, `temperature: 3`) answer 400 naming the
-  field; settings raftlm's sampler cannot honour (`logprobs`, penalties, tools) answer 400 too,
-  instead of being silently ignored;
+  field; settings raftlm's sampler cannot honour (`logprobs`, penalties, `functions`) answer
+  400 too, instead of being silently ignored;
+- `tools` and `tool_choice` as OpenAI's: a call the model writes is answered as `tool_calls`
+  (`serve_tools.py`);
 - the stop string that ended a response is not part of `content` (as OpenAI and vLLM).
 """
 
@@ -20,6 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftlm.sampling.completion import Completion
+from raftlm.tools.serve_tools import (
+    ToolRequestError,
+    answer_message,
+    message_with_calls,
+    parse_tools,
+    stop_strings,
+)
 
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -28,8 +37,8 @@ MAX_N = 128  # OpenAI's limit on `n`
 # Settings the sampler cannot honour, with the value that means "off": any other value is
 # refused rather than ignored, since ignoring it would change what the client samples.
 UNSUPPORTED = {"logprobs": False, "top_logprobs": 0, "frequency_penalty": 0,
-               "presence_penalty": 0, "logit_bias": {}, "tools": [], "functions": [],
-               "tool_choice": "none", "function_call": "none"}
+               "presence_penalty": 0, "logit_bias": {}, "functions": [],
+               "function_call": "none"}
 
 
 class RequestError(ValueError):
@@ -65,6 +74,8 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    tools: tuple[dict[str, Any], ...] = ()  # JSON schemas shown to the model; () none
+    tool_choice: str = "auto"  # auto, required or a function's name (serve_tools.py)
 
     def sampling_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one sampler call (one generation config)."""
@@ -92,18 +103,27 @@ def parse_chat_request(body: Any) -> ChatRequest:
     stream_options = fields.get("stream_options", {})
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
+    try:
+        tools, tool_choice = parse_tools(fields)
+        messages = _messages(fields.get("messages"))
+    except ToolRequestError as err:
+        raise RequestError(str(err), err.param) from None
+    stream = _boolean(fields.get("stream", False), "stream")
+    if tools and stream:
+        raise RequestError("'stream' with 'tools' is not supported by raftlm serve", "stream")
     return ChatRequest(
         model=model,
-        messages=_messages(fields.get("messages")),
+        messages=messages,
         max_tokens=None if max_tokens is None else _integer(max_tokens, name, low=1),
         temperature=_number(fields.get("temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=_number(fields.get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
         n=_integer(fields.get("n", 1), "n", low=1, high=MAX_N),
         seed=None if "seed" not in fields else _integer(fields["seed"], "seed"),
-        stop=_stops(fields.get("stop", [])),
-        stream=_boolean(fields.get("stream", False), "stream"),
+        stop=_stops(fields.get("stop", [])) + stop_strings(tools),
+        stream=stream,
         include_usage=_boolean(stream_options.get("include_usage") or False,
                                "stream_options.include_usage"),
+        tools=tools, tool_choice=tool_choice,
     )
 
 
@@ -111,6 +131,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty list of {role, content}", "messages")
     messages = []
+    names: dict[str, str] = {}  # tool call ids -> their functions' names
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -118,7 +139,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
                                f"{sorted(ROLES)}, got {message!r:.80}", where)
         # OpenAI's `developer` messages are what chat templates call `system`.
         role = "system" if message["role"] == "developer" else message["role"]
-        messages.append({"role": role, "content": _text(message.get("content"), where)})
+        messages.append(message_with_calls({**message, "role": role},
+                                           _text(message.get("content"), where), where, names))
     return messages
 
 
@@ -189,10 +211,13 @@ def new_id() -> str:
 def completion_body(request: ChatRequest, model: str, completions: list[Completion],
                     prompt_tokens: int) -> dict[str, Any]:
     """The `chat.completion` answering a non-streamed request."""
-    choices = [{"index": i, "logprobs": None,
-                "message": {"role": "assistant", "content": without_stop(c.text, request.stop)},
-                "finish_reason": FINISH_REASONS[c.finish_reason]}
-               for i, c in enumerate(completions)]
+    choices = []
+    for i, c in enumerate(completions):
+        message, called = answer_message(c.text, request.tools, request.tool_choice)
+        if not called:
+            message["content"] = without_stop(message["content"], request.stop)
+        choices.append({"index": i, "logprobs": None, "message": message, "finish_reason":
+                        "tool_calls" if called else FINISH_REASONS[c.finish_reason]})
     return {"id": new_id(), "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completions)}
