@@ -160,6 +160,29 @@ def prompt_as_chat(row: dict[str, Any]) -> str:
     return "\n".join(f"{role}: {content}" for role, content in turns) if turns else text
 
 
+def response_html(row: dict[str, Any]) -> str:
+    """A candidate's response: a multi-turn rollout as a card per turn (the model's turns, each
+    tool's result or error, an environment's observation; a prefilled call opening greyed as
+    not the model's), else its text."""
+    e = html.escape
+    if not row.get("turns"):
+        return f'<pre class="response">{e(str(row.get("response", "")))}</pre>'
+    cards = []
+    for turn in row["turns"]:
+        role, content = str(turn.get("role", "?")), str(turn.get("content", ""))
+        label = role if role == "assistant" else f"{role} {turn.get('name') or ''}".strip()
+        if turn.get("error"):
+            label += f" (error: {turn['error']})"
+        prefilled = str(turn.get("prefilled") or "")
+        body = e(content)
+        if prefilled and content.startswith(prefilled):
+            body = (f'<span class="prefilled" title="prefilled (tool_choice): not the '
+                    f'model\'s">{e(prefilled)}</span>{e(content[len(prefilled):])}')
+        cards.append(f'<div class="turn {e(role)}"><span class="role">{e(label)}</span>'
+                     f'<pre>{body}</pre></div>')
+    return f'<div class="turns response">{"".join(cards)}</div>'
+
+
 def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
     """The report page; every value is HTML-escaped, every image inlined."""
     e = html.escape
@@ -183,8 +206,7 @@ def render_html(run: RunRecords, images: dict[str, tuple[str, bytes]]) -> str:
         f'<div class="example {kind.split()[0]}">'
         f'<h4>stage {stage}: {kind} (reward {_fmt(row["reward"])}{_terms(row)}'
         f'{", selected" if row.get("selected") else ""})</h4>'
-        f'<pre class="prompt">{e(prompt_as_chat(row))}</pre>'
-        f'<pre class="response">{e(str(row.get("response", "")))}</pre></div>'
+        f'<pre class="prompt">{e(prompt_as_chat(row))}</pre>{response_html(row)}</div>'
         for stage, kind, row in examples(run.candidates)
     )
     last = max(run.held_out, default=None)
@@ -279,6 +301,9 @@ th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f0f0f0; } td:first-child { text-align: left; }
 .example { border-left: 4px solid #2ca02c; padding-left: 0.8em; margin: 0.8em 0; }
 .example.worst { border-color: #d62728; } .example.all { border-color: #888; }
+.turn { border: 1px solid #ddd; border-radius: 4px; margin: 0.3em 0; padding: 0.2em 0.6em; }
+.turn.tool, .turn.user { background: #f6f6f6; margin-left: 2em; }
+.turn .role { font-size: 0.8em; color: #666; } .prefilled { color: #999; }
 .scroll { overflow-x: auto; }
 th:first-child, td:first-child { position: sticky; left: 0; background: #fff; }
 th:first-child { background: #f0f0f0; text-align: left; }
