@@ -298,6 +298,30 @@ def test_dpo_trains_with_every_collector_and_resumes_exactly(workspace, objectiv
         last["train/rewards_chosen"] - last["train/rewards_rejected"])
 
 
+class Killed(BaseException):
+    """Stands in for a SIGKILL in-process: nothing catches it."""
+
+
+def test_a_run_killed_while_dpo_trains_resumes_to_the_same_run(workspace, monkeypatch):
+    """The reference is recomputed from the stage's starting checkpoint: the same numbers."""
+    whole = train(RaftConfig.from_dict(dpo_config(workspace, "kill-whole", "rpo")))
+    original = PolicyTrainer.train
+
+    def killed_in_stage_2(self, examples, stage):
+        if stage == 2:
+            original(self, examples[:1], stage)  # one step taken, then the kill
+            raise Killed
+        return original(self, examples, stage)
+
+    monkeypatch.setattr(PolicyTrainer, "train", killed_in_stage_2)
+    config = RaftConfig.from_dict(dpo_config(workspace, "kill-resumed", "rpo"))
+    with pytest.raises(Killed):
+        train(config)
+    monkeypatch.setattr(PolicyTrainer, "train", original)
+    resumed = train(config, resume=True)
+    assert without_times(resumed.metrics) == without_times(whole.metrics)
+
+
 def test_two_processes_train_dpo_like_one(workspace):
     settings = {"dpo": {"pairs": "all_pairs", "rpo_alpha": 0.5}}
     one = train(RaftConfig.from_dict(dpo_config(workspace, "one", **settings)))
