@@ -136,8 +136,13 @@ class Steps:
         return f"{len(action)} characters", None, self.steps >= 3
 """
 
+# STaR hints (docs/teaching.md): each stage's hinted round is journaled and resumed like a
+# collector's round. `make chaos` only, so that `make test` stays short.
+HINTED = pytest.param("hints", marks=pytest.mark.skipif(
+    "RAFTLM_CHAOS_KILLS" not in os.environ, reason="make chaos only"))
 
-@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES, MULTI_TURN])
+
+@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES, MULTI_TURN, HINTED])
 def killed_run(request, workspace, forkserver, reference):
     """(workspace, uninterrupted snapshot, its wall time) of the run the SIGKILL test kills:
     the shared one (fixed sampling), or one in a folder of its own per sampling mode and for
@@ -152,8 +157,9 @@ def killed_run(request, workspace, forkserver, reference):
         (root / "steps.py").write_text(STEPS)
         config["rollout"] = {"environment": f"{root / 'steps.py'}:Steps", "max_turns": 3,
                              "max_trajectory_tokens": 200}
-    else:
-        config["raft"].update(SAMPLING_MODES[request.param]["raft"])
+    else:  # a sampling mode, or hints on the fixed collector
+        mode = SAMPLING_MODES.get(request.param, {"raft": {"hints": {"samples": 2}}})
+        config["raft"].update(mode["raft"])
         config["selection"] = {"min_reward": 0.15}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root, *uninterrupted(forkserver, root)

@@ -2,10 +2,11 @@
 hinted, what the hinted prompt is, what is kept and trained on (the original prompt's ids),
 exact resume inside the hinted round, and two processes agreeing with one."""
 
-import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from test_collectors import stage_rows
 from test_loop import REWARD_FILE, make_config
 from test_resume import Killed, snapshot
 from tiny import assert_same_run, write_digits_task
@@ -18,6 +19,7 @@ from raftlm.data.prompts import PromptRecord, PromptSet, render_chat
 from raftlm.run.journal import StageJournal
 from raftlm.run.rundir import RunDir
 from raftlm.stage.hints import check_hint_answers, hinted_prompt, quotes_hint
+from raftlm.stage.loop import RunResult
 from raftlm.training.trainer import PolicyTrainer
 
 # The digit share of the tiny model's responses: at >= 0.15 some prompts are solved, some not.
@@ -37,9 +39,37 @@ def config(workspace, model_dir, mode: dict = HINTS, **sections) -> RaftConfig:
     return make_config(workspace, model_dir, tracking={"report": False}, **merged)
 
 
-def stage_rows(run_dir, stage: int) -> list[dict]:
-    return [json.loads(line) for line in
-            (run_dir / f"stages/{stage:03d}/candidates.jsonl").read_text().splitlines()]
+def killed_and_resumed(run_config: RaftConfig, kill_at: int, monkeypatch
+                       ) -> tuple[RunResult, list[tuple[int, int]]]:
+    """`run_config`'s run killed as it journals its `kill_at`-th sample, then resumed: the
+    resumed run and the (prompt id, sample) pairs it sampled itself."""
+    RunDir.create(run_config.run.output_dir, overwrite=True)
+    original, calls = StageJournal.add_sample, Counter()
+
+    def die(self, prompt_id, sample, completion):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Killed
+        original(self, prompt_id, sample, completion)
+
+    monkeypatch.setattr(StageJournal, "add_sample", die)
+    with pytest.raises(Killed):
+        train(run_config)
+    sampled = []
+    monkeypatch.setattr(StageJournal, "add_sample", lambda self, *args: (
+        sampled.append(args[:2]), original(self, *args)))
+    return train(run_config, resume=True), sampled
+
+
+def in_two_processes(workspace, one: RaftConfig) -> Path:
+    """`one`'s run made by 2 processes (`accelerate launch`) in workspace/two."""
+    from test_distributed import accelerate_launch
+
+    two = RaftConfig.from_dict({**one.to_dict(), "run": {**one.to_dict()["run"],
+                                                         "output_dir": str(workspace / "two")}})
+    (workspace / "two.yaml").write_text(two.to_yaml())
+    accelerate_launch(workspace, "--config", str(workspace / "two.yaml"))
+    return workspace / "two"
 
 
 # What a hint is --------------------------------------------------------------------------------
@@ -161,25 +191,10 @@ def test_dynamic_sampling_takes_hints_for_the_prompts_it_drew_without_a_signal(
 def test_a_stage_killed_in_its_hinted_round_resumes_to_the_identical_run(
         workspace, tiny_model_dir, monkeypatch):
     reference = snapshot(train(config(workspace, tiny_model_dir)).run_dir)
-    hinted = sum(1 for r in stage_rows(workspace / "run", 1) if "hint" in r)
-    assert hinted >= 2
-    RunDir.create(workspace / "run", overwrite=True)
-    original, calls = StageJournal.add_sample, Counter()
+    assert sum(1 for r in stage_rows(workspace / "run", 1) if "hint" in r) >= 2
     kill_at = 12 + 2  # stage 1's first round writes 4 x 3 samples; die in the hinted round
-
-    def die(self, prompt_id, sample, completion):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
-            raise Killed
-        original(self, prompt_id, sample, completion)
-
-    monkeypatch.setattr(StageJournal, "add_sample", die)
-    with pytest.raises(Killed):
-        train(config(workspace, tiny_model_dir))
-    sampled = []
-    monkeypatch.setattr(StageJournal, "add_sample", lambda self, *args: (
-        sampled.append(args[:2]), original(self, *args)))
-    resumed = train(config(workspace, tiny_model_dir), resume=True)
+    resumed, sampled = killed_and_resumed(config(workspace, tiny_model_dir), kill_at,
+                                          monkeypatch)
     assert_same_run(snapshot(resumed.run_dir), reference)
     stage_one = len(stage_rows(resumed.run_dir, 1))
     stage_two = len(stage_rows(resumed.run_dir, 2))
@@ -196,16 +211,10 @@ def test_the_generate_job_refuses_hints(workspace, tiny_model_dir):
 
 @pytest.mark.slow  # one 2-process launch (~20 s)
 def test_two_processes_hint_the_same_prompts_as_one(workspace, tiny_model_dir):
-    from test_distributed import accelerate_launch
-
     one = config(workspace, tiny_model_dir, raft={"stages": 1, "prompts_per_stage": 3},
                  run={"output_dir": str(workspace / "one")})
     train(one)
-    two = RaftConfig.from_dict({**one.to_dict(), "run": {**one.to_dict()["run"],
-                                                         "output_dir": str(workspace / "two")}})
-    (workspace / "two.yaml").write_text(two.to_yaml())
-    accelerate_launch(workspace, "--config", str(workspace / "two.yaml"))
-    assert stage_rows(workspace / "two", 1) == stage_rows(workspace / "one", 1)
+    assert stage_rows(in_two_processes(workspace, one), 1) == stage_rows(workspace / "one", 1)
     ones, twos = (RunDir(workspace / name).read_metrics()[1] for name in ("one", "two"))
     assert ones["sampling/hinted_prompts"] >= 1
     assert {k: v for k, v in twos.items() if k.startswith("sampling/")} == {

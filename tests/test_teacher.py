@@ -3,20 +3,18 @@ OpenAI-compatible server (raftlm's own `serve`, on 127.0.0.1) sample the last sh
 prompt's K, tagged `source`; the policy's samples are those it draws anyway; exact resume; two
 processes agree with one."""
 
-import json
-from collections import Counter
 
 import pytest
+from test_collectors import stage_rows
+from test_hints import in_two_processes, killed_and_resumed
 from test_loop import REWARD_FILE, make_config
-from test_resume import Killed, snapshot
+from test_resume import snapshot
 from tiny import assert_same_run, save_tiny_bpe_model, save_tiny_model, write_digits_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raftlm import RaftConfig, train
 from raftlm.config import ConfigError, GenerationConfig
 from raftlm.data.prompts import render_chat
-from raftlm.run.journal import StageJournal
-from raftlm.run.rundir import RunDir
 from raftlm.sampling.generate import generate
 from raftlm.sampling.teacher import check_teacher, teacher_seeds
 from raftlm.tools.serve import openai_app
@@ -42,11 +40,6 @@ def config(workspace, model_dir, teacher: dict, **sections) -> RaftConfig:
     sections = {key: dict(value) for key, value in sections.items()}
     sections.setdefault("generation", {})["teacher"] = {"share": 0.34, **teacher}
     return make_config(workspace, model_dir, tracking={"report": False}, **sections)
-
-
-def stage_rows(run_dir, stage: int) -> list[dict]:
-    return [json.loads(line) for line in
-            (run_dir / f"stages/{stage:03d}/candidates.jsonl").read_text().splitlines()]
 
 
 def test_the_teacher_samples_the_last_share_of_k_and_the_policy_what_it_samples_anyway(
@@ -116,24 +109,10 @@ def test_an_openai_compatible_server_teaches_as_reproducibly_as_it_samples(
 
 def test_a_stage_killed_among_teacher_samples_resumes_to_the_identical_run(
         workspace, tiny_model_dir, teacher_dir, monkeypatch):
-    settings = {"model": str(teacher_dir)}
-    reference = snapshot(train(config(workspace, tiny_model_dir, settings)).run_dir)
-    RunDir.create(workspace / "run", overwrite=True)
-    original, calls = StageJournal.add_sample, Counter()
-
-    def die(self, prompt_id, sample, completion):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the teacher samples first: 2 of its 4 are journaled
-            raise Killed
-        original(self, prompt_id, sample, completion)
-
-    monkeypatch.setattr(StageJournal, "add_sample", die)
-    with pytest.raises(Killed):
-        train(config(workspace, tiny_model_dir, settings))
-    sampled = []
-    monkeypatch.setattr(StageJournal, "add_sample", lambda self, *args: (
-        sampled.append(args[:2]), original(self, *args)))
-    resumed = train(config(workspace, tiny_model_dir, settings), resume=True)
+    taught = config(workspace, tiny_model_dir, {"model": str(teacher_dir)})
+    reference = snapshot(train(taught).run_dir)
+    # The teacher samples first: 2 of its 4 samples of stage 1 are journaled.
+    resumed, sampled = killed_and_resumed(taught, 3, monkeypatch)
     assert_same_run(snapshot(resumed.run_dir), reference)
     assert len(sampled) == 2 * 12 - 2  # the two journaled teacher samples were reused
 
@@ -141,16 +120,9 @@ def test_a_stage_killed_among_teacher_samples_resumes_to_the_identical_run(
 @pytest.mark.slow  # one 2-process launch (~20 s)
 def test_two_processes_with_a_teacher_and_hints_agree_with_one(workspace, tiny_model_dir,
                                                                teacher_dir):
-    from test_distributed import accelerate_launch
-
     one = config(workspace, tiny_model_dir, {"model": str(teacher_dir)},
                  raft={"stages": 1, "prompts_per_stage": 3, "hints": {"samples": 2}},
                  selection={"min_reward": 0.3}, run={"output_dir": str(workspace / "one")})
-    train(one)
-    two = RaftConfig.from_dict({**one.to_dict(), "run": {**one.to_dict()["run"],
-                                                         "output_dir": str(workspace / "two")}})
-    (workspace / "two.yaml").write_text(two.to_yaml())
-    accelerate_launch(workspace, "--config", str(workspace / "two.yaml"))
-    rows = stage_rows(workspace / "one", 1)
-    assert stage_rows(workspace / "two", 1) == rows
+    rows = stage_rows(train(one).run_dir, 1)
+    assert stage_rows(in_two_processes(workspace, one), 1) == rows
     assert any(r.get("source") for r in rows) and any(r.get("hint") for r in rows)
