@@ -188,6 +188,21 @@ def test_dynamic_sampling_takes_hints_for_the_prompts_it_drew_without_a_signal(
     assert metrics["sampling/prompts_drawn"] == len({r["prompt_id"] for r in rows}) > 4
 
 
+def test_after_gvm_the_hinted_samples_continue_each_prompts_own_count(workspace,
+                                                                     tiny_model_dir):
+    result = train(config(workspace, tiny_model_dir, raft={
+        "collector": "gvm", "gvm": {"first_samples": 2, "max_samples": 6}, "stages": 1}))
+    by_prompt: dict[int, list[dict]] = {}
+    for row in stage_rows(result.run_dir, 1):
+        by_prompt.setdefault(row["prompt_id"], []).append(row)
+    hinted = {pid: rows for pid, rows in by_prompt.items() if any("hint" in r for r in rows)}
+    assert hinted
+    for rows in hinted.values():
+        own = [r for r in rows if "hint" not in r]
+        assert [r["sample"] for r in rows] == list(range(len(own) + 2))
+        assert all(r["reward"] < 0.15 for r in own)
+
+
 def test_a_stage_killed_in_its_hinted_round_resumes_to_the_identical_run(
         workspace, tiny_model_dir, monkeypatch):
     reference = snapshot(train(config(workspace, tiny_model_dir)).run_dir)
