@@ -16,7 +16,7 @@ from raftlm import RaftConfig, train
 from raftlm.config import ConfigError, GenerationConfig
 from raftlm.data.prompts import render_chat
 from raftlm.sampling.generate import generate
-from raftlm.sampling.teacher import check_teacher, teacher_seeds
+from raftlm.sampling.teacher import TeacherFailed, check_teacher, teacher_seeds
 from raftlm.tools.serve import openai_app
 from raftlm.tools.serve_reward import serving
 from raftlm.tools.target import load_target
@@ -105,6 +105,18 @@ def test_an_openai_compatible_server_teaches_as_reproducibly_as_it_samples(
     assert [r["sample"] for r in taught] == [2] * 4
     assert all(r["n_tokens"] <= 6 for r in taught)
     assert {r["finish_reason"] for r in taught} <= {"eos", "length"}
+
+
+def test_a_teacher_server_that_is_down_stops_the_stage_in_one_line(workspace, tiny_model_dir):
+    import socket
+
+    with socket.socket() as free:  # a port nobody listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(TeacherFailed, match=f"generation.teacher: POST http://127.0.0.1:{port}"
+                                            "/v1/chat/completions: .* samples failed"):
+        train(config(workspace, tiny_model_dir, {"model": SERVED, "timeout_s": 1,
+                                                 "base_url": f"http://127.0.0.1:{port}/v1"}))
 
 
 def test_a_stage_killed_among_teacher_samples_resumes_to_the_identical_run(
