@@ -42,6 +42,10 @@ def test_engine_runs_in_process_with_lora_rank_rounded_up_to_one_vllm_serves():
     assert kwargs["gpu_memory_utilization"] == 0.4
 
 
+def test_the_engine_caches_prefixes_so_an_agents_next_turn_reuses_its_trajectorys_kv():
+    assert engine_kwargs(GenerationConfig(), "/m", None, 1)["enable_prefix_caching"] is True
+
+
 def test_tensor_parallel_engines_need_a_single_process():
     config = GenerationConfig(vllm=VllmConfig(tensor_parallel_size=2))
     assert "distributed_executor_backend" not in engine_kwargs(config, "/m", None, 1)
