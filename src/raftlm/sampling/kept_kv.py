@@ -79,7 +79,8 @@ class KVStore:
 @dataclass(frozen=True)
 class KeepKV:
     """A sampler call's use of a store: sample j of prompt i (indices of the call) is stored
-    sequence `key(i, j)`, continued from the store when there and kept there when it ends."""
+    sequence `key(i, j)`, continued from the store when there and kept there when it ends.
+    Keys are distinct within a call (one row per sequence)."""
 
     store: KVStore
     key: Callable[[int, int], Hashable]
