@@ -79,6 +79,19 @@ def test_rank_pairs_eligible_distinct_responses_and_counts_them():
     assert len(examples) == 1  # the repeat of "a" gives no second pair
 
 
+def test_a_prompt_is_useful_to_dpo_when_it_gives_a_pair():
+    """What the dynamic collector asks: a pair after the filters and without repeats (a prompt
+    whose only different answer is a repeat of another, or filtered out, gives none)."""
+    texts = [["xx", "yy", "zz"], ["xx", "xx", "yy"], ["xx", "yy", "zz"], ["xx", "y", "zz"]]
+    prompts = [type("P", (), {"id": f"p{i}", "token_ids": [5, i]})() for i in range(4)]
+    responses = [[Rollout(t, [10] * len(t), "eos") for t in row] for row in texts]  # 1 per char
+    rewards = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    config = RaftConfig.from_dict({"data": {"task": "arithmetic"}}, [
+        "training.objective=dpo", "selection.min_response_tokens=2"])  # "y" is too short
+    assert rank.useful_prompts(Rollouts(prompts, responses, rewards), config).tolist() == [
+        True, False, False, True]
+
+
 # The loss, as TRL computes it ----------------------------------------------------------------
 
 def trl_sigmoid_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
