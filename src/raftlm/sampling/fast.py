@@ -53,7 +53,7 @@ from raftlm.sampling.decoding import (
     decode_step,
     packed_linears,
 )
-from raftlm.sampling.kept_kv import KeepKV, continued_kv
+from raftlm.sampling.kept_kv import ContinuedKV, KeepKV
 
 __all__ = ["choose_tokens", "sample", "uniform"]
 
@@ -130,11 +130,11 @@ def sample(
     batch = _Batch(max(2, min(batch_size, len(queue))))
     cache = SlotCache(model.config.get_text_config().num_hidden_layers,
                       max_len=max(len(p) for p in prompts) + max_new_tokens + 2)
-    continued = set() if keep_kv is None else {
-        (i, j) for i, j in queue if keep_kv.key(i, j) in keep_kv.store}
+    on_prefill = None if progress is None else (
+        lambda tokens, seconds: count_prefilled(progress, tokens, seconds))
+    continued = ContinuedKV(model, prompts, keep_kv, queue, device, on_prefill)
     prompt_kv = PromptKV(model, prompts, [q for q in queue if q not in continued], device,
-                         on_prefill=None if progress is None else
-                         lambda tokens, seconds: count_prefilled(progress, tokens, seconds))
+                         on_prefill=on_prefill)
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
         while queue or batch.running():
@@ -147,11 +147,8 @@ def sample(
             if admitted:
                 prompt_kv.copy_into(cache, [a for a in admitted if a[1:] not in continued],
                                     batch.width)
-                for r, i, j in admitted:
-                    if (i, j) in continued and len(prompts[i]) > 1:
-                        held = keep_kv.store.take(keep_kv.key(i, j))
-                        cache.fill([r], continued_kv(model, held, prompts[i], device),
-                                   batch.width)
+                continued.copy_into(cache, [a for a in admitted if a[1:] in continued],
+                                    batch.width)
             logits = decode_step(model, cache, *batch.inputs(device))
             chosen, log_probs = _choose(logits, batch, filters)
             if progress is not None:
@@ -162,10 +159,7 @@ def sample(
                     if row is not None:
                         on_token(row.prompt, row.sample, row.ids)
             for r, row, reason in finished:
-                if keep_kv is not None:  # all its tokens but the last, never fed
-                    keep_kv.store.keep(keep_kv.key(row.prompt, row.sample),
-                                       prompts[row.prompt] + row.ids[:-1],
-                                       cache.row_kv(r, row.pos + 1))
+                continued.keep(cache, r, row.prompt, row.sample, row.ids)
                 results[row.prompt][row.sample] = (row.ids, reason, row.log_probs)
                 if on_finish is not None:
                     on_finish(row.prompt, row.sample, results[row.prompt][row.sample])

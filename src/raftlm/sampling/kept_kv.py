@@ -21,13 +21,15 @@ sequence alone, never on its batch: the prefill on top is a forward of that row 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import time
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from raftlm.models.loading import cache_keyword, forward_cache
+from raftlm.sampling.decoding import SlotCache
 
 KEEP_BYTES = 8 * 2**30
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, dim]
@@ -86,15 +88,55 @@ class KeepKV:
     key: Callable[[int, int], Hashable]
 
 
+class ContinuedKV:
+    """A sampler call's side of `KeepKV`: which of its (prompt, sample) rows continue a stored
+    sequence, their KV copied in on admission, and every finished row's KV kept (nothing
+    without a `KeepKV`)."""
+
+    def __init__(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                 keep: KeepKV | None, queue: Collection[tuple[int, int]], device: torch.device,
+                 on_prefill: Callable[[int, float], None] | None = None):
+        self.model, self.prompts, self.keep_kv, self.device = model, prompts, keep, device
+        self.on_prefill = on_prefill  # (tokens, seconds) of each prefill on top of a store's KV
+        self.rows = set() if keep is None else {
+            (i, j) for i, j in queue if keep.key(i, j) in keep.store}
+
+    def __contains__(self, row: tuple[int, int]) -> bool:
+        return row in self.rows
+
+    def copy_into(self, cache: SlotCache, taken: list[tuple[int, int, int]], width: int
+                  ) -> None:
+        """Fill each batch row of ``taken`` = [(row, prompt, sample)] with its sequence's KV:
+        the store's, and the prompt's tokens past it prefilled on top."""
+        for r, i, j in taken:
+            held = self.keep_kv.store.take(self.keep_kv.key(i, j))
+            if len(self.prompts[i]) == 1:
+                continue  # nothing to cache: the only token is the first decode input
+            start = time.perf_counter()
+            layers, prefilled = continued_kv(self.model, held, self.prompts[i], self.device)
+            cache.fill([r], layers, width)
+            if prefilled and self.on_prefill is not None:
+                self.on_prefill(prefilled, time.perf_counter() - start)
+
+    def keep(self, cache: SlotCache, r: int, i: int, j: int, ids: list[int]) -> None:
+        """Keep the KV of batch row r, sample j of prompt i, which finished with `ids`: every
+        token but the last, which was never fed."""
+        if self.keep_kv is not None:
+            length = len(self.prompts[i]) + len(ids) - 1
+            self.keep_kv.store.keep(self.keep_kv.key(i, j), list(self.prompts[i]) + ids[:-1],
+                                    cache.row_kv(r, length))
+
+
 def continued_kv(model: torch.nn.Module, held: Held, prompt: Sequence[int],
-                 device: torch.device) -> LayerKV:
+                 device: torch.device) -> tuple[LayerKV, int]:
     """The KV of `prompt[:-1]` (its last token is the row's first decode input): the held KV of
-    the prefix the prompt shares with `held.ids`, the rest prefilled on top of it."""
+    the prefix the prompt shares with `held.ids`, the rest prefilled on top of it; and how many
+    tokens that prefilled."""
     n = len(prompt) - 1
     same = _common_prefix(held.ids, prompt, n)
     layers = [(keys[:, :same], values[:, :same]) for keys, values in held.layers]
     if same == n:
-        return layers
+        return layers, 0
     options = {}
     if same:
         options[cache_keyword(model)] = DynamicCache([(k[None], v[None]) for k, v in layers])
@@ -102,7 +144,7 @@ def continued_kv(model: torch.nn.Module, held: Held, prompt: Sequence[int],
     positions = torch.arange(same, n, device=device)[None]
     out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                 **options)
-    return [(layer.keys[0], layer.values[0]) for layer in forward_cache(out).layers]
+    return [(layer.keys[0], layer.values[0]) for layer in forward_cache(out).layers], n - same
 
 
 def _common_prefix(held: list[int], prompt: Sequence[int], limit: int) -> int:
