@@ -95,6 +95,13 @@ def test_a_store_keeps_nothing_past_its_limit_and_frees_what_it_hands_over():
     assert "b" in store
 
 
+def test_sequences_past_the_stores_limit_are_prefilled_whole_at_their_next_turn(tok, model):
+    store = KVStore(limit_bytes=0)
+    contexts = [PROMPT + s.token_ids + OBSERVATION for s in first_turns(model, tok, store)]
+    assert len(store) == 0
+    assert next_turns(model, tok, contexts, store) == next_turns(model, tok, contexts)
+
+
 COUNTER = '''
 class Counter:
     def reset(self, prompt, **row):
