@@ -14,16 +14,29 @@ from raftlm.agents.tools import load_tools
 from raftlm.config import ConfigError
 
 scripted = test_agents_rollout.scripted  # the fixture: the sampler replaced by a script
-OPENING = '<tool_call>{"name": "calculator", "arguments": {'
+OPENING = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
 
 
-def test_a_named_tool_opens_the_first_turn_with_its_call_up_to_the_arguments():
-    assert forced_opening("calculator", ["calculator"]) == OPENING
+def schema(name, **parameters):
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {k: {"type": v} for k, v in parameters.items()},
+        "required": list(parameters)}}}
+
+
+def test_a_named_tool_of_one_string_parameter_opens_the_call_up_to_its_value():
+    assert forced_opening("calculator", [t.schema for t in load_tools(["calculator"])]) == OPENING
     assert CALL.startswith(OPENING)  # the bytes of the prompt's example call
 
 
+def test_a_named_tool_opens_as_far_as_its_schema_decides_the_bytes():
+    assert forced_opening("square", [schema("square", x="integer")]) == (
+        '<tool_call>{"name": "square", "arguments": {"x": ')
+    assert forced_opening("add", [schema("add", a="integer", b="integer")]) == (
+        '<tool_call>{"name": "add", "arguments": {')
+
+
 def test_required_opens_the_call_up_to_the_tools_name_and_auto_opens_nothing():
-    assert forced_opening("required", ["calculator"]) == '<tool_call>{"name": "'
+    assert forced_opening("required", [schema("add", a="integer")]) == '<tool_call>{"name": "'
     assert TOOL_CHOICES["auto"].opening == ""
 
 
@@ -73,5 +86,6 @@ def test_auto_prefills_nothing(tok, scripted, tmp_path):
                                      {"environment": "envs.py:Counter",
                                       "tool_choice": "required"}])
 def test_a_tool_choice_that_names_no_tool_is_refused_naming_the_field(tok, tmp_path, rollout):
-    with pytest.raises(ConfigError, match=r"^rollout\.tool_choice: expected auto, required"):
+    with pytest.raises(ConfigError, match=r"^rollout\.tool_choice: expected auto, required or a "
+                                          r"tool's name \((calculator|no tools)\), got"):
         check_rollout(config_with(tmp_path, **rollout), tok)

@@ -65,7 +65,7 @@ def test_cli_sample_prints_each_trajectory_turn_by_turn(model_dir, scripted, cap
 
 
 def test_a_forced_call_is_prefilled_in_chat_too(model_dir, scripted):
-    opening = '<tool_call>{"name": "calculator", "arguments": {'
+    opening = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
     scripted[:] = [CALL.removeprefix(opening), "It is 408."]
     target = tool_target(model_dir, tool_choice="calculator")
     results, _ = sample_responses(target, "What is 12 * 34?", 1, room(target))

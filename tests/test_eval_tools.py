@@ -10,7 +10,7 @@ from raftlm.evaluation.evaluate import evaluate
 from raftlm.rewards.reward import build_reward
 
 scripted = test_agents_rollout.scripted  # the fixture: the sampler replaced by a script
-OPENING = '<tool_call>{"name": "calculator", "arguments": {'
+OPENING = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
 
 
 def tool_config(**rollout):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from raftlm.run.report import RunRecords, render_html, response_html
 
-OPENING = '<tool_call>{"name": "calculator", "arguments": {'
+OPENING = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
 CALL = OPENING + '"expression": "12 * 34"}}</tool_call>'
 TURNS = [{"role": "assistant", "content": CALL, "prefilled": OPENING, "finish_reason": "stop"},
          {"role": "tool", "name": "calculator", "content": "408", "error": None},

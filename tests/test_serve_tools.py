@@ -18,7 +18,7 @@ from raftlm.tools.target import load_target
 
 NAME = "tiny-tools"
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>'
-OPENING = '<tool_call>{"name": "calculator", "arguments": {'
+OPENING = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
 CALCULATOR = {"type": "function", "function": {
     "name": "calculator", "description": "Exact arithmetic.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},

@@ -74,26 +74,43 @@ class ToolChoice:
 
 
 # `auto`: nothing, the model chooses. `required`: a call's opening up to the tool's name. A
-# tool's name (not a key here) forces that tool: its call's opening up to the arguments. The
-# bytes are format_call's, the default prompt's example call.
+# tool's name (not a key here) forces that tool: its call as far as its schema decides the bytes
+# (`forced_opening`). The bytes are format_call's, the default prompt's example call.
 TOOL_CHOICES: dict[str, ToolChoice] = {
     "auto": ToolChoice(""),
     "required": ToolChoice(format_call("", {}).partition('""')[0] + '"'),  # <tool_call>{"name": "
 }
 
 
-def forced_opening(tool_choice: str, tool_names: list[str]) -> str:
-    """The text a first turn starts with under `tool_choice` (a key of TOOL_CHOICES or one of
-    `tool_names`); ValueError naming the tools for anything else, and for a forced call
-    without tools (a step-shaped environment has none)."""
+def forced_opening(tool_choice: str, schemas: list[dict[str, Any]]) -> str:
+    """The text a first turn starts with under `tool_choice` (a key of TOOL_CHOICES or the name
+    of one of the tools, given by their JSON `schemas`); ValueError naming the tools for
+    anything else, and for a forced call without tools (a step-shaped environment has none)."""
+    names = [schema["function"]["name"] for schema in schemas]
     choice = TOOL_CHOICES.get(tool_choice)
     opening = None if choice is None else choice.opening
-    if opening is None and tool_choice in tool_names:
-        opening = format_call(tool_choice, {}).removesuffix("}}" + CALL_CLOSE)
-    if opening is None or (opening and not tool_names):
+    if opening is None and tool_choice in names:
+        opening = _forced_call(schemas[names.index(tool_choice)])
+    if opening is None or (opening and not names):
         raise ValueError(f"expected {', '.join(TOOL_CHOICES)} or a tool's name "
-                         f"({', '.join(tool_names) or 'no tools'}), got {tool_choice!r}")
+                         f"({', '.join(names) or 'no tools'}), got {tool_choice!r}")
     return opening
+
+
+def _forced_call(schema: dict[str, Any]) -> str:
+    """A forced tool's call up to where the model's choice begins, as decoding constrained to
+    the schema would force it: through `"arguments": {`, and for a tool of one required
+    parameter through that parameter's name (and a string's opening quote), so the model writes
+    only the value: `<tool_call>{"name": "calculator", "arguments": {"expression": "`."""
+    name = schema["function"]["name"]
+    parameters = schema["function"].get("parameters", {})
+    properties = parameters.get("properties", {})
+    if len(properties) != 1 or list(properties) != parameters.get("required", []):
+        return format_call(name, {}).removesuffix("}}" + CALL_CLOSE)
+    (key,) = properties
+    text = format_call(name, {key: "\x01"})  # the value's place: json writes "\u0001"
+    value = text.index('"\\u0001"')
+    return text[:value + (properties[key].get("type") == "string")]
 
 
 def example_arguments(schema: dict[str, Any], tool: Any = None) -> dict[str, Any]:

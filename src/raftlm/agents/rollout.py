@@ -90,7 +90,7 @@ class Agent:
         own = environment_tools(probe) if probe is not None and not step_shaped else []
         try:
             opening = forced_opening(config.rollout.tool_choice,
-                                     [] if step_shaped else [t.name for t in static + own])
+                                     [] if step_shaped else [t.schema for t in static + own])
         except ValueError as err:
             raise ConfigError(f"rollout.tool_choice: {err}") from None
         return cls(static, factory, step_shaped, ChatFormat(tokenizer, static + own), opening)

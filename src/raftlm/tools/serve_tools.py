@@ -72,7 +72,7 @@ def parse_tools(fields: dict[str, Any]) -> tuple[tuple[dict[str, Any], ...], str
         return (), "auto"
     schemas = tuple({"type": "function", "function": dict(t["function"])} for t in tools)
     try:
-        forced_opening(choice, [s["function"]["name"] for s in schemas])
+        forced_opening(choice, list(schemas))
     except ValueError as err:
         raise ToolRequestError(f"'tool_choice': {err}", "tool_choice") from None
     return schemas, choice
@@ -116,7 +116,7 @@ def tool_prompt(tokenizer: Any, messages: list[dict[str, str]], system_prompt: s
 
 def opening_of(schemas: tuple[dict[str, Any], ...], choice: str) -> str:
     """The text the answer starts with under `choice` (empty: the model chooses)."""
-    return forced_opening(choice, [s["function"]["name"] for s in schemas]) if schemas else ""
+    return forced_opening(choice, list(schemas)) if schemas else ""
 
 
 def stop_strings(schemas: tuple[dict[str, Any], ...]) -> tuple[str, ...]:
