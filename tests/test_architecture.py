@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("stage types", ["raftlm.stage", "raftlm.stage.rollouts"]),
     ("stage steps", ["raftlm.stage.collect", "raftlm.stage.rank", "raftlm.stage.finetune",
                      "raftlm.stage.record"]),
-    ("collectors", ["raftlm.stage.collectors", "raftlm.stage.hints"]),
+    ("collectors", ["raftlm.stage.collectors", "raftlm.stage.hints", "raftlm.stage.replay"]),
     ("wiring", ["raftlm.stage.build"]),
     ("the algorithm", ["raftlm.stage.loop"]),
     ("entry points", ["raftlm.cli", "raftlm.__main__", "raftlm.tools", "raftlm.jobs", "raftlm"]),

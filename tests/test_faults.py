@@ -4,13 +4,15 @@ candidate files, same checkpoints and final weights, no stray temporary files.
 
 `make chaos` runs the SIGKILL test with RAFTLM_CHAOS_KILLS=100 (20 here), once per
 `raft.sampling` mode (fixed, dynamic, gvm) and, under `make chaos` only, on a multi-turn run
-(a scripted environment answering each turn); docs/resume.md has its result. Killed processes
+(a scripted environment answering each turn) and on a run whose stages build on each other
+(replay, anchor rows, restart, a temperature ramp); docs/resume.md has its result. Killed processes
 are real processes running `raftlm.cli.main`, forked from a forkserver that imported raftlm
 once (a fresh interpreter spends ~2.5 s importing torch, which
 would leave little time for killing anything else); one test kills `python -m raftlm` itself.
 """
 
 import errno
+import json
 import multiprocessing
 import os
 import random
@@ -124,8 +126,8 @@ SAMPLING_MODES = {
 # A multi-turn run (docs/agents.md): a scripted environment answers every model turn as a
 # deterministic tool would, so trajectories are journaled and each later turn continues its
 # trajectory's KV. `make chaos` only: three turns per trajectory make the run slower.
-MULTI_TURN = pytest.param("multi-turn", marks=pytest.mark.skipif(
-    "RAFTLM_CHAOS_KILLS" not in os.environ, reason="make chaos only"))
+CHAOS_ONLY = pytest.mark.skipif("RAFTLM_CHAOS_KILLS" not in os.environ, reason="make chaos only")
+MULTI_TURN = pytest.param("multi-turn", marks=CHAOS_ONLY)
 STEPS = """
 class Steps:
     def reset(self, prompt, answer, **row):
@@ -136,17 +138,24 @@ class Steps:
         return f"{len(action)} characters", None, self.steps >= 3
 """
 
+
+# Stages that build on each other (docs/recipes.md): every stage restarts from the initial
+# policy and replays all earlier kept responses (read back from their kept.jsonl), with anchor
+# rows and a temperature ramp. `make chaos` only: replay makes the later stages' training longer.
+BUILDING = pytest.param("replay", marks=CHAOS_ONLY)
+BUILDING_CONFIG = {"raft": {"replay": {}}, "training": {"start": "restart"},
+                   "generation": {"temperature": {"start": 1.0, "end": 0.7}}}
+
 # STaR hints (docs/teaching.md): each stage's hinted round is journaled and resumed like a
 # collector's round. `make chaos` only, so that `make test` stays short.
-HINTED = pytest.param("hints", marks=pytest.mark.skipif(
-    "RAFTLM_CHAOS_KILLS" not in os.environ, reason="make chaos only"))
+HINTED = pytest.param("hints", marks=CHAOS_ONLY)
 
 
-@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES, MULTI_TURN, HINTED])
+@pytest.fixture(scope="module", params=["fixed", *SAMPLING_MODES, MULTI_TURN, BUILDING, HINTED])
 def killed_run(request, workspace, forkserver, reference):
     """(workspace, uninterrupted snapshot, its wall time) of the run the SIGKILL test kills:
-    the shared one (fixed sampling), or one in a folder of its own per sampling mode and for
-    the multi-turn run."""
+    the shared one (fixed sampling), or one in a folder of its own per sampling mode, for the
+    multi-turn run and for the run whose stages build on each other."""
     if request.param == "fixed":
         return workspace, *reference
     root = workspace / request.param
@@ -157,6 +166,12 @@ def killed_run(request, workspace, forkserver, reference):
         (root / "steps.py").write_text(STEPS)
         config["rollout"] = {"environment": f"{root / 'steps.py'}:Steps", "max_turns": 3,
                              "max_trajectory_tokens": 200}
+    elif request.param == "replay":
+        anchor = [{"prompt": f"Say {i} digits", "response": "7" * i} for i in range(1, 9)]
+        (root / "anchor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in anchor))
+        for section, values in BUILDING_CONFIG.items():
+            config[section].update(values)
+        config["data"]["anchor"] = {"path": str(root / "anchor.jsonl"), "share": 0.5}
     else:  # a sampling mode, or hints on the fixed collector
         mode = SAMPLING_MODES.get(request.param, {"raft": {"hints": {"samples": 2}}})
         config["raft"].update(mode["raft"])

@@ -100,8 +100,8 @@ def test_the_written_config_trains_as_written(task, tmp_path):
     ("  objective: sft", "  objective: rafft", "training.objective: expected sft, "
                                                 "reward_weighted, raft++, reinforce_rej or grpo, "
                                                 "got 'rafft'; did you mean 'raft++'?"),
-    ("  min_reward: 1.0", "  min_reward: high", "selection.min_reward must be float, "
-                                                "got 'high'"),
+    ("  min_reward: 1.0", "  min_reward: high", "selection.min_reward must be float, a list "
+                                                "of float or a ramp {start, end}, got 'high'"),
 ])
 def test_a_mistake_in_the_config_is_named_with_its_fix(task, capsys, old, new, message):
     config = task / "config.yaml"

@@ -18,7 +18,7 @@ from typing import Any
 FILE_FIELDS = (("data", "train_file"), ("data", "eval_file"), ("data", "dataset"),
                ("model", "path"), ("reward.terms[]", "name"), ("reward.terms[]", "model"),
                ("rollout", "tools[]"), ("rollout", "environment"),
-               ("evaluation.sets[]", "file"))
+               ("evaluation.sets[]", "file"), ("data.anchor", "path"))
 # Names that may also be something other than a path (a dataset in the HF cache, a model
 # name, a built-in reward): rewritten only when the path exists beside the config file.
 MAYBE_NOT_PATHS = {("data", "dataset"), ("model", "path"), ("reward.terms[]", "name")}

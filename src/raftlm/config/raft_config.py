@@ -37,6 +37,7 @@ from raftlm.config.sections import (
     TrainingConfig,
     option,
 )
+from raftlm.config.stages import schedule_values, stage_value
 from raftlm.config.teaching import active_hints
 
 # Old dotted name -> new one: a choice's knobs moved into the choice's own sub-section.
@@ -128,7 +129,10 @@ class RaftConfig:
              "a number when raft.collector=gvm and selection.min_reward is null (which reward "
              "counts as accepted)"),
             ("generation.max_new_tokens", self.generation.max_new_tokens >= 1, ">= 1"),
-            ("generation.temperature", self.generation.temperature > 0, "> 0"),
+            ("generation.temperature", bool(schedule_values(self.generation.temperature))
+             and min(schedule_values(self.generation.temperature)) > 0, "> 0 (every value)"),
+            ("selection.min_reward", self.selection.min_reward != [], "a number, a non-empty "
+             "list, a ramp or null"),
             ("generation.top_p", 0 < self.generation.top_p <= 1, "in (0, 1]"),
             ("generation.top_k", self.generation.top_k >= 0, ">= 0"),
             ("generation.batch_size", self.generation.batch_size >= 1, ">= 1"),
@@ -150,6 +154,7 @@ class RaftConfig:
             self.rollout.check("rollout")
         self._teaching_checks()
         self.evaluation.check("evaluation")
+        self._stage_checks()
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
@@ -176,6 +181,33 @@ class RaftConfig:
             raise ConfigError(f"{'raft.hints' if hints else 'generation.teacher'}: expected no "
                               "`rollout` section (hints and teachers answer single-turn "
                               "prompts), got one")
+
+    def _stage_checks(self) -> None:
+        """raft.replay, data.anchor and training.start (settings across sections of theirs
+        that need the objective: `raftlm.stage.replay.check_stage_settings`)."""
+        replay = self.raft.replay
+        if replay is not None:
+            replay.check("raft.replay")
+        if self.data.anchor is not None:
+            self.data.anchor.check("data.anchor")
+        if self.training.start == "restart" and (
+                replay is None or replay.window != 0 or replay.share is not None):
+            got = "null" if replay is None else f"window {replay.window}, share {replay.share}"
+            raise ConfigError(
+                "training.start: restart trains the initial policy on the kept responses of "
+                "every stage so far: it needs raft.replay with window 0 (all stages) and share "
+                f"null (raft.replay: {{}}), got raft.replay {got}")
+
+    def at_stage(self, stage: int) -> RaftConfig:
+        """This config with each per-stage schedule (`generation.temperature`,
+        `selection.min_reward`) at stage `stage`'s value (stage 0, the baseline: stage 1's):
+        what a stage's sampling, ranking, training and evaluation read."""
+        stages = self.raft.stages
+        generation = dataclasses.replace(
+            self.generation, temperature=stage_value(self.generation.temperature, stage, stages))
+        selection = dataclasses.replace(
+            self.selection, min_reward=stage_value(self.selection.min_reward, stage, stages))
+        return dataclasses.replace(self, generation=generation, selection=selection)
 
     def _objective_checks(self) -> list[tuple[str, bool, str]]:
         t = self.training

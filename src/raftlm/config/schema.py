@@ -167,8 +167,15 @@ def _convert_union(args: tuple, value: Any, where: str, name: str) -> Any:
             return convert(option_type, value, where, name)
         except ConfigError:
             continue
-    kinds = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{where}: {name} must be {kinds}, got {value!r}")
+    raise ConfigError(f"{where}: {name} must be {_one_of([_kind(o) for o in options])}, "
+                      f"got {value!r}")
+
+
+def _kind(hint: Any) -> str:
+    """A type as an error names it: `float`, `a list of float`, or a section's own `kind`."""
+    if get_origin(hint) is list:
+        return f"a list of {_kind(get_args(hint)[0])}"
+    return getattr(hint, "kind", None) or getattr(hint, "__name__", str(hint))
 
 
 def _convert_scalar(base: type, value: Any, where: str, name: str) -> Any:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.rewards import JudgeConfig, RewardConfig, RewardTerm  # noqa: F401 (re-exported)
 from raftlm.config.schema import ConfigError, option
+from raftlm.config.stages import AnchorConfig, ReplayConfig, Schedule
 from raftlm.config.teaching import HintsConfig, TeacherConfig  # noqa: F401 (re-exported)
 from raftlm.core.objectives import (
     ADVANTAGE_SCALES,
@@ -76,6 +77,9 @@ class DataConfig:
     split: str = option("train", "data.dataset: the split with the training prompts.")
     eval_split: str | None = option(None, "data.dataset: a held-out split (else eval_file).")
     dataset_config: str | None = option(None, "data.dataset: the dataset's configuration name.")
+    anchor: AnchorConfig | None = option(
+        None, "A fixed SFT set (prompt and response columns) mixed into every stage's training "
+        "examples (docs/recipes.md); null: none.")
 
 
 @dataclass
@@ -114,6 +118,9 @@ class RaftStageConfig:
         choices=COLLECTORS, import_path=True)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     gvm: GvmConfig = field(default_factory=GvmConfig)
+    replay: ReplayConfig | None = option(
+        None, "Also train each stage on kept responses of earlier stages (docs/recipes.md); "
+        "null: the stage's own only.")
     hints: HintsConfig | None = option(
         None, "STaR hints for prompts nobody solved (docs/teaching.md); null: none.")
 
@@ -131,7 +138,9 @@ class GenerationConfig:
     backend: str = option("raftlm", "Sampler: raftlm's own is fastest; hf calls model.generate.",
                           choices=("raftlm", "hf", "vllm"))
     max_new_tokens: int = option(64, "Maximum tokens per response.")
-    temperature: float = option(1.0, "Sampling temperature (> 0).")
+    temperature: Schedule = option(
+        1.0, "Sampling temperature (> 0); per stage: a list (the last repeats) or a ramp "
+        "{start, end} (docs/recipes.md).")
     top_p: float = option(1.0, "Nucleus sampling mass; 1.0 disables.")
     top_k: int = option(0, "Sample among the k most likely tokens; 0 disables.")
     stop_strings: list[str] = option([], "Stop a response after any of these strings.")
@@ -187,7 +196,9 @@ class SelectionConfig:
                            choices=("best_per_prompt", "top_fraction", "top_k_per_prompt"))
     top_fraction: float = option(0.25, "top_fraction: share of all candidates kept.")
     top_k: int = option(1, "top_k_per_prompt: responses kept per prompt.")
-    min_reward: float | None = option(None, "Drop selected responses below this reward.")
+    min_reward: Schedule | None = option(
+        None, "Drop selected responses below this reward; per stage: a list (the last "
+        "repeats) or a ramp {start, end} (docs/recipes.md).")
     drop_uniform_prompts: bool = option(
         False, "Drop prompts whose rewards are all equal among the responses the response "
         "filters (too short, truncated, reject_pattern) leave.")
@@ -220,6 +231,10 @@ class DpoConfig:
 @dataclass
 class TrainingConfig:
     learning_rate: float = option(2e-4, "Peak learning rate (AdamW).")
+    start: str = option(
+        "continue", "What each stage trains from: the previous stage's policy and optimizer "
+        "(continue), or the initial policy with a fresh optimizer and schedule (restart: "
+        "ReST-EM, STaR; needs raft.replay of all stages).", choices=("continue", "restart"))
     weight_decay: float = option(0.0, "AdamW weight decay.")
     epochs: int = option(1, "E: passes over each stage's selected set.")
     micro_batch_size: int = option(8, "Examples per forward/backward.")

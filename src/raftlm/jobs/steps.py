@@ -140,6 +140,7 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
     GENERATION_BACKENDS[config.generation.backend].check_available()
     checkpoint, source = policy_source(from_dir)
     stage = stage_after(checkpoint, stage)
+    given, config = config, config.at_stage(stage)  # schedules at the stage's values
     folder, (index, count) = stage_folder(work, stage), shard
     fingerprint = sampling_fingerprint(config, source)
     out = folder / "shards" / f"{shard_name(index, count)}.jsonl"
@@ -159,7 +160,7 @@ def generate_stage(config: RaftConfig, work: Path, shard: tuple[int, int] = (1, 
                            "prompt_order": order.state_dict(), "policy": source,
                            "fingerprint": fingerprint})
     if not (Path(work) / "config.yaml").is_file():
-        atomic_write_text(Path(work) / "config.yaml", config.to_yaml())
+        atomic_write_text(Path(work) / "config.yaml", given.to_yaml())
 
     start, end = shard_bounds(len(prompts), index, count)
     mine = prompts[start:end]
@@ -223,6 +224,7 @@ def score_stage(config: RaftConfig, work: Path, stage: int | None = None) -> Pat
     _single_process("score")
     set_threads(config)
     stage = find_stage(work, stage)
+    config = config.at_stage(stage)
     folder = stage_folder(work, stage)
     job = read_job(folder)
     check_sampled_with(folder, job, config, job["policy"])
@@ -261,6 +263,7 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
     in chat-messages SFT format to `out` (and as a `datasets` folder); returns `out`."""
     check_objective_config(config)
     stage = find_stage(work, stage)
+    config = config.at_stage(stage)
     folder = stage_folder(work, stage)
     job = read_job(folder)
     check_sampled_with(folder, job, config, job["policy"])
@@ -315,6 +318,11 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
     Returns the checkpoint folder (on the main process)."""
     set_threads(config)
     check_objective_config(config)
+    if config.raft.replay is not None or config.data.anchor is not None:
+        raise WorkMismatch(
+            "raft.replay and data.anchor: raftlm finetune trains on one work folder's stage; "
+            "earlier stages' kept responses and anchor rows are mixed in by raftlm train, use "
+            "it for them")
     checkpoint, source = policy_source(from_dir)
     if checkpoint is not None and stage is None and not stage_folder(data, checkpoint[0] + 1
                                                                      ).is_dir():
@@ -322,6 +330,7 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
                            f"and {data} holds no stage {checkpoint[0] + 1} (already fine-tuned?); "
                            f"raftlm generate --from {from_dir} samples the next one")
     stage = find_stage(data, stage if checkpoint is None else stage_after(checkpoint, stage))
+    given, config = config, config.at_stage(stage)
     folder = stage_folder(data, stage)
     job = read_job(folder)
     check_sampled_with(folder, job, config, source)
@@ -337,7 +346,7 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
     accelerator, dtype = make_accelerator(config)
     main = accelerator.is_main_process
     with run_lock(out) if main else nullcontext():
-        run_dir = _open_out(config, Path(out), from_dir, stage, main)
+        run_dir = _open_out(given, Path(out), from_dir, stage, main)
         accelerator.wait_for_everyone()
         model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
         trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)

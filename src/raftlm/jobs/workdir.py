@@ -41,7 +41,7 @@ from raftlm.errors import InvalidInput
 from raftlm.rewards.kinds import reward_fingerprint
 from raftlm.run.rundir import atomic_write_text, read_jsonl
 from raftlm.stage.rank import Ranked
-from raftlm.stage.record import candidate_rows
+from raftlm.stage.record import candidate_rows, example_positions
 from raftlm.stage.rollouts import Rollout, Rollouts
 
 JOB_FILE = "job.json"
@@ -224,11 +224,9 @@ def candidate_table(candidates: Rollouts, ranked: Ranked | None = None
 
 
 def example_weights(candidates: Rollouts, ranked: Ranked) -> dict[tuple[int, int], float]:
-    """(prompt, sample) -> weight (or advantage) of each response the objective trains on.
-    Examples hold their response's own token-id list, which identifies the candidate."""
-    where = {id(r.token_ids): (p, j) for p, row in enumerate(candidates.responses)
-             for j, r in enumerate(row)}
-    return {where[id(e.response_ids)]: float(e.weight) for e in ranked.examples}
+    """(prompt, sample) -> weight (or advantage) of each response the objective trains on."""
+    return {position: float(e.weight) for e, position in
+            zip(ranked.examples, example_positions(candidates, ranked.examples))}
 
 
 def candidates_from_rows(rows: list[dict[str, Any]]) -> Rollouts:

@@ -5,6 +5,8 @@ Layout::
     RUN/config.yaml                   resolved config
     RUN/metrics.jsonl                 one JSON object per line: {"stage": t, "train/...": ...}
     RUN/stages/NNN/candidates.jsonl   every prompt, response, reward and selected flag
+    RUN/stages/NNN/kept.jsonl         with raft.replay: the stage's training examples as token
+                                      ids, which later stages replay (`stage/replay.py`)
     RUN/stages/NNN/journal.rank*.jsonl  while stage NNN runs: its finished samples and rewards
     RUN/checkpoints/stage-NNN/        policy/ (adapter or full model + tokenizer),
                                       trainer_state.{safetensors,json} (optimizer, schedule, RNG),

@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType
 from raftlm.agents import check_rollout
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.config.evaluation import EvalSet
+from raftlm.data.anchor import AnchorRow, load_anchor
 from raftlm.data.prompts import PromptOrder, PromptSet, load_prompt_sets
 from raftlm.errors import InvalidInput
 from raftlm.evaluation.evaluate import evaluate
@@ -38,7 +39,7 @@ from raftlm.sampling.generate import GENERATION_BACKENDS
 from raftlm.sampling.teacher import Teacher, build_teacher, check_teacher
 from raftlm.stage.collectors import collector
 from raftlm.stage.hints import check_hint_answers
-from raftlm.stage.rank import expected_selected
+from raftlm.stage.replay import check_stage_settings, planned_examples
 from raftlm.training.objectives import check_objective_config
 from raftlm.training.trainer import PolicyTrainer, planned_optimizer_steps
 
@@ -59,7 +60,13 @@ class Run:
     tracker: Tracker
     start_stage: int  # first stage still to run (1 for a fresh run)
     baseline_done: bool = False  # stage 0's evaluation is recorded (a resume kept it)
+    anchor: list[AnchorRow] | None = None  # data.anchor's rows, tokenized
     teacher: Teacher | None = None  # `generation.teacher` (a local one stays loaded)
+
+    def at_stage(self, stage: int) -> Run:
+        """This run as stage `stage` sees it: its config with every per-stage schedule at the
+        stage's value (`RaftConfig.at_stage`), the same components."""
+        return dataclasses.replace(self, config=self.config.at_stage(stage))
 
     @property
     def policy(self) -> Any:
@@ -84,6 +91,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
     set_threads(config)
     check_objective_config(config)
     collector(config.raft.collector).check(config)
+    check_stage_settings(config)
     check_teacher(config)
     GENERATION_BACKENDS[config.generation.backend].check_available()  # before any model loads
     previous = previous_config(RunDir(config.run.output_dir)) if resume else None
@@ -91,12 +99,16 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         check_continues(previous, config, config.run.output_dir)
     accelerator, dtype = make_accelerator(config)
     _check_offload(config, accelerator)
+    _check_restart(config, accelerator)
     run_dir, checkpoint = open_run_dir(config, accelerator, resume)
     model, tokenizer = build_policy(config, accelerator.device, dtype, checkpoint)
+    initial = initial_weights(config, model, checkpoint, accelerator.device, dtype) if (
+        config.training.start == "restart") else None
     check_rollout(config, tokenizer)  # a tool or template that cannot work: now, not at stage 1
     train_prompts, eval_prompts = load_prompt_sets(config, tokenizer)
     check_hint_answers(config, train_prompts)
     trainer = build_trainer(config, model, accelerator, tokenizer.pad_token_id)
+    trainer.initial_weights = initial
     prompt_order = PromptOrder(len(train_prompts), config.run.seed)
     start_stage = 1
     if checkpoint is not None:
@@ -118,6 +130,7 @@ def prepare_run(config: RaftConfig, resume: bool = False) -> Run:
         trainer=trainer, reward=build_offloaded_reward(config, trainer),
         train_prompts=train_prompts, eval_prompts=eval_prompts, prompt_order=prompt_order,
         tracker=tracker, start_stage=start_stage, baseline_done=baseline_done,
+        anchor=load_anchor(config, tokenizer),
         teacher=build_teacher(config, tokenizer, accelerator.device, dtype),
     )
 
@@ -209,11 +222,21 @@ def build_policy(config: RaftConfig, device: torch.device, dtype: torch.dtype,
 def build_trainer(config: RaftConfig, model: Any, accelerator: Accelerator, pad_id: int
                   ) -> PolicyTrainer:
     """AdamW and the learning-rate schedule over the whole run's planned steps."""
-    total_steps = planned_optimizer_steps(
-        expected_selected(config), config.raft.stages, config.training
-    )
+    total_steps = sum(planned_optimizer_steps(planned_examples(config, stage), 1, config.training)
+                      for stage in range(1, config.raft.stages + 1))
     return PolicyTrainer(model, config.training, total_steps, accelerator, pad_id, config.run.seed,
-                      generation=config.generation)
+                         generation=config.at_stage(1).generation)
+
+
+def initial_weights(config: RaftConfig, model: Any, checkpoint: tuple[int, Path] | None,
+                    device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`training.start: restart`: the initial policy's trainable weights (a LoRA adapter as
+    first initialised, or all weights), kept on the CPU: `model`'s own in a fresh run, rebuilt
+    as a fresh run builds them (seeded) when `model` comes from a checkpoint."""
+    if checkpoint is not None:
+        model, _ = build_policy(config, device, dtype)
+    return {name: param.detach().to("cpu", copy=True)
+            for name, param in model.named_parameters() if param.requires_grad}
 
 
 def restore(checkpoint: tuple[int, Path], trainer: PolicyTrainer, prompt_order: PromptOrder) -> int:
@@ -335,6 +358,14 @@ def load_for_eval(config: RaftConfig, checkpoint: Path | None, device: torch.dev
         return load_policy(full, device, dtype)
     raise FileNotFoundError(f"{checkpoint}: no LoRA adapter (adapter_model.safetensors) or "
                             "model folder (config.json) in it or in its policy/")
+
+
+def _check_restart(config: RaftConfig, accelerator: Accelerator) -> None:
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if config.training.start == "restart" and sharded:
+        raise ConfigError("training.start: expected continue under FSDP or DeepSpeed (restart "
+                          "copies whole initial weights into the parameters, which they shard), "
+                          "got restart")
 
 
 def _check_offload(config: RaftConfig, accelerator: Accelerator) -> None:

@@ -16,9 +16,14 @@ from raftlm.training.trainer import PolicyTrainer
 
 def fine_tune(trainer: PolicyTrainer, rollouts: Rollouts, ranked: Ranked, stage: int,
               pad_id: int, temperature: float) -> dict[str, Any]:
-    """The configured objective on the Rank step's examples; `train/sft_loss` is the kept
-    set's SFT loss before the update (raft_alignment's loss)."""
+    """The configured objective on the Rank step's examples (at the stage's sampling
+    `temperature`; from the initial policy with `training.start: restart`); `train/sft_loss`
+    is the kept set's SFT loss before the update (raft_alignment's loss), under the policy
+    that sampled them."""
     sft_loss = selected_sft_loss(trainer, rollouts, ranked.selection.mask, pad_id, temperature)
+    trainer.set_sampling_temperature(temperature)
+    if trainer.initial_weights is not None:
+        trainer.restart(len(ranked.examples))
     return {"train/sft_loss": sft_loss, **trainer.train(ranked.examples, stage)}
 
 

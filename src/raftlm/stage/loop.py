@@ -35,6 +35,7 @@ from raftlm.stage.collectors import collect_stage
 from raftlm.stage.finetune import fine_tune
 from raftlm.stage.rank import rank
 from raftlm.stage.record import candidate_metrics, candidate_rows, reward_summary
+from raftlm.stage.replay import extend_examples
 
 
 @dataclass
@@ -52,12 +53,12 @@ def train(config: RaftConfig, resume: bool = False) -> RunResult:
     with exclusive_run_dir(config):
         run = prepare_run(config, resume)
         if run.start_stage == 1 and not run.baseline_done:
-            record_evaluation(run, stage=0, extra={
+            record_evaluation(run.at_stage(0), stage=0, extra={
                 "data/train_prompts": len(run.train_prompts),
                 "data/skipped_too_long": run.train_prompts.n_skipped_too_long,
             })
         for stage in range(run.start_stage, config.raft.stages + 1):
-            raft_stage(run, stage)
+            raft_stage(run.at_stage(stage), stage)  # schedules at the stage's values
         run.tracker.close()
         if config.tracking.report and run.accelerator.is_main_process:
             write_report(run.run_dir.root)
@@ -77,8 +78,9 @@ def raft_stage(run: Run, stage: int) -> dict[str, Any]:
                            prompts)
     rollouts = collect_stage(run, prompts, Collect(run, stage, journal, timer, run.trainer.step))
 
-    # 2. Rank: keep the best (of all processes' rollouts), with weights or advantages.
-    ranked = rank(rollouts, config, stage)
+    # 2. Rank: keep the best (of all processes' rollouts), with weights or advantages; add
+    #    earlier stages' kept responses and anchor rows (`raft.replay`, `data.anchor`).
+    ranked = extend_examples(run, rollouts, rank(rollouts, config, stage), stage)
 
     # 3. Fine-tune on the kept responses (their SFT loss is recorded before the update).
     with timer("train"):
@@ -121,7 +123,9 @@ def record_evaluation(run: Run, stage: int, extra: dict[str, Any]) -> None:
 def summary_line(stage: int, stages: int, m: dict[str, Any]) -> str:
     parts = [f"stage {stage}/{stages}"]
     if "train/reward_mean" in m:
-        parts.append(f"{reward_summary(m)} (n={m['train/n_selected']})")
+        extra = "".join(f", +{m[f'train/n_{key}']} {key}" for key in ("replayed", "anchor")
+                        if f"train/n_{key}" in m)
+        parts.append(f"{reward_summary(m)} (n={m['train/n_selected']}{extra})")
     if m.get("sampling/rounds", 1) > 1:  # the collector sampled more than one round
         parts.append(f"{m['sampling/samples']} samples in {m['sampling/rounds']} rounds, "
                      f"{m['sampling/useful_prompts']}/{m['sampling/prompts_drawn']} prompts useful")

@@ -32,6 +32,14 @@ def candidate_rows(rollouts: Rollouts, mask: np.ndarray | None = None) -> list[d
     ]
 
 
+def example_positions(rollouts: Rollouts, examples: list[Any]) -> list[tuple[int, int]]:
+    """(prompt, sample) of each training example in `rollouts`: an example holds its response's
+    own token-id list, which identifies the candidate."""
+    where = {id(r.token_ids): (p, j) for p, row in enumerate(rollouts.responses)
+             for j, r in enumerate(row)}
+    return [where[id(e.response_ids)] for e in examples]
+
+
 def candidate_metrics(rollouts: Rollouts, ranked: Ranked) -> dict[str, Any]:
     """The stage's numbers about what was sampled and kept."""
     rewards, mask = rollouts.rewards, ranked.selection.mask

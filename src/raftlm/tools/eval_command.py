@@ -105,7 +105,7 @@ def eval_target(args: argparse.Namespace) -> tuple[RaftConfig, Path | None, Path
     if args.model is None:
         if args.config is None:
             raise InvalidInput("raftlm eval: give RUN_DIR|MODEL or --config FILE")
-        config = RaftConfig.from_yaml(args.config, args.overrides)
+        config = _last_stage(RaftConfig.from_yaml(args.config, args.overrides))
         if args.checkpoint is not None and not args.checkpoint.is_dir():
             raise FileNotFoundError(f"--checkpoint: no such folder: {args.checkpoint}")
         return config, args.checkpoint, args.checkpoint or Path(config.run.output_dir)
@@ -115,15 +115,16 @@ def eval_target(args: argparse.Namespace) -> tuple[RaftConfig, Path | None, Path
                            "give the checkpoint folder itself as the model")
     run_dir = _run_of_checkpoint(path)
     if run_dir is not None:  # checkpoints/stage-NNN (or its policy/)
-        return _run_config(run_dir, args), path, path
+        folder = path.parent if path.name == "policy" else path
+        return _run_config(run_dir, args, int(folder.name.split("-")[-1])), path, path
     if is_run_dir(path):
         stage, checkpoint = run_checkpoint(path, args.stage)
-        return _run_config(path, args), checkpoint, checkpoint or path
+        return _run_config(path, args, stage), checkpoint, checkpoint or path
     if args.stage is not None:
         raise InvalidInput(f"--stage needs a run directory; {path} has no config.yaml")
     check_model_path(str(args.model), field="RUN_DIR|MODEL")
     if args.config is not None:
-        config = RaftConfig.from_yaml(args.config, args.overrides)
+        config = _last_stage(RaftConfig.from_yaml(args.config, args.overrides))
     else:  # defaults around the model, --set applied; its sets come from --preset / --file,
         # so the placeholder task only lets the config validate (no training data is read).
         config = RaftConfig.from_dict({"data": {"task": "arithmetic"}}, args.overrides,
@@ -159,8 +160,16 @@ def command_line_sets(args: argparse.Namespace) -> list[EvalSet] | None:
     return sets
 
 
-def _run_config(run_dir: Path, args: argparse.Namespace) -> RaftConfig:
-    return RaftConfig.from_yaml(args.config or run_dir / "config.yaml", args.overrides)
+def _run_config(run_dir: Path, args: argparse.Namespace, stage: int) -> RaftConfig:
+    """The run's config as its stage `stage` ran (per-stage schedules at that stage)."""
+    config = RaftConfig.from_yaml(args.config or run_dir / "config.yaml", args.overrides)
+    return config.at_stage(stage)
+
+
+def _last_stage(config: RaftConfig) -> RaftConfig:
+    """A config's per-stage schedules at their last stage's values (a checkpoint of unknown
+    stage, a model of its own)."""
+    return config.at_stage(config.raft.stages)
 
 
 def _run_of_checkpoint(path: Path) -> Path | None:

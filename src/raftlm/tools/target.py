@@ -60,6 +60,7 @@ def load_target(path: str | Path, stage: int | None = None, dtype: str | None = 
         run_dir = Path(path)
         config = RaftConfig.from_yaml(run_dir / "config.yaml")
         stage, checkpoint = run_checkpoint(run_dir, stage)
+        config = config.at_stage(stage)  # per-stage schedules: the checkpoint stage's values
         torch_dtype = resolve_dtype(dtype or config.model.dtype, device)
         model, tokenizer = load_for_eval(config, checkpoint, device, torch_dtype)
         return Target(model.eval(), tokenizer, config, run_dir, stage, checkpoint)

@@ -125,6 +125,9 @@ class PolicyTrainer:
         self._stats: dict[str, float] = {}
         self._gap: dict[str, float] = {}  # train/pi_old_* of the stage (old_log_probs recompute)
         self._stage = 0
+        # training.start: restart: the trainable weights every stage starts from (the builder
+        # sets them, `raftlm.stage.build.initial_weights`); None: each stage continues.
+        self.initial_weights: dict[str, torch.Tensor] | None = None
 
     def train(self, examples: list[Example], stage: int) -> dict[str, float]:
         """E epochs over the stage's examples (identical on every process, each taking its share
@@ -320,6 +323,27 @@ class PolicyTrainer:
         model = self.accelerator.unwrap_model(self.model)
         with model.disable_adapter():
             return -token_nll(model, batch, self.temperature)
+
+    def restart(self, n_examples: int) -> None:
+        """`training.start: restart`, before a stage's training: the trainable weights back to
+        `initial_weights`, AdamW's moments and step counts dropped, and a new schedule (warm-up
+        included) over this stage's `n_examples`. `step` keeps counting the run's steps."""
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(self.initial_weights[name])
+        optimizer = self.optimizer.optimizer  # the one accelerate wraps
+        optimizer.state.clear()
+        self.scheduler = get_scheduler(
+            self.config.lr_scheduler, optimizer,
+            num_warmup_steps=self.config.warmup_steps,
+            num_training_steps=planned_optimizer_steps(n_examples, 1, self.config))
+
+    def set_sampling_temperature(self, temperature: float) -> None:
+        """The stage's sampling temperature (`generation.temperature` may change per stage):
+        ratio objectives train pi (and pi_0) at the temperature pi_old was recorded at."""
+        self.temperature = training_temperature(self.config, temperature)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule and step. A collective under FSDP (all processes call it)."""
