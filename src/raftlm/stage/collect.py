@@ -94,9 +94,11 @@ class Collect:
         self.rounds += 1
         mine = shard(list(range(len(prompts))))
         local = [prompts[i] for i in mine]
+        # `sample` turns a rollout's prompts into the prompts as the model saw them (tools, in
+        # place): without hints those are `local`, what scoring and training then use.
+        asked = local if shown is None else [shown[i] for i in mine]
         with self.timer("generate"), self.run.sampling_policy() as policy:
-            responses = self.sample(policy, [(shown or prompts)[i] for i in mine],
-                                    [counts[i] for i in mine])
+            responses = self.sample(policy, asked, [counts[i] for i in mine])
         with self.timer("reward"):
             rows = self.score(local, responses)
         # Every process names every term, so gather_rollouts' collectives match (a process may
