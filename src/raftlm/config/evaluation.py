@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raftlm.config.schema import ConfigError, option
+from raftlm.config.schema import ConfigError, check_values, option
 
 TASKS = ("arithmetic", "larger", "multiplication", "gsm8k")  # = data.tasks.TASKS
 EXTRACTIONS = ("auto", "strict", "lenient", "math_verify", "reward")  # = evaluation.extraction's
@@ -42,7 +42,7 @@ class EvalSet:
         if len(sources) != 1:
             raise ConfigError(f"{where}: expected exactly one of `task`, `file`, got "
                               f"{sources or 'none'}")
-        for key, ok, expected in [
+        check_values(self, where, [
             ("name", bool(self.name) and "/" not in self.name, "a name without '/'"),
             ("size", self.size >= 0, ">= 0"),
             ("shots", self.shots >= 0 and (self.shots == 0 or bool(self.task)),
@@ -52,10 +52,7 @@ class EvalSet:
             ("temperature", self.temperature is None or self.temperature > 0, "> 0 or null"),
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1,
              ">= 1 or null"),
-        ]:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: expected {expected}, got "
-                                  f"{getattr(self, key)!r}")
+        ])
 
 
 @dataclass

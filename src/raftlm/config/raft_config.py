@@ -20,6 +20,7 @@ from raftlm.config.schema import (
     build,
     check_choices,
     check_override,
+    check_values,
     with_overrides,
 )
 from raftlm.config.schema import field_help as _field_help
@@ -155,9 +156,7 @@ class RaftConfig:
         self._teaching_checks()
         self.evaluation.check("evaluation")
         self._stage_checks()
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name}: expected {expected}, got {self._get(name)!r}")
+        check_values(self, "", checks)
         if self.data.task is None and not self.data.train_file and not self.data.dataset:
             raise ConfigError("data: set `task` (built-in), `train_file` or `dataset`")
         if self.data.train_file and self.data.dataset:
@@ -224,12 +223,6 @@ class RaftConfig:
             ("training.overlong_buffer", t.overlong_buffer >= 0, ">= 0"),
             ("training.overlong_penalty", t.overlong_penalty >= 0, ">= 0"),
         ]  # settings across sections: raftlm.training.objectives.check_objective_config
-
-    def _get(self, dotted: str) -> Any:
-        value: Any = self
-        for part in dotted.split("."):
-            value = getattr(value, part.split("[")[0], None)
-        return value
 
 
 def field_help(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any]]:

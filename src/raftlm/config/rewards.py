@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from raftlm.config.schema import ConfigError, option
+from raftlm.config.schema import ConfigError, check_values, option
 
 
 @dataclass
@@ -64,7 +64,7 @@ class RewardTerm:
         if len(kinds) != 1:
             raise ConfigError(f"{where}: expected exactly one of "
                               f"{', '.join(f'`{k}`' for k in self.kinds)}, got {kinds or 'none'}")
-        for key, ok, expected in [
+        check_values(self, where, [
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("concurrency", self.concurrency >= 1, ">= 1"),
             ("timeout_s", self.timeout_s > 0, "> 0"),
@@ -79,12 +79,7 @@ class RewardTerm:
                 len(self.judge.grade_range) == 2
                 and self.judge.grade_range[0] < self.judge.grade_range[1]),
              "[low, high] with low < high, or null"),
-        ]:
-            if not ok:
-                value = self
-                for part in key.split("."):
-                    value = getattr(value, part)
-                raise ConfigError(f"{where}.{key}: expected {expected}, got {value!r}")
+        ])
 
 
 @dataclass

@@ -136,6 +136,18 @@ def convert(hint: Any, value: Any, where: str, name: str) -> Any:
     raise TypeError(f"config field {name}: the config loader cannot load type {hint!r}")
 
 
+def check_values(section: Any, where: str, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ConfigError `WHERE.KEY: expected EXPECTED, got VALUE` for the first failed check,
+    each (dotted key inside `section`, whether its value is fine, what is expected)."""
+    for key, ok, expected in checks:
+        if not ok:
+            value = section
+            for part in key.split("."):
+                value = getattr(value, part)
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
 def check_choices(obj: Any, prefix: str = "") -> None:
     """Raise ConfigError for the first field anywhere in ``obj`` whose value is not a choice."""
     hints = _field_hints(type(obj))

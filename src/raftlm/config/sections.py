@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from raftlm.config.evaluation import TASKS, EvalConfig, EvalSet  # noqa: F401 (re-exported)
 from raftlm.config.rewards import JudgeConfig, RewardConfig, RewardTerm  # noqa: F401 (re-exported)
-from raftlm.config.schema import ConfigError, option
+from raftlm.config.schema import ConfigError, check_values, option
 from raftlm.config.stages import AnchorConfig, ReplayConfig, Schedule
 from raftlm.config.teaching import HintsConfig, TeacherConfig  # noqa: F401 (re-exported)
 from raftlm.core.objectives import (
@@ -179,15 +179,12 @@ class RolloutConfig:
         if not self.tools and not self.environment:
             raise ConfigError(f"{where}: set `tools` or `environment` (or remove `{where}` for "
                               "single-turn rollouts)")
-        for key, ok, expected in [
+        check_values(self, where, [
             ("max_turns", self.max_turns >= 1, ">= 1"),
             ("tool_timeout_s", self.tool_timeout_s > 0, "> 0"),
             ("max_tool_output_tokens", self.max_tool_output_tokens >= 1, ">= 1"),
             ("max_trajectory_tokens", self.max_trajectory_tokens >= 1, ">= 1"),
-        ]:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: expected {expected}, "
-                                  f"got {getattr(self, key)!r}")
+        ])
 
 
 @dataclass

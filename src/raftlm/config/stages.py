@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from raftlm.config.schema import ConfigError, option
+from raftlm.config.schema import check_values, option
 
 
 @dataclass
@@ -68,14 +68,11 @@ class ReplayConfig:
                           "that the stage kept again itself.")
 
     def check(self, where: str) -> None:
-        for key, ok, expected in [
+        check_values(self, where, [
             ("window", self.window >= 0, ">= 0"),
             ("per_prompt_cap", self.per_prompt_cap >= 0, ">= 0"),
             ("share", self.share is None or self.share > 0, "> 0 or null"),
-        ]:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: expected {expected}, got "
-                                  f"{getattr(self, key)!r}")
+        ])
 
 
 @dataclass
@@ -94,10 +91,7 @@ class AnchorConfig:
                           "examples, rounded (drawn seeded by run seed and stage).")
 
     def check(self, where: str) -> None:
-        for key, ok, expected in [
+        check_values(self, where, [
             ("path", bool(self.path), "a file or a datasets folder"),
             ("share", self.share > 0, "> 0"),
-        ]:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: expected {expected}, got "
-                                  f"{getattr(self, key)!r}")
+        ])

@@ -7,7 +7,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from raftlm.config.schema import ConfigError, option
+from raftlm.config.schema import ConfigError, check_values, option
 
 
 @dataclass
@@ -67,16 +67,13 @@ class TeacherConfig:
 
     def check(self, where: str) -> None:
         """Raise ConfigError naming `where.field` for a value types alone do not rule out."""
-        for key, ok, expected in [
+        check_values(self, where, [
             ("model", bool(self.model), "a model path, or the served model's name"),
             ("share", 0 < self.share <= 1, "in (0, 1]"),
             ("temperature", self.temperature is None or self.temperature > 0, "> 0 or null"),
             ("concurrency", self.concurrency >= 1, ">= 1"),
             ("timeout_s", self.timeout_s > 0, "> 0"),
-        ]:
-            if not ok:
-                raise ConfigError(f"{where}.{key}: expected {expected}, "
-                                  f"got {getattr(self, key)!r}")
+        ])
 
 
 def active_hints(config: Any) -> HintsConfig | None:
