@@ -179,6 +179,21 @@ def test_score_refuses_samples_of_another_config_in_one_line(workspace, capsys):
     assert err.count("\n") == 1 and "sampled under another config (generation differ" in err
 
 
+def test_select_and_finetune_refuse_a_paired_objective_in_one_line(workspace, capsys):
+    """dpo trains on (chosen, rejected) pairs; a work folder records one weight per response."""
+    config, work = str(workspace / "config.yaml"), str(workspace / "work")
+    assert cli_main(["generate", "--config", config, "--out", work]) == 0
+    assert cli_main(["score", work, "--config", config]) == 0
+    capsys.readouterr()
+    dpo = ["--set", "training.objective=dpo"]
+    assert cli_main(["select", work, "--config", config, *dpo]) == 2
+    assert cli_main(["finetune", "--config", config, *dpo, "--data", work,
+                     "--out", str(workspace / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("use raftlm train for it" in line for line in err)
+    assert "raftlm select" in err[0] and "raftlm finetune" in err[1]
+
+
 def test_shards_of_another_config_or_count_and_missing_shards_are_refused(workspace):
     config = load(workspace)
     generate_stage(config, workspace / "work", shard=(1, 2))
