@@ -287,6 +287,9 @@ def dpo_config(root, name, objective="dpo", stages=2, collector="fixed", **train
     raw["selection"] = {}
     raw["raft"]["collector"] = collector
     raw["raft"]["gvm"] = {"first_samples": 2, "max_samples": 4, "accept_reward": 0.1}
+    # sampled metrics at every evaluated stage: a 1-stage run extended to 2 stages then
+    # evaluates its stage 1 as the 2-stage run does (by default only the last stage samples)
+    raw.setdefault("evaluation", {})["sampled_every"] = 1
     return raw
 
 
