@@ -98,7 +98,8 @@ def test_the_written_config_trains_as_written(task, tmp_path):
     ("  stages: 2", "  stage: 2", "unknown key 'raft.stage'; did you mean 'raft.stages'?"),
     ("  stages: 2", "  stages: two", "raft.stages must be int, got 'two'"),
     ("  objective: sft", "  objective: rafft", "training.objective: expected sft, "
-                                                "reward_weighted, raft++, reinforce_rej or grpo, "
+                                                "reward_weighted, raft++, reinforce_rej, grpo, dpo "
+                                                "or rpo, "
                                                 "got 'rafft'; did you mean 'raft++'?"),
     ("  min_reward: 1.0", "  min_reward: high", "selection.min_reward must be float, a list "
                                                 "of float or a ramp {start, end}, got 'high'"),

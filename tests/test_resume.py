@@ -35,8 +35,10 @@ def workspace(tmp_path, tiny_model_dir):
 
 
 def config_for(workspace, model_dir, stages=3):
+    # sampled evaluation at every evaluated stage: a run stopped after stage 2 and extended
+    # evaluates stage 2 as the longer run does (by default only the last stage samples)
     return make_config(workspace, model_dir, raft={"stages": stages},
-                       tracking={"report": False})
+                       evaluation={"sampled_every": 1}, tracking={"report": False})
 
 
 def snapshot(run_dir) -> dict:
