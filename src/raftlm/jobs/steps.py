@@ -42,6 +42,7 @@ from raftlm.jobs.workdir import (
     read_job,
     read_shard_header,
     read_shards,
+    refuse_what_only_train_does,
     sampling_fingerprint,
     sft_rows,
     shard_bounds,
@@ -74,7 +75,7 @@ from raftlm.stage.finetune import fine_tune
 from raftlm.stage.rank import rank
 from raftlm.stage.record import candidate_metrics, candidate_rows, fmt, reward_summary
 from raftlm.stage.rollouts import Rollouts, reward_rows_to_rollouts
-from raftlm.training.objectives import check_objective_config, objective_of
+from raftlm.training.objectives import check_objective_config
 
 Checkpoint = tuple[int, Path]
 
@@ -262,7 +263,7 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
     candidates.jsonl, record the stage's numbers in WORK/metrics.jsonl, and write the kept set
     in chat-messages SFT format to `out` (and as a `datasets` folder); returns `out`."""
     check_objective_config(config)
-    _refuse_pairs(config, "select")
+    refuse_what_only_train_does(config, "select")
     stage = find_stage(work, stage)
     config = config.at_stage(stage)
     folder = stage_folder(work, stage)
@@ -289,16 +290,6 @@ def select_stage(config: RaftConfig, work: Path, stage: int | None = None,
     print(f"stage {stage}: {len(kept)} of {len(rows)} responses kept "
           f"({reward_summary(record)}) -> {out}")
     return out
-
-
-def _refuse_pairs(config: RaftConfig, command: str) -> None:
-    """The work folder records one weight per response; a paired objective (dpo, rpo) trains
-    on (chosen, rejected) pairs, which only `raftlm train` builds."""
-    if objective_of(config.training).weighting.pairs is not None:
-        raise WorkMismatch(
-            f"training.objective: {config.training.objective}: raftlm {command} records one "
-            "weight per response, not the (chosen, rejected) pairs a paired objective trains "
-            "on; use raftlm train for it")
 
 
 def scored_candidates(folder: Path, config: RaftConfig) -> Rollouts:
@@ -329,12 +320,7 @@ def finetune_stage(config: RaftConfig, data: Path, out: Path, from_dir: Path | N
     Returns the checkpoint folder (on the main process)."""
     set_threads(config)
     check_objective_config(config)
-    _refuse_pairs(config, "finetune")
-    if config.raft.replay is not None or config.data.anchor is not None:
-        raise WorkMismatch(
-            "raft.replay and data.anchor: raftlm finetune trains on one work folder's stage; "
-            "earlier stages' kept responses and anchor rows are mixed in by raftlm train, use "
-            "it for them")
+    refuse_what_only_train_does(config, "finetune")
     checkpoint, source = policy_source(from_dir)
     if checkpoint is not None and stage is None and not stage_folder(data, checkpoint[0] + 1
                                                                      ).is_dir():

@@ -43,6 +43,7 @@ from raftlm.run.rundir import atomic_write_text, read_jsonl
 from raftlm.stage.rank import Ranked
 from raftlm.stage.record import candidate_rows, example_positions
 from raftlm.stage.rollouts import Rollout, Rollouts
+from raftlm.training.objectives import objective_of
 
 JOB_FILE = "job.json"
 CANDIDATES_FILE = "candidates.jsonl"
@@ -277,3 +278,20 @@ def sft_rows(rows: list[dict[str, Any]], system_prompt: str | None) -> list[dict
                     "reward": row["reward"], "weight": row["weight"],
                     "prompt_id": row["prompt_id"], "sample": row["sample"]})
     return out
+
+
+def refuse_what_only_train_does(config: RaftConfig, command: str) -> None:
+    """A work folder holds one stage and one weight per response: a paired objective (dpo,
+    rpo) trains on (chosen, rejected) pairs, and replay and anchor rows mix in other stages'
+    and a dataset's rows; only `raftlm train` builds those."""
+    if objective_of(config.training).weighting.pairs is not None:
+        raise WorkMismatch(
+            f"training.objective: {config.training.objective}: raftlm {command} records one "
+            "weight per response, not the (chosen, rejected) pairs a paired objective trains "
+            "on; use raftlm train for it")
+    if command == "finetune" and (config.raft.replay is not None
+                                  or config.data.anchor is not None):
+        raise WorkMismatch(
+            "raft.replay and data.anchor: raftlm finetune trains on one work folder's stage; "
+            "earlier stages' kept responses and anchor rows are mixed in by raftlm train, use "
+            "it for them")
