@@ -3,41 +3,14 @@ stage of `raftlm train`, trajectories, turns and loss masks included (tiny model
 turns: the tiny model cannot write a call)."""
 
 import json
-import re
 
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import write_digits_task
+from tiny import scripted_turns, write_digits_task
 
 import raftlm.agents.rollout as rollout_module
 from raftlm.cli import main as cli_main
-from raftlm.sampling.completion import Completion
-
-
-def scripted_turns(tok):
-    """Odd draws ask the calculator how many digits the prompt wants, then answer with that
-    many; even draws answer at once."""
-    def turn(seen, draw):
-        n = int(re.findall(r"Say (\d+) digits", seen)[-1])
-        if "<|im_start|>tool" in seen:
-            text = "9" * n + "<|im_end|>"
-        elif draw % 2:
-            text = ('<tool_call>{"name": "calculator", "arguments": {"expression": '
-                    f'"{n}+0"}}}}</tool_call>')
-        else:
-            text = "none<|im_end|>"
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return Completion(tok.decode(ids, skip_special_tokens=True), ids,
-                          "stop_string" if "tool_call" in text else "eos", [-1.0] * len(ids))
-
-    def generate(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
-                 done=None, greedy=False, keep_kv=None):
-        counts = [counts] * len(contexts) if isinstance(counts, int) else counts
-        return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
-                for context, seed, n in zip(contexts, seeds, counts)]
-
-    return generate
 
 
 def rows(path):

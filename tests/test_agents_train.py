@@ -2,16 +2,14 @@
 trajectories, trains on the model's tokens only, and resumes to the same stage."""
 
 import json
-import re
 import shutil
 
 import pytest
-from tiny import write_digits_task
+from tiny import scripted_turns, write_digits_task
 
 import raftlm.agents.rollout as rollout_module
 import raftlm.stage.loop as loop_module
 from raftlm import RaftConfig, train
-from raftlm.sampling.completion import Completion
 
 COUNTER = '''
 class Counter:
@@ -68,26 +66,7 @@ def test_a_tool_run_trains_only_on_the_models_tokens(workspace, tiny_model_dir, 
                                                      trained_on, tok):
     """Scripted turns (the tiny model cannot write a call): odd draws ask the calculator how
     many digits the prompt wants and answer with that many; even draws answer at once."""
-    def scripted(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
-                 done=None, greedy=False, keep_kv=None):
-        counts = [counts] * len(contexts) if isinstance(counts, int) else counts
-        return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
-                for context, seed, n in zip(contexts, seeds, counts)]
-
-    def turn(seen, draw):
-        n = int(re.findall(r"Say (\d+) digits", seen)[-1])
-        if "<|im_start|>tool" in seen:
-            text = "9" * n + "<|im_end|>"
-        elif draw % 2:
-            text = ('<tool_call>{"name": "calculator", "arguments": {"expression": '
-                    f'"{n}+0"}}}}</tool_call>')
-        else:
-            text = "none<|im_end|>"
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return Completion(tok.decode(ids, skip_special_tokens=True), ids,
-                          "stop_string" if "tool_call" in text else "eos", [-1.0] * len(ids))
-
-    monkeypatch.setattr(rollout_module, "generate", scripted)
+    monkeypatch.setattr(rollout_module, "generate", scripted_turns(tok))
     result = train(make_config(workspace, tiny_model_dir, generation={"max_new_tokens": 120},
                                rollout={"tools": ["calculator"], "max_turns": 3}))
     assert [m["stage"] for m in result.metrics] == [0, 1, 2]

@@ -6,6 +6,7 @@ Nothing here downloads anything: the tokenizer is built in memory and saved like
 from __future__ import annotations
 
 import json
+import re
 import string
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
 )
+
+from raftlm.sampling.completion import Completion
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -163,3 +166,28 @@ def assert_same_run(actual: dict, expected: dict, context: str = "") -> None:
 
 def _size(content) -> str:
     return "?" if content is None else str(len(content))
+
+
+def scripted_turns(tok):
+    """Odd draws ask the calculator how many digits the prompt wants, then answer with that
+    many; even draws answer at once."""
+    def turn(seen, draw):
+        n = int(re.findall(r"Say (\d+) digits", seen)[-1])
+        if "<|im_start|>tool" in seen:
+            text = "9" * n + "<|im_end|>"
+        elif draw % 2:
+            text = ('<tool_call>{"name": "calculator", "arguments": {"expression": '
+                    f'"{n}+0"}}}}</tool_call>')
+        else:
+            text = "none<|im_end|>"
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return Completion(tok.decode(ids, skip_special_tokens=True), ids,
+                          "stop_string" if "tool_call" in text else "eos", [-1.0] * len(ids))
+
+    def generate(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
+                 done=None, greedy=False, keep_kv=None):
+        counts = [counts] * len(contexts) if isinstance(counts, int) else counts
+        return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
+                for context, seed, n in zip(contexts, seeds, counts)]
+
+    return generate
