@@ -5,8 +5,8 @@ Every function follows TRL's reward-function convention::
     fn(prompts=[...], completions=[...], **columns) -> list[float]
 
 It may be `async def` (it then runs concurrently with the other I/O-bound terms), and it may
-declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`, `queries`) to
-receive them; a function that does not declare one does not get it.
+declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`, `queries`,
+`trajectories`) to receive them; a function that does not declare one does not get it.
 """
 
 from __future__ import annotations

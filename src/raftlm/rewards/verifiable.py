@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
+from raftlm.rewards.environment import environment_return
+
 # A number: "1,234.5" (thousands groups) or "-12.5"; never the "-" of "10-5".
 # A number as answers write it: thousands separators, a sign, decimals (the evaluation's
 # answer rules read numbers by the same pattern).
@@ -67,4 +69,5 @@ def math_answer(prompts: list, completions: list[str], answer: list, **kwargs) -
 BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "numeric_answer": numeric_answer,
     "math_answer": math_answer,
+    "environment_return": environment_return,  # a step-shaped environment's own rewards
 }
