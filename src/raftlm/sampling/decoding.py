@@ -1,10 +1,11 @@
 """The model side of raftlm's sampler: prefill, one decode step, the in-place KV cache.
 
 `fast.sample` decides which (prompt, sample) each row holds and which token it takes; this module
-computes the logits: each prompt's KV once (`PromptKV`), copied into the rows of its samples; a
-decode step of one token per row, each row at its own length, over a pre-allocated cache
-(`SlotCache`); attention whose result for a row does not depend on the other rows; nn.Linear
-weights packed for oneDNN once per call (`packed_linears`).
+computes the logits: each prompt's KV once (`PromptKV`; the chat template's shared prefix once
+per call), copied into the rows of its samples; a decode step of one token per row, each row at
+its own length, over a pre-allocated cache (`SlotCache`); attention whose result for a row does
+not depend on the other rows; nn.Linear weights packed for oneDNN once per call
+(`packed_linears`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from raftlm.models.loading import attention_kinds, cache_keyword, forward_cache
 
@@ -78,16 +79,25 @@ class PromptKV:
     gives wherever the kernels compute every row of a matmul alike (fp32 on CPU: checked by the
     tests). CPU bf16 kernels do not (oneDNN switches kernels by row count), so there each prompt
     is prefilled alone and a prompt's samples never depend on its neighbours.
+
+    A prompt that starts with ``shared_prefix`` (the chat template's turns before the user's
+    text, `raftlm.sampling.shared_prefix`) prefills only its tokens after it, on top of the
+    prefix's KV, which a forward of the prefix alone computes once per call. Whether a prompt
+    starts with it depends on the prompt alone, so its KV still does not depend on the call.
     ``on_prefill(tokens, seconds)`` hears of each prefill forward (a progress bar's rate).
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], queue: Collection[tuple[int, int]],
-                 device: torch.device, on_prefill: Callable[[int, float], None] | None = None):
+                 device: torch.device, on_prefill: Callable[[int, float], None] | None = None,
+                 shared_prefix: Sequence[int] = ()):
         self.model, self.prompts, self.device = model, prompts, device
         self.on_prefill = on_prefill
+        self.shared_prefix = list(shared_prefix)
+        self.shared_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # [1, H, n, D]
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer [H, n, D]
         self.left: dict[int, int] = {}  # rows of the prompt not yet admitted
-        self.waiting: dict[int, deque[int]] = {}  # per prompt length, prompts not prefilled
+        # Prompts not prefilled, per (prompt length, tokens taken from the shared prefix).
+        self.waiting: dict[tuple[int, int], deque[int]] = {}
         for i, _ in queue:
             self.add(i, 1)
         dtype = next(model.parameters()).dtype
@@ -97,7 +107,7 @@ class PromptKV:
         """`rows` more rows of prompt i will be admitted (after those of every earlier prompt)."""
         self.left[i] = self.left.get(i, 0) + rows
         if self.left[i] == rows:
-            self.waiting.setdefault(len(self.prompts[i]), deque()).append(i)
+            self.waiting.setdefault(self._group(i), deque()).append(i)
 
     def copy_into(self, cache: SlotCache, taken: list[tuple[int, int, int]], width: int
                   ) -> None:
@@ -115,19 +125,45 @@ class PromptKV:
             if self.left[i] == 0:
                 del self.kv[i]
 
+    def _group(self, i: int) -> tuple[int, int]:
+        """Prompt i's length, and how many of its first tokens take their KV from the shared
+        prefix: all of it when the prompt starts with it and has tokens to prefill past it."""
+        prompt, shared = self.prompts[i], len(self.shared_prefix)
+        starts = len(prompt) - 1 > shared > 0 and list(prompt[:shared]) == self.shared_prefix
+        return len(prompt), shared if starts else 0
+
     def _prefill(self, i: int) -> None:
-        # Prompts are admitted in order, so `i` heads the queue of its length.
-        waiting = self.waiting[len(self.prompts[i])]
+        # Prompts are admitted in order, so `i` heads the queue of its group.
+        length, shared = self._group(i)
+        waiting = self.waiting[(length, shared)]
         assert waiting[0] == i
-        n = max(1, PREFILL_TOKENS // (len(self.prompts[i]) - 1)) if self.together else 1
+        n = max(1, PREFILL_TOKENS // (length - 1 - shared)) if self.together else 1
         group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
-        ids = torch.tensor([self.prompts[j][:-1] for j in group], device=self.device)
+        ids = torch.tensor([self.prompts[j][shared:-1] for j in group], device=self.device)
         start = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        options = self._from_shared_prefix(len(group), length - 1) if shared else {}
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **options)
         for b, j in enumerate(group):
             self.kv[j] = [(layer.keys[b], layer.values[b]) for layer in forward_cache(out).layers]
         if self.on_prefill is not None:
             self.on_prefill(ids.numel(), time.perf_counter() - start)
+
+    def _from_shared_prefix(self, rows: int, end: int) -> dict[str, object]:
+        """A forward's arguments that go on from the shared prefix's KV, for `rows` sequences
+        up to position `end`; the prefix itself is prefilled the first time."""
+        shared = len(self.shared_prefix)
+        if self.shared_kv is None:
+            start = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([self.shared_prefix], device=self.device),
+                             use_cache=True, logits_to_keep=1)
+            self.shared_kv = [(layer.keys, layer.values) for layer in forward_cache(out).layers]
+            if self.on_prefill is not None:
+                self.on_prefill(shared, time.perf_counter() - start)
+        # The cache concatenates the new positions onto a copy of the prefix for each row.
+        cache = DynamicCache([(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                              for keys, values in self.shared_kv])
+        positions = torch.arange(shared, end, device=self.device).expand(rows, -1)
+        return {cache_keyword(self.model): cache, "position_ids": positions}
 
 
 # Prompt tokens per prefill forward: large enough for full-speed matmuls, small enough that the
