@@ -100,7 +100,8 @@ def scripted(monkeypatch, tok):
     script.contexts = []
 
     def fake_generate(policy, tokenizer, contexts, counts, config, *, seeds, desc,
-                      max_new_tokens, done=None, greedy=False, keep_kv=None):
+                      max_new_tokens, done=None, greedy=False, keep_kv=None, on_finish=None,
+                      more=None):
         script.contexts += contexts
         counts = [counts] * len(contexts) if isinstance(counts, int) else counts
         return [[complete(context, max_new_tokens)] * n for context, n in zip(contexts, counts)]

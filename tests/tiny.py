@@ -168,15 +168,16 @@ def _size(content) -> str:
     return "?" if content is None else str(len(content))
 
 
-def scripted_turns(tok):
-    """Odd draws ask the calculator how many digits the prompt wants, then answer with that
-    many; even draws answer at once."""
+def scripted_turns(tok, tool: str = "calculator"):
+    """Odd draws ask `tool` (a calculator) how many digits the prompt wants, then answer with
+    that many; even draws answer at once. The sampler's hooks (`on_finish`, `more`) are not
+    called: a sampler that reports its samples when it returns, and never lets turns join."""
     def turn(seen, draw):
         n = int(re.findall(r"Say (\d+) digits", seen)[-1])
         if "<|im_start|>tool" in seen:
             text = "9" * n + "<|im_end|>"
         elif draw % 2:
-            text = ('<tool_call>{"name": "calculator", "arguments": {"expression": '
+            text = (f'<tool_call>{{"name": "{tool}", "arguments": {{"expression": '
                     f'"{n}+0"}}}}</tool_call>')
         else:
             text = "none<|im_end|>"
@@ -185,7 +186,7 @@ def scripted_turns(tok):
                           "stop_string" if "tool_call" in text else "eos", [-1.0] * len(ids))
 
     def generate(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
-                 done=None, greedy=False, keep_kv=None):
+                 done=None, greedy=False, keep_kv=None, on_finish=None, more=None):
         counts = [counts] * len(contexts) if isinstance(counts, int) else counts
         return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
                 for context, seed, n in zip(contexts, seeds, counts)]

@@ -1,9 +1,8 @@
 """Multi-turn rollouts: each sample of a prompt is a trajectory of model turns and observations
-(tool results or an environment's), sampled turn by turn for all trajectories at once.
+(tool results or an environment's), sampled turn by turn.
 
-Each turn calls the run's sampler (`sampling.generate`) on every unfinished trajectory, its
-prompt being the prompt's ids followed by the trajectory's ids so far: the exact ids the
-sampler produced and each observation's ids as appended, never a re-tokenized conversation.
+A model turn's prompt is the prompt's ids followed by the trajectory's ids so far: the exact ids
+the sampler produced and each observation's ids as appended, never a re-tokenized conversation.
 The first turn samples a prompt's trajectories as one prompt's samples (one prefill, sample j
 from the prompt's seed, as a single-turn stage draws it); on the raftlm backend every later turn
 continues from the KV the trajectory's last turn left (`raftlm.sampling.kept_kv`), prefilling
@@ -12,31 +11,38 @@ sample j of prompt p is seeded by (run seed, stage, p, j, t) alone, so a traject
 same however trajectories are batched, and a resumed stage (its finished trajectories read
 back from the journal) gives what an uninterrupted one gives, when the tools are
 deterministic.
+
+A trajectory's calls (or step) start in a thread of their own as soon as its turn is sampled.
+On a backend that lets prompts join a running call (raftlm: `generate(more=...)`) the whole
+rollout is one sampler call: a trajectory's next turn joins the running batch when its tool
+answers, so other rows keep decoding while one waits. The others sample turn by turn, each
+turn waiting for the slowest answer of the one before. Both give the same trajectories.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from raftlm.agents.calls import CALL_CLOSE, ToolCall, forced_opening, parse_tool_calls
+from raftlm.agents.calls import CALL_CLOSE, forced_opening
 from raftlm.agents.chat_format import ChatFormat
 from raftlm.agents.environments import (
     EnvironmentFailure,
-    as_step,
     environment_tools,
     is_step_shaped,
     load_environment,
     reset,
 )
-from raftlm.agents.tools import Outcome, Tool, describe, load_tools, run_at_once, run_calls
+from raftlm.agents.tools import Tool, load_tools
 from raftlm.agents.trajectory import Trajectory
+from raftlm.agents.turns import Live, Turns
 from raftlm.config import ConfigError, RaftConfig
 from raftlm.data.prompts import PromptRecord
 from raftlm.sampling.completion import Completion
@@ -44,25 +50,6 @@ from raftlm.sampling.generate import GENERATION_BACKENDS, generate, sample_seeds
 from raftlm.sampling.kept_kv import KeepKV, KVStore
 
 Timer = Callable[[str], AbstractContextManager[Any]]  # `with timer("tools"):` (stage.collect)
-
-
-@dataclass
-class Live:
-    """One trajectory being sampled."""
-
-    prompt: int  # index into the call's prompts
-    sample: int
-    prompt_id: int
-    prompt_ids: list[int]
-    tools: dict[str, Tool]
-    environment: Any = None
-    ids: list[int] = field(default_factory=list)
-    mask: list[int] = field(default_factory=list)
-    log_probs: list[float] | None = field(default_factory=list)
-    turns: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str = "length"
-    finished: bool = False
-    opening: str = ""  # prefilled text the next model turn starts with (rollout.tool_choice)
 
 
 @dataclass(frozen=True)
@@ -154,55 +141,12 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
     if not step_shaped:  # a turn with a call ends at it: the model waits for the result
         generation = dataclasses.replace(generation,
                                          stop_strings=[*generation.stop_strings, CALL_CLOSE])
-
-    kept = KVStore()  # each trajectory's KV between its turns (backends that keep_kv)
-
-    def finish(t: Live) -> None:
-        t.finished = True
-        kept.drop((t.prompt, t.sample))
-        trajectory = _trajectory(t, tokenizer)
-        rows[t.prompt][t.sample] = trajectory
-        if journal is not None:
-            journal.add_sample(t.prompt_id, t.sample, dataclasses.asdict(trajectory))
-
-    for turn in range(rollout.max_turns):
-        active = [t for t in live if not t.finished]
-        if not active:
-            break
-        room = [rollout.max_trajectory_tokens - len(t.ids) for t in active]
-        sample = _first_turns if turn == 0 else _next_turns
-        sampled = sample(policy, tokenizer, active, generation, config.run.seed, stage, turn,
-                         min(generation.max_new_tokens, max(room)), greedy, kept)
-        last = turn == rollout.max_turns - 1
-        waiting = []
-        for t, completion, left in zip(active, sampled, room):
-            said = _add_model_turn(t, completion, left, tokenizer)
-            if len(said) >= left or (last and not step_shaped):
-                finish(t)  # the token budget is spent, or no turn is left to answer a call
-            else:
-                waiting.append((t, said))
-        cut = _cutter(rollout.max_tool_output_tokens, tokenizer)
-        with timer("tools"):
-            answers = (_steps(waiting, rollout.tool_timeout_s, cut) if step_shaped
-                       else _tool_answers(waiting, rollout.tool_timeout_s, cut))
-        for (t, said), (messages, ended) in zip(waiting, answers):
-            if ended or last:
-                finish(t)
-                continue
-            observation = chat.observation_ids(messages, said)
-            if len(t.ids) + len(observation) >= rollout.max_trajectory_tokens:
-                t.finish_reason = "length"  # no room for the observation and a next turn
-                for record in t.turns[len(t.turns) - len(messages):]:
-                    record["shown"] = False  # ran, but the model never saw it
-                finish(t)
-                continue
-            t.ids += observation
-            t.mask += [0] * len(observation)
-            if t.log_probs is not None:
-                t.log_probs += [0.0] * len(observation)  # masked: never read
-    for t in live:
-        if not t.finished:
-            finish(t)
+    turns = Turns(rollout, chat, tokenizer, step_shaped, rows, journal, KVStore())
+    call = _first_call(live, config.run.seed, stage)
+    while call is not None:
+        waiting = _sample(policy, tokenizer, call, generation, greedy, turns, timer,
+                          config.run.seed, stage)
+        call = _next_call(waiting, config.run.seed, stage) if waiting else None
     return Rolled(rows, seen)
 
 
@@ -222,39 +166,127 @@ def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | No
     return texts.pop()
 
 
-def _first_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                 run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool,
-                 kept: KVStore) -> list[Any]:
+@dataclass
+class _Call:
+    """One sampler call: its prompts (a context, a sample count and a seed each) and, per
+    prompt, the trajectory each sample index is the next turn of."""
+
+    contexts: list[list[int]]
+    counts: list[int]
+    seeds: list[int]
+    trajectories: list[dict[int, Live]]
+    done: dict[tuple[int, int], Completion]  # the samples no trajectory asks for
+    desc: str
+
+
+def _first_call(live: list[Live], run_seed: int, stage: int) -> _Call:
     """Every trajectory's first turn: a prompt's trajectories sampled as the samples of one
-    prompt (one prefill), sample j from the prompt's seed as a single-turn stage draws it;
-    the samples a prompt does not need (kept from before) are passed as done, not drawn."""
-    prompts = list(dict.fromkeys(t.prompt for t in active))
-    needed = {i: {t.sample for t in active if t.prompt == i} for i in prompts}
-    first = {t.prompt: t for t in active}
-    counts = [max(needed[i]) + 1 for i in prompts]
+    prompt (one prefill, sharing the prefilled opening, if any), sample j from the prompt's
+    seed as a single-turn stage draws it; the samples a prompt does not need (kept from
+    before) are passed as done, not drawn."""
+    prompts = list(dict.fromkeys(t.prompt for t in live))
+    mine = {i: {t.sample: t for t in live if t.prompt == i} for i in prompts}
+    first = [next(iter(mine[i].values())) for i in prompts]  # its trajectories share it
+    counts = [max(mine[i]) + 1 for i in prompts]
     skipped = Completion("", [], "length")  # stands for a sample nobody asks for
-    rows = generate(  # a prompt's trajectories share the prefilled opening, if any
-        policy, tokenizer, [first[i].prompt_ids + first[i].ids for i in prompts], counts,
-        generation, seeds=sample_seeds(run_seed, stage, [first[i].prompt_id for i in prompts]),
+    return _Call(
+        contexts=[t.context() for t in first], counts=counts,
+        seeds=sample_seeds(run_seed, stage, [t.prompt_id for t in first]),
+        trajectories=[mine[i] for i in prompts],
         done={(g, j): skipped for g, i in enumerate(prompts) for j in range(counts[g])
-              if j not in needed[i]},
-        desc=f"collect stage {stage} turn 1", max_new_tokens=max_new_tokens, greedy=greedy,
-        keep_kv=KeepKV(kept, lambda g, j: (prompts[g], j)))
-    where = {i: g for g, i in enumerate(prompts)}
-    return [rows[where[t.prompt]][t.sample] for t in active]
+              if j not in mine[i]},
+        desc=f"collect stage {stage} turns")
 
 
-def _next_turns(policy: Any, tokenizer: Any, active: list[Live], generation: Any,
-                run_seed: int, stage: int, turn: int, max_new_tokens: int, greedy: bool,
-                kept: KVStore) -> list[Any]:
-    """Every trajectory's next turn, each continuing its own ids: from the KV its last turn
-    kept, prefilling only the observation (backends that keep_kv), else a prefill each."""
-    rows = generate(
-        policy, tokenizer, [t.prompt_ids + t.ids for t in active], 1, generation,
-        seeds=[turn_seed(run_seed, stage, t.prompt_id, t.sample, turn) for t in active],
-        desc=f"collect stage {stage} turn {turn + 1}", max_new_tokens=max_new_tokens,
-        greedy=greedy, keep_kv=KeepKV(kept, lambda r, _: (active[r].prompt, active[r].sample)))
-    return [row[0] for row in rows]
+def _next_call(waiting: list[Live], run_seed: int, stage: int) -> _Call:
+    """The next turn of trajectories that waited for their answers (backends that sample
+    turn by turn), each continuing its own ids."""
+    return _Call(contexts=[t.context() for t in waiting], counts=[1] * len(waiting),
+                 seeds=[_next_turn_seed(t, run_seed, stage) for t in waiting],
+                 trajectories=[{0: t} for t in waiting], done={},
+                 desc=f"collect stage {stage} turn {waiting[0].model_turns + 1}")
+
+
+def _next_turn_seed(t: Live, run_seed: int, stage: int) -> int:
+    return turn_seed(run_seed, stage, t.prompt_id, t.sample, t.model_turns)
+
+
+def _sample(policy: Any, tokenizer: Any, call: _Call, generation: Any, greedy: bool,
+            turns: Turns, timer: Timer, run_seed: int, stage: int) -> list[Live]:
+    """Sample `call`'s turns; each trajectory's calls start in a thread of their own as its
+    turn finishes, and its next turn joins the running call when they answer (backends that
+    ask `more()`). Returns the trajectories still waiting for a turn when the call ends:
+    none on such a backend, else those whose answers came (in the rollout's order)."""
+    rows = list(call.trajectories)  # per prompt of the call, joining turns after the others
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    sampling = sum(len(row) for row in rows)  # turns handed to the sampler, not yet back
+    at_tools = 0  # trajectories whose calls are running
+    reported: set[tuple[int, int]] = set()
+
+    def on_finish(i: int, j: int, completion: Completion) -> None:
+        nonlocal sampling, at_tools
+        reported.add((i, j))
+        sampling -= 1
+        t = rows[i][j]
+        said = turns.add_model_turn(t, completion)
+        if said is not None:
+            at_tools += 1
+            threading.Thread(target=_run_answer, args=(turns, t, said, answers), daemon=True,
+                             name="raftlm-tools").start()
+
+    def answered(block: bool) -> list[Live]:
+        """The trajectories whose answers came (waiting for one if `block`) that go on."""
+        nonlocal at_tools
+        going_on = []
+        while at_tools:
+            try:
+                t, said, ran = answers.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            at_tools -= 1
+            if isinstance(ran, BaseException):
+                raise ran
+            if turns.answer(t, said, ran):
+                going_on.append(t)
+        return going_on
+
+    def more() -> list[tuple[list[int], int, int]]:
+        nonlocal sampling
+        joining = answered(block=False)
+        while not joining and sampling == 0 and at_tools:  # nothing decodes: wait for one
+            with timer("tools"):
+                joining = answered(block=True)
+        rows.extend({0: t} for t in joining)
+        sampling += len(joining)
+        return [(t.context(), 1, _next_turn_seed(t, run_seed, stage)) for t in joining]
+
+    # Any cap at least a row's room gives its turn: `add_model_turn` cuts it to the room.
+    room = max(turns.rollout.max_trajectory_tokens - len(t.ids)
+               for row in call.trajectories for t in row.values())
+    sampled = generate(
+        policy, tokenizer, call.contexts, call.counts, generation, seeds=call.seeds,
+        done=call.done, desc=call.desc, max_new_tokens=min(generation.max_new_tokens, room),
+        greedy=greedy, on_finish=on_finish, more=more,
+        keep_kv=KeepKV(turns.kept, lambda i, j: (rows[i][j].prompt, rows[i][j].sample)))
+    for i, row in enumerate(call.trajectories):  # a backend that reports none as they finish
+        for j in row:
+            if (i, j) not in reported:
+                on_finish(i, j, sampled[i][j])
+    waiting = []
+    with timer("tools"):
+        while at_tools:
+            waiting += answered(block=True)
+    return sorted(waiting, key=lambda t: (t.prompt, t.sample))
+
+
+def _run_answer(turns: Turns, t: Live, said: list[int], answers: queue.SimpleQueue) -> None:
+    """Run one trajectory's calls (in its own thread) and hand back what they gave, or the
+    error that stopped them (raised again in the sampler's thread)."""
+    try:
+        answers.put((t, said, turns.run(t)))
+    except BaseException as err:  # handed over: a thread's error would be lost with it
+        answers.put((t, said, err))
 
 
 def turn_seed(run_seed: int, stage: int, prompt_id: int, sample: int, turn: int) -> int:
@@ -263,85 +295,3 @@ def turn_seed(run_seed: int, stage: int, prompt_id: int, sample: int, turn: int)
     changes it."""
     state = np.random.SeedSequence([run_seed, stage, prompt_id, sample, turn])
     return int(state.generate_state(1, np.uint64)[0] >> 1)
-
-
-def _add_model_turn(t: Live, completion: Any, room: int, tokenizer: Any) -> list[int]:
-    """Append a sampled turn (cut to the trajectory's token budget); its ids."""
-    ids, log_probs = list(completion.token_ids), completion.token_log_probs
-    text, reason = completion.text, completion.finish_reason
-    if len(ids) > room:  # the sampler's first `room` tokens: what a call capped there gives
-        ids, reason = ids[:room], "length"
-        log_probs = None if log_probs is None else log_probs[:room]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-    t.ids += ids
-    t.mask += [1] * len(ids)
-    t.log_probs = None if log_probs is None or t.log_probs is None else t.log_probs + log_probs
-    turn = {"role": "assistant", "content": t.opening + text, "finish_reason": reason}
-    if t.opening:  # the turn's call reads whole; which part was not the model's choice
-        turn["prefilled"], t.opening = t.opening, ""
-    t.turns.append(turn)
-    t.finish_reason = reason
-    return ids
-
-
-def _tool_answers(waiting: list[tuple[Live, list[int]]], timeout_s: float,
-                  cut: Callable[[str], str]) -> list[tuple[list[dict], bool]]:
-    """Each waiting trajectory's tool messages (every call of its turn run, all trajectories'
-    at once), or that it ended: a turn without a call is the final answer."""
-    calls = [parse_tool_calls(t.turns[-1]["content"]) for t, _ in waiting]
-    jobs = [(call, t.tools) for (t, _), mine in zip(waiting, calls) for call in mine]
-    outcomes = iter(run_calls(jobs, timeout_s))
-    answers = []
-    for (t, _), mine in zip(waiting, calls):
-        messages = []
-        for call in mine:
-            outcome = next(outcomes)
-            outcome = dataclasses.replace(outcome, text=cut(outcome.text))
-            record = _call_record(call, outcome)
-            t.turns.append(record)
-            messages.append({"role": "tool", "name": record["name"], "content": outcome.text})
-        answers.append((messages, not mine))
-    return answers
-
-
-def _steps(waiting: list[tuple[Live, list[int]]], timeout_s: float, cut: Callable[[str], str]
-           ) -> list[tuple[list[dict], bool]]:
-    """Each waiting trajectory's environment observation (a user message) and whether the
-    environment is done, every trajectory's step run at once; a step that raises or times
-    out is an error observation."""
-    finished = run_at_once([partial(t.environment.step, t.turns[-1]["content"])
-                            for t, _ in waiting], timeout_s)
-    answers = []
-    for (t, _), (value, error) in zip(waiting, finished):
-        if error is None:
-            step = as_step(t.environment, value)  # another shape: the environment's bug
-            record = {"role": "user", "content": cut(step.observation), "reward": step.reward,
-                      "done": step.done, "error": None}
-        else:
-            timed_out = isinstance(error, TimeoutError)
-            record = {"role": "user", "reward": None, "done": False,
-                      "content": f"Error: step {'timed out' if timed_out else 'raised'}: "
-                                 f"{describe(error)}",
-                      "error": "timeout" if timed_out else "raised"}
-        t.turns.append(record)
-        answers.append(([{"role": "user", "content": record["content"]}], record["done"]))
-    return answers
-
-
-def _call_record(call: ToolCall, outcome: Outcome) -> dict[str, Any]:
-    return {"role": "tool", "name": call.name, "arguments": call.arguments,
-            "content": outcome.text, "error": outcome.error}
-
-
-def _cutter(max_tokens: int, tokenizer: Any) -> Callable[[str], str]:
-    """Cuts an observation's text to `max_tokens` tokens (`max_tool_output_tokens`)."""
-    def cut(text: str) -> str:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-    return cut
-
-
-def _trajectory(t: Live, tokenizer: Any) -> Trajectory:
-    return Trajectory(text=tokenizer.decode(t.ids, skip_special_tokens=True),
-                      token_ids=list(t.ids), finish_reason=t.finish_reason,
-                      token_log_probs=t.log_probs, loss_mask=list(t.mask), turns=t.turns)

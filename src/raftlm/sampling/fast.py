@@ -102,14 +102,16 @@ def sample(
     sends them as they come). (prompt, sample) pairs in
     ``skip`` (finished earlier) are not sampled: their slots stay None.
 
-    ``more()``, asked before each step, returns prompts that join the call: (prompt, count,
+    ``more()``, asked before each step and once more before the call would end (so it may
+    wait there for what is still to join), returns prompts that join the call: (prompt, count,
     seed) each, numbered after the others in the order they came, their rows admitted as rows
-    free up (continuous batching across a server's requests); they sample what a call of
-    their own would, since a row depends on its (seed, sample index) alone.
+    free up (continuous batching across a server's requests, an agent's next turns); they
+    sample what a call of their own would, since a row depends on its (seed, sample index)
+    alone.
 
     ``keep_kv`` continues and keeps sequences across calls (`raftlm.sampling.kept_kv`): a row
-    whose sequence is in its store prefills only what the store does not hold, and every row
-    that finishes leaves its KV there. Rows of joining prompts are never continued.
+    whose sequence is in its store (joining rows too) prefills only what the store does not
+    hold, and every row that finishes leaves its KV there.
     """
     check_supported(model)
     prompts, num_samples, seeds = list(prompts), list(num_samples), list(seeds)
@@ -140,12 +142,15 @@ def sample(
                          on_prefill=on_prefill, shared_prefix=template_prefix(tokenizer))
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
-        while queue or batch.running():
-            if more is not None:
-                joined = _join(more(), prompts, num_samples, seeds, results, queue, prompt_kv)
+        while True:
+            if more is not None:  # asked before each step, and before the call ends
+                joined = _join(more(), prompts, num_samples, seeds, results, queue, prompt_kv,
+                               continued)
                 if joined:
                     cache.grow(max(len(p) for p in joined) + max_new_tokens + 2)
                     batch.widen(max(2, min(batch_size, len(batch.running()) + len(queue))))
+            if not (queue or batch.running()):
+                break
             admitted = batch.admit(queue, new_row)
             if admitted:
                 prompt_kv.copy_into(cache, [a for a in admitted if a[1:] not in continued],
@@ -176,9 +181,12 @@ def sample(
 
 
 def _join(new: Sequence[tuple[Sequence[int], int, int]], prompts: list, num_samples: list,
-          seeds: list, results: list, queue: deque, prompt_kv: PromptKV) -> list[list[int]]:
-    """Append the prompts `more()` returned to the call's lists and queue; returns them."""
+          seeds: list, results: list, queue: deque, prompt_kv: PromptKV,
+          continued: ContinuedKV) -> list[list[int]]:
+    """Append the prompts `more()` returned to the call's lists and queue; returns them. A
+    joining sample whose sequence the store holds (an agent's next turn) continues from it."""
     joined = []
+    keep = continued.keep_kv
     for prompt, count, seed in new:
         if not prompt:
             raise ValueError("a joining prompt is empty")
@@ -188,7 +196,10 @@ def _join(new: Sequence[tuple[Sequence[int], int, int]], prompts: list, num_samp
         seeds.append(seed)
         results.append([None] * count)
         queue.extend((i, j) for j in range(count))
-        prompt_kv.add(i, count)
+        held = {(i, j) for j in range(count) if keep is not None and keep.key(i, j) in keep.store}
+        continued.rows |= held
+        if count > len(held):
+            prompt_kv.add(i, count - len(held))
         joined.append(prompts[i])
     return joined
 
