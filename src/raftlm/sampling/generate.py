@@ -74,7 +74,8 @@ def generate(
     a prompt's count are ignored); the other backends sample everything again.
     ``on_token(i, j, ids)`` is called after each token of a sample that goes on (raftlm
     backend; the others report whole samples only, through ``on_finish``). ``more()`` is
-    asked between decode steps for prompts that join the call, (prompt, count, seed) each:
+    asked between decode steps, and once more before the call would end (it may wait there
+    for prompts still to come), for prompts that join the call, (prompt, count, seed) each:
     they are numbered after ``prompts`` in the order they came and returned after them, each
     with what a call of its own would give (raftlm backend; the others never ask, so a caller
     keeps what it would have handed over for a later call).
