@@ -86,9 +86,9 @@ class Outcome:
 
 def run_calls(jobs: Sequence[tuple[ToolCall, dict[str, Tool]]], timeout_s: float
               ) -> list[Outcome]:
-    """Every call of a turn, across trajectories (`jobs` pairs a call with the tools of its
-    trajectory), run at once (`run_at_once`). A call that cannot run, raises or is still
-    running at the deadline is an error observation."""
+    """The calls of a turn (`jobs` pairs each call with the tools of its trajectory), run at
+    once (`run_at_once`). A call that cannot run, raises or is still running at the deadline
+    is an error observation."""
     outcomes = [_problem(call, tools) for call, tools in jobs]
     runnable = [(i, call, tools[call.name]) for i, ((call, tools), outcome)
                 in enumerate(zip(jobs, outcomes)) if outcome is None]
