@@ -4,9 +4,12 @@ shrunk, with a prompt longer than any before (the KV cache grows)."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
+from raftlm.run.progress import decode_progress
 from raftlm.sampling.fast import sample
 
 TEXTS = ["What is 2+2?", "hi", "A much longer prompt, to force the cache to grow.", "xyz", "Z"]
@@ -56,3 +59,19 @@ def test_a_call_without_joining_prompts_asks_and_samples_as_before(model, tok, p
     with_more = run(model, tok, prompts, [2] * 5, SEEDS, lambda: asked.append(1) or [])
     assert with_more == run(model, tok, prompts, [2] * 5, SEEDS)
     assert len(asked) >= MAX_NEW
+
+
+def test_joining_samples_grow_the_progress_bars_total(model, tok, prompts):
+    """The bar of a call that turns join counts them: it ends at N/N, never N/?."""
+    joins = {3: [(prompts[2], 3, SEEDS[2])]}
+    step = [0]
+
+    def more():
+        step[0] += 1
+        return joins.get(step[0], [])
+
+    bar = decode_progress(total=2, max_new_tokens=MAX_NEW, desc="rollout", file=io.StringIO())
+    with torch.inference_mode():
+        sample(model, tok, prompts[:2], [1, 1], seeds=SEEDS[:2], max_new_tokens=MAX_NEW,
+               eos_ids=set(), temperature=0.9, batch_size=4, more=more, progress=bar)
+    assert bar.total == 5 and bar.finished == 5 and bar.n == pytest.approx(5)

@@ -43,7 +43,8 @@ class RewardTerm:
     # (`raftlm.rewards.reward.TERM_KINDS` builds each kind).
     kinds: ClassVar[tuple[str, ...]] = ("name", "model", "url", "judge")
 
-    name: str = option("", "Built-in (numeric_answer, math_answer), `pkg.mod:fn` or `file.py:fn`.")
+    name: str = option("", "Built-in (numeric_answer, math_answer, environment_return), "
+                       "`pkg.mod:fn` or `file.py:fn`.")
     model: str | None = option(None, "Local HF sequence-classification reward model folder.")
     url: str | None = option(None, "A reward server: http://HOST:PORT/PATH (docs/rewards.md).")
     judge: JudgeConfig | None = option(None, "An LLM judge (OpenAI-compatible API).")

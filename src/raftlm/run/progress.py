@@ -113,6 +113,14 @@ def decode_progress(total: int, max_new_tokens: int, desc: str, file: Any = None
     return bar
 
 
+def count_joined(bar: tqdm, sequences: int) -> None:
+    """``sequences`` more joined the call (an agent's next turns): the bar's total grows, so it
+    shows N/total, not N/? once the first call's count is passed."""
+    if bar.total is not None:
+        bar.total += sequences
+        bar.refresh()
+
+
 def count_prefilled(bar: tqdm, tokens: int, seconds: float) -> None:
     """``tokens`` prompt tokens were prefilled in ``seconds``; shown at once (within the bar's
     own pace), since the first batch's prefill can last minutes before any token is decoded."""

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raftlm.run.progress import count_decoded, count_finished, count_prefilled
+from raftlm.run.progress import count_decoded, count_finished, count_joined, count_prefilled
 from raftlm.sampling.choice import choose_tokens, pick_tokens, uniform
 from raftlm.sampling.decoding import (
     PromptKV,
@@ -147,6 +147,8 @@ def sample(
                 joined = _join(more(), prompts, num_samples, seeds, results, queue, prompt_kv,
                                continued)
                 if joined:
+                    if progress is not None:  # the bar's total counts every joined turn
+                        count_joined(progress, sum(num_samples[-len(joined):]))
                     cache.grow(max(len(p) for p in joined) + max_new_tokens + 2)
                     batch.widen(max(2, min(batch_size, len(batch.running()) + len(queue))))
             if not (queue or batch.running()):
