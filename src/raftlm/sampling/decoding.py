@@ -137,7 +137,8 @@ class PromptKV:
         length, shared = self._group(i)
         waiting = self.waiting[(length, shared)]
         assert waiting[0] == i
-        n = max(1, PREFILL_TOKENS // (length - 1 - shared)) if self.together else 1
+        # Counted in whole prompts, the shared prefix too: each holds that much KV until admitted.
+        n = max(1, PREFILL_TOKENS // (length - 1)) if self.together else 1
         group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
         ids = torch.tensor([self.prompts[j][shared:-1] for j in group], device=self.device)
         start = time.perf_counter()
