@@ -145,6 +145,10 @@ def test_only_unsolved_prompts_are_hinted_and_only_kept_hints_have_a_reward(work
         assert metrics["sampling/hinted_samples"] == len(hints)
         assert metrics["sampling/samples"] == 12  # the collector's own
         assert metrics["tokens/generated"] == sum(r["n_tokens"] for r in rows)
+        # The policy's numbers are its own samples': no hinted reward, no hinted "invalid".
+        own = [r["reward"] for r in rows if "hint" not in r]
+        assert metrics["train/reward_mean"] == pytest.approx(sum(own) / len(own))
+        assert metrics["train/n_invalid_reward"] == 0
         # A kept hint solves its prompt: best_per_prompt picks one of them.
         for pid in {r["prompt_id"] for r in kept}:
             assert [r.get("hint") for r in by_prompt[pid] if r["selected"]] == ["kept"]

@@ -43,13 +43,15 @@ def example_positions(rollouts: Rollouts, examples: list[Any]) -> list[tuple[int
 def candidate_metrics(rollouts: Rollouts, ranked: Ranked) -> dict[str, Any]:
     """The stage's numbers about what was sampled and kept."""
     rewards, mask = rollouts.rewards, ranked.selection.mask
-    present = rollouts.table(lambda r: True, False)
+    # STaR's hinted samples (raft.hints) are not the policy's draws: a kept one's reward would
+    # lift the policy's mean, and the others have none on purpose (sampling/hinted_* count them).
+    own = rollouts.table(lambda r: r.hint is None, False)
     return {
-        "train/reward_mean": nanmean(rewards),
+        "train/reward_mean": nanmean(np.where(own, rewards, np.nan)),
         "train/reward_selected_mean": nanmean(rewards[mask]),
         **reward_distribution(rewards, mask),
         "train/n_selected": ranked.selection.n_selected,
-        "train/n_invalid_reward": int((np.isnan(rewards) & present).sum()),
+        "train/n_invalid_reward": int((np.isnan(rewards) & own).sum()),
         **{f"train/dropped_{name}": n for name, n in ranked.selection.dropped.items()},
         **ranked.stats,
         "tokens/generated": int(rollouts.table(lambda r: len(r.token_ids)).sum()),
