@@ -188,7 +188,6 @@ def _join(new: Sequence[tuple[Sequence[int], int, int]], prompts: list, num_samp
     """Append the prompts `more()` returned to the call's lists and queue; returns them. A
     joining sample whose sequence the store holds (an agent's next turn) continues from it."""
     joined = []
-    keep = continued.keep_kv
     for prompt, count, seed in new:
         if not prompt:
             raise ValueError("a joining prompt is empty")
@@ -198,10 +197,9 @@ def _join(new: Sequence[tuple[Sequence[int], int, int]], prompts: list, num_samp
         seeds.append(seed)
         results.append([None] * count)
         queue.extend((i, j) for j in range(count))
-        held = {(i, j) for j in range(count) if keep is not None and keep.key(i, j) in keep.store}
-        continued.rows |= held
-        if count > len(held):
-            prompt_kv.add(i, count - len(held))
+        fresh = count - sum(continued.add(i, j) for j in range(count))
+        if fresh:
+            prompt_kv.add(i, fresh)
         joined.append(prompts[i])
     return joined
 

@@ -98,8 +98,17 @@ class ContinuedKV:
                  on_prefill: Callable[[int, float], None] | None = None):
         self.model, self.prompts, self.keep_kv, self.device = model, prompts, keep, device
         self.on_prefill = on_prefill  # (tokens, seconds) of each prefill on top of a store's KV
-        self.rows = set() if keep is None else {
-            (i, j) for i, j in queue if keep.key(i, j) in keep.store}
+        self.rows: set[tuple[int, int]] = set()
+        for row in queue:
+            self.add(*row)
+
+    def add(self, i: int, j: int) -> bool:
+        """Whether sample j of prompt i continues a stored sequence (then it is one of the
+        call's continued rows)."""
+        held = self.keep_kv is not None and self.keep_kv.key(i, j) in self.keep_kv.store
+        if held:
+            self.rows.add((i, j))
+        return held
 
     def __contains__(self, row: tuple[int, int]) -> bool:
         return row in self.rows
