@@ -10,8 +10,9 @@ from raftlm.agents import Trajectory, roll_out, rollout_metrics
 from raftlm.agents.chat_format import ChatFormat
 from raftlm.agents.rollout import turn_seed
 from raftlm.agents.tools import load_tools
-from raftlm.config import RaftConfig
+from raftlm.config import RaftConfig, RewardConfig, RewardTerm
 from raftlm.data.prompts import build_prompt_set
+from raftlm.rewards.reward import build_reward, score
 from raftlm.sampling.completion import Completion
 from raftlm.sampling.generate import generate, sample_seeds
 
@@ -285,7 +286,8 @@ def test_the_docs_examples_run(tok, scripted, tmp_path):
     blocks = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", doc, re.S)
     for name, code in blocks:
         (tmp_path / name).write_text(code)
-    assert sorted(name for name, _ in blocks) == ["countdown.py", "mytools.py", "vault.py"]
+    assert sorted(name for name, _ in blocks) == ["countdown.py", "mytools.py", "vault.py",
+                                                  "vault_rewards.py"]
     [price] = load_tools([f"{tmp_path / 'mytools.py'}:lookup_price"])
     assert price.fn("pear", 2) == "1.50 EUR"
     records = build_prompt_set([{"prompt": "Open the vault.", "answer": "42"}], tok,
@@ -296,8 +298,14 @@ def test_the_docs_examples_run(tok, scripted, tmp_path):
     config = RaftConfig.from_dict({"data": {"task": "arithmetic"},
                                    "generation": {"max_new_tokens": 99}, "rollout": {
         "environment": f"{tmp_path / 'vault.py'}:Vault", "max_turns": 8}})
-    [[vault]] = roll_out(None, tok, records, [1], config, 1, have=[[]], journal=Journal()).rows
+    rolled = roll_out(None, tok, records, [1], config, 1, have=[[]], journal=Journal())
+    [[vault]], [[instance]] = rolled.rows, rolled.environments
     assert [t["content"] for t in vault.turns if t["role"] == "tool"] == ["lower", "open"]
+    assert (instance.tries, instance.opened) == (2, True)
+    reward = build_reward(RewardConfig(terms=[RewardTerm(
+        name=f"{tmp_path / 'vault_rewards.py'}:opened_quickly")]))
+    scored = score(reward, rolled.prompts, rolled.rows, environments=rolled.environments)
+    assert scored.scores.tolist() == [pytest.approx(0.9)]  # opened at the second try
     scripted[:] = ["I say 50", "Then 42"]
     config = RaftConfig.from_dict({"data": {"task": "arithmetic"},
                                    "generation": {"max_new_tokens": 99}, "rollout": {

@@ -10,8 +10,8 @@ environment shapes; `trajectory` the `Trajectory` record and the `rollout/*` met
 `calculator` the built-in tool.
 """
 
-from raftlm.agents.rollout import check_rollout, roll_out
+from raftlm.agents.rollout import check_rollout, roll_out, scoring_environments
 from raftlm.agents.trajectory import Trajectory, messages, rollout_metrics
 
-__all__ = ["Trajectory", "check_rollout", "messages", "roll_out",
-           "rollout_metrics"]
+__all__ = ["Trajectory", "check_rollout", "messages", "roll_out", "rollout_metrics",
+           "scoring_environments"]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from raftlm.agents.tools import Tool, tool_of
+from raftlm.agents.tools import Tool, run_at_once, tool_of
 from raftlm.config import ConfigError
 from raftlm.config.registry import load_object
 from raftlm.errors import UserError
@@ -82,3 +83,28 @@ def as_step(instance: Any, value: Any) -> Step:
     observation, reward, done = value
     return Step("" if observation is None else str(observation),
                 None if reward is None else float(reward), bool(done))
+
+
+def replayed(factory: Callable[[], Any], row: dict[str, Any], turns: list[dict[str, Any]],
+             timeout_s: float) -> Any:
+    """A fresh instance brought to where a trajectory left its own: `reset(**row)`, then every
+    call of the environment's tools (or every `step`) the trajectory ran, in order, with the
+    same arguments. For a reward that declares `environments` when the live instance is gone
+    (a resumed stage, `raftlm score`, evaluation); the same state when the environment is
+    deterministic. Calls that never ran (unparsed, unknown tool, bad arguments) are not
+    replayed; one that raised or timed out is, since it did run; what a replayed call gives
+    or raises is ignored."""
+    instance = factory()
+    reset(instance, row)
+    if is_step_shaped(instance):
+        said = [turn["content"] for turn in turns if turn["role"] == "assistant"]
+        steps = [turn for turn in turns if turn["role"] == "user"]  # one per step that ran
+        calls = [partial(instance.step, text) for text, _ in zip(said, steps)]
+    else:
+        own = {tool.name: tool.fn for tool in environment_tools(instance)}
+        calls = [partial(own[turn["name"]], **turn["arguments"]) for turn in turns
+                 if turn["role"] == "tool" and turn.get("error") in (None, "raised", "timeout")
+                 and turn.get("name") in own]
+    for call in calls:
+        run_at_once([call], timeout_s)
+    return instance

@@ -38,6 +38,7 @@ from raftlm.agents.environments import (
     environment_tools,
     is_step_shaped,
     load_environment,
+    replayed,
     reset,
 )
 from raftlm.agents.tools import Tool, load_tools
@@ -98,6 +99,9 @@ class Rolled:
 
     rows: list[list[Any]]
     prompts: list[PromptRecord]
+    # per prompt and sample, the environment instance the trajectory ran in (None: kept from
+    # before, or no `rollout.environment`): what a reward that declares `environments` gets
+    environments: list[list[Any]]
 
 
 def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: list[int],
@@ -117,10 +121,12 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
     rows: list[list[Any]] = []
     seen: list[PromptRecord] = []
     live: list[Live] = []
+    instances: list[list[Any]] = []
     for i, record in enumerate(prompts):
         kept = [j < len(have[i]) or (reuse and (record.id, j) in journal.samples)
                 for j in range(counts[i])]
         envs = [factory() if factory and not k else None for k in kept]
+        instances.append(envs)
         text, ids = chat.prompt(record.prompt, config.data.system_prompt,
                                 _reset_text(factory, envs, record))
         seen.append(dataclasses.replace(record, text=text, token_ids=ids))
@@ -131,7 +137,7 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
             environment_tools(env) if own else [])}, env)
                  for j, env in enumerate(envs) if not kept[j]]
     if not live:
-        return Rolled(rows, seen)
+        return Rolled(rows, seen, instances)
     if agent.opening:  # forced function calling: ids appended as an observation's, no loss
         opening = tokenizer(agent.opening, add_special_tokens=False)["input_ids"]
         for t in live:
@@ -147,7 +153,24 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         waiting = _sample(policy, tokenizer, call, generation, greedy, turns, timer,
                           config.run.seed, stage)
         call = _next_call(waiting, config.run.seed, stage) if waiting else None
-    return Rolled(rows, seen)
+    return Rolled(rows, seen, instances)
+
+
+def scoring_environments(config: RaftConfig, prompts: list[PromptRecord],
+                         rows: list[list[Any]], live: list[list[Any]] | None = None
+                         ) -> list[list[Any]] | None:
+    """Each trajectory's environment for a reward that declares `environments`: the instance
+    it ran in (`live[i][j]`, from `Rolled.environments`), else one replayed from its turns
+    (`environments.replayed`); None where the run has no `rollout.environment`."""
+    if config.rollout is None or not config.rollout.environment:
+        return None
+    factory = load_environment(config.rollout.environment)
+    timeout_s = config.rollout.tool_timeout_s
+    return [[(live[i][j] if live and j < len(live[i]) and live[i][j] is not None else
+              replayed(factory, {"prompt": record.prompt, **record.columns},
+                       getattr(trajectory, "turns", None) or [], timeout_s))
+             for j, trajectory in enumerate(row)]
+            for i, (record, row) in enumerate(zip(prompts, rows))]
 
 
 def _reset_text(factory: Any, envs: list[Any], record: PromptRecord) -> str | None:

@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from raftlm.agents import scoring_environments
 from raftlm.config import RaftConfig
 from raftlm.data.prompts import PromptRecord, PromptSet
 from raftlm.evaluation.metrics import sequence_kl
@@ -80,8 +82,11 @@ def evaluate_sets(policy: Any, tokenizer: Any, sets: list[ResolvedSet], reward: 
                                                              SAMPLING_STAGE)
                 else:
                     greedy, sampled = _responses(merged, tokenizer, rset, config)
+            envs = (partial(scoring_environments, config)  # replayed: gathered, not live
+                    if config.rollout is not None and reward is not None
+                    and reward.declares("environments") else None)
             found, rows = set_metrics(rset, greedy, sampled, reward,
-                                      config.evaluation.correct_reward)
+                                      config.evaluation.correct_reward, envs)
             if sampled and "kl" in rset.metrics:
                 # Outside the merged context: pi_0 needs the adapter unmerged to switch it off.
                 found[rset.prefix + "kl_to_initial"] = kl_to_initial(

@@ -13,6 +13,7 @@ references are in `raftlm.core.evaluation` and `raftlm.evaluation.metrics`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,9 @@ from raftlm.evaluation.metrics import best_of_k, distinct_n, nanmean
 from raftlm.evaluation.sets import ResolvedSet, references
 from raftlm.rewards.reward import Reward, score
 from raftlm.sampling.completion import Completion
+
+# (records, rows) -> each response's environment instance for the reward, or None
+Environments = Callable[[list[Any], list[list[Completion]]], list[list[Any]] | None]
 
 
 def judge(rule: Extraction, texts: list[str], refs: list[Any], rewards: np.ndarray | None,
@@ -37,14 +41,16 @@ def judge(rule: Extraction, texts: list[str], refs: list[Any], rewards: np.ndarr
 
 
 def set_metrics(rset: ResolvedSet, greedy: list[Completion], sampled: list[list[Completion]]
-                | None, reward: Reward, correct_reward: float
+                | None, reward: Reward, correct_reward: float,
+                environments: Environments | None = None
                 ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    """The set's metrics (named under its prefix) and one row per prompt for eval.jsonl."""
+    """The set's metrics (named under its prefix) and one row per prompt for eval.jsonl.
+    `environments(records, rows)`: the trajectories' environments for the reward (replayed)."""
     records, p, wanted = rset.prompts.records, rset.prefix, rset.metrics
     refs = references(rset.prompts) or [None] * len(records)
     needs_reward = "reward" in wanted or any(rule.uses_reward for rule in rset.rules)
     metrics: dict[str, float | None] = {}
-    greedy_rewards = (score(reward, records, [[c] for c in greedy]).scores.reshape(-1)
+    greedy_rewards = (_score(reward, records, [[c] for c in greedy], environments).reshape(-1)
                       if needs_reward else None)
     if "reward" in wanted:
         metrics[p + "reward_mean"] = nanmean(greedy_rewards)
@@ -64,13 +70,14 @@ def set_metrics(rset: ResolvedSet, greedy: list[Completion], sampled: list[list[
         for item, answer, ok in zip(items, answers, correct):
             item["extracted"][rule.name], item["correct"][rule.name] = answer, bool(ok)
     if sampled:
-        metrics.update(_sampled(rset, sampled, refs, reward, correct_reward, items))
+        metrics.update(_sampled(rset, sampled, refs, reward, correct_reward, items,
+                                environments))
     return metrics, items
 
 
 def _sampled(rset: ResolvedSet, sampled: list[list[Completion]], refs: list[Any],
-             reward: Reward, correct_reward: float, items: list[dict[str, Any]]
-             ) -> dict[str, float | None]:
+             reward: Reward, correct_reward: float, items: list[dict[str, Any]],
+             environments: Environments | None) -> dict[str, float | None]:
     records, p, wanted = rset.prompts.records, rset.prefix, rset.metrics
     n = len(sampled[0])
     texts = [c.text for row in sampled for c in row]
@@ -78,7 +85,7 @@ def _sampled(rset: ResolvedSet, sampled: list[list[Completion]], refs: list[Any]
     rewards = None
     metrics: dict[str, float | None] = {}
     if "reward" in wanted or any(rule.uses_reward for rule in rset.rules):
-        rewards = score(reward, records, sampled).scores.reshape(len(records), n)
+        rewards = _score(reward, records, sampled, environments).reshape(len(records), n)
     if "reward" in wanted:
         metrics[p + "sampled_reward_mean"] = nanmean(rewards)
         metrics[p + "best_of_k_reward"] = best_of_k(rewards)
@@ -123,3 +130,9 @@ def _turns(completion: Completion) -> dict[str, Any]:
 
 def _suffix(j: int, rule: Extraction) -> str:
     return "" if j == 0 else f"_{rule.name}"
+
+
+def _score(reward: Reward, records: list, rows: list[list[Completion]],
+           environments: Environments | None) -> np.ndarray:
+    envs = environments(records, rows) if environments is not None else None
+    return score(reward, records, rows, environments=envs).scores

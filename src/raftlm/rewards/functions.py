@@ -6,7 +6,13 @@ Every function follows TRL's reward-function convention::
 
 It may be `async def` (it then runs concurrently with the other I/O-bound terms), and it may
 declare the keywords of `CONTEXT_KEYWORDS` (`stage`, `step`, `prompt_texts`, `queries`,
-`trajectories`) to receive them; a function that does not declare one does not get it.
+`trajectories`, `environments`) to receive them; a function that does not declare one does
+not get it.
+
+In a multi-turn run (a `rollout` section) whose prompt rows are chat messages (TRL's
+conversational format), a user's function gets each of `completions` as TRL does: the
+trajectory's chat messages (`{"role", "content"}`, a tool message's `name`); with text
+prompts, and for the built-in terms, the trajectory's text, as in a single-turn run.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ if TYPE_CHECKING:
 # prompt file's columns: the RAFT stage (1-based), the optimizer step before the stage, the
 # prompts as the model saw them (chat template applied), and each of those followed by its
 # completion and the end-of-turn token it stopped on (OpenRLHF's `query`).
-CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts", "queries", "trajectories")
-# one value per completion; `trajectories`: a multi-turn rollout's turns as chat messages
-# (None for a single turn), TRL's conversational completions
-PER_ITEM_KEYWORDS = ("prompt_texts", "queries", "trajectories")
+CONTEXT_KEYWORDS = ("stage", "step", "prompt_texts", "queries", "trajectories", "environments")
+# one value per completion; `trajectories`: a multi-turn rollout's turns as recorded (None for
+# a single turn); `environments`: the trajectory's `rollout.environment` instance, as TRL
+# passes it (None without one)
+PER_ITEM_KEYWORDS = ("prompt_texts", "queries", "trajectories", "environments")
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -55,6 +62,21 @@ def resolve_function(spec: str) -> Callable[..., Any]:
 def build_function_term(term: RewardTerm) -> Callable[..., Any]:
     """`name:` a built-in or a user function."""
     return resolve_function(term.name)
+
+
+def is_user_function(term: RewardTerm) -> bool:
+    """A `name:` term that is the user's function (it takes TRL's conversational arguments in
+    a multi-turn run), not a built-in."""
+    return bool(term.name) and all(resolve_function(term.name) is not builtin
+                                   for builtin in BUILTIN_REWARDS.values())
+
+
+def conversational(prompts: list, completions: list[str], trajectories: list) -> list:
+    """TRL's conversational completions: a trajectory whose prompt is chat messages (TRL's
+    conversational format) as the chat messages after the prompt; any other as its text."""
+    return [[{k: v for k, v in turn.items() if k in ("role", "content", "name")}
+             for turn in turns] if turns and isinstance(prompt, list) else text
+            for prompt, text, turns in zip(prompts, completions, trajectories)]
 
 
 def function_label(spec: str) -> str:

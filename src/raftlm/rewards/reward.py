@@ -28,8 +28,10 @@ from raftlm.config import RewardConfig
 from raftlm.rewards.functions import (
     CONTEXT_KEYWORDS,
     PER_ITEM_KEYWORDS,
+    conversational,
     declared_keywords,
     is_async,
+    is_user_function,
     load_function,
     required_columns,
 )
@@ -72,6 +74,7 @@ class Term:
     weight: float
     fn: Callable
     timeout_s: float | None = None  # async terms: the longest one call may take
+    conversational: bool = False  # TRL's messages for a trajectory (`is_user_function`)
     is_async: bool = field(init=False)
     context_keys: set[str] = field(init=False)  # the context keywords `fn` declares
     blame_items: bool = field(init=False)
@@ -114,6 +117,10 @@ class Reward:
             if seen[term.name] > 1:  # keep per_term keys apart
                 term.name = f"{term.name}#{seen[term.name]}"
             self.terms.append(term)
+
+    def declares(self, keyword: str) -> bool:
+        """Whether some term asks for the context keyword (`environments` costs a replay)."""
+        return any(keyword in term.context_keys for term in self.terms)
 
     def models(self) -> list[Any]:
         """What the terms hold that an offload manager moves between devices."""
@@ -169,8 +176,12 @@ class Reward:
         """One term's scores under the error policy. Written once for plain and `async def`
         terms: a plain term's call never suspends, so `_run_now` finishes it without a loop."""
         prompts, completions, columns, context = batch
+        if term.conversational and any(context.get("trajectories") or ()):
+            # TRL's conversational arguments; `completions` stay text for the error messages.
+            batch = (prompts, conversational(prompts, completions, context["trajectories"]),
+                     *batch[2:])
         try:
-            output = await _call(term, prompts=prompts, completions=completions, **columns,
+            output = await _call(term, prompts=batch[0], completions=batch[1], **columns,
                                  **_context_for(term, context))
         except TermFailure as failure:
             return self._partial(term, failure, completions)
@@ -302,7 +313,7 @@ def _item_message(name: str, what: str, index: int, completion: str) -> str:
 def score(reward: Reward, records: list[PromptRecord], completions: list[list[Completion]],
           stage: int | None = None, step: int | None = None,
           on_scored: Callable[[int, int, RewardResult], None] | None = None,
-          tokenizer: Any = None) -> RewardResult:
+          tokenizer: Any = None, environments: list[list[Any]] | None = None) -> RewardResult:
     """Score every completion of every record; the result is flat, prompt-major.
 
     `stage` and `step` reach the terms that declare them. With the policy's `tokenizer`, each
@@ -313,12 +324,14 @@ def score(reward: Reward, records: list[PromptRecord], completions: list[list[Co
     ``on_scored(first, last, result)`` is called after each, `result` covering the
     completions of ``records[first:last]``: a caller can keep each chunk before the next
     one starts, so a reward server dying mid-stage loses only the chunk in flight.
+    `environments` (like `completions`) reach the terms that declare them.
     """
     result_chunks = []
     for first, last in _chunks([len(row) for row in completions],
                                reward.chunk_size if on_scored else None):
+        envs = [e for row in environments[first:last] for e in row] if environments else None
         part = _score_records(reward, records[first:last], completions[first:last],
-                              {"stage": stage, "step": step}, tokenizer)
+                              {"stage": stage, "step": step, "environments": envs}, tokenizer)
         if on_scored is not None:
             on_scored(first, last, part)
         result_chunks.append(part)
@@ -380,5 +393,6 @@ def build_reward(config: RewardConfig) -> Reward:
         kind = TERM_KINDS[key]
         name = term.label or kind.label(getattr(term, key))
         timeout = term.timeout_s if kind.times_whole_call else None
-        terms.append(Term(name, term.weight, kind.build(term), timeout))
+        terms.append(Term(name, term.weight, kind.build(term), timeout,
+                          conversational=key == "name" and is_user_function(term)))
     return Reward(terms, on_error=config.on_error)

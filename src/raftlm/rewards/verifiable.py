@@ -52,10 +52,15 @@ def _last_model_turn(turns: list[dict] | None, text: str) -> str:
     return said[-1] if said else text
 
 
-def math_answer(prompts: list, completions: list[str], answer: list, **kwargs) -> list[float]:
-    """1.0 where math_verify finds the completion's answer equivalent to the reference."""
+def math_answer(prompts: list, completions: list[str], answer: list,
+                trajectories: list | None = None, **kwargs) -> list[float]:
+    """1.0 where math_verify finds the completion's answer equivalent to the reference (a
+    trajectory's: its last model turn's, as `numeric_answer`)."""
     from math_verify import parse, verify  # optional dependency (raftlm[math])
 
+    if trajectories is not None:
+        completions = [_last_model_turn(turns, text)
+                       for turns, text in zip(trajectories, completions, strict=True)]
     # math_verify's timeouts use SIGALRM, which only the main thread may set.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     scores = []

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from raftlm.agents import roll_out
+from raftlm.agents import roll_out, scoring_environments
 from raftlm.config import RaftConfig
 from raftlm.config.teaching import active_hints
 from raftlm.data.prompts import PromptOrder, PromptRecord, PromptSet
@@ -85,6 +85,8 @@ class Collect:
     step: int | None = None  # the optimizer step the stage starts from (reward terms may ask)
     samples: dict[int, list[Rollout]] = field(default_factory=dict)  # this attempt's, by id
     reward_rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # by prompt id
+    # the environment each of this attempt's trajectories ran in, by (prompt id, sample)
+    environments: dict[tuple[int, int], Any] = field(default_factory=dict)
     rounds: int = 0  # calls so far: the collector's rounds of sampling
 
     def __call__(self, prompts: list[PromptRecord], counts: list[int],
@@ -120,6 +122,8 @@ class Collect:
             rolled = roll_out(policy, self.run.tokenizer, prompts, counts, config, stage,
                               have=have, journal=journal, timer=self.timer)
             prompts[:] = rolled.prompts  # as the model saw them (tools): what all else uses
+            self.environments.update({(pid, j): env for pid, envs in zip(ids, rolled.environments)
+                                      for j, env in enumerate(envs) if env is not None})
             rows = [[r if isinstance(r, Rollout) else Rollout.of(r, stage - 1)
                      for r in row] for row in rolled.rows]
             self.samples.update(zip(ids, rows))
@@ -202,9 +206,15 @@ class Collect:
             journal.sync()
 
         if todo:
-            score(self.run.reward, [prompts[i] for i in todo],
-                  [responses[i][start[i]:] for i in todo], stage=self.stage, step=self.step,
-                  on_scored=keep, tokenizer=self.run.tokenizer)
+            records, new = [prompts[i] for i in todo], [responses[i][start[i]:] for i in todo]
+            envs = None
+            if self.run.reward.declares("environments"):  # the live ones, else replayed
+                envs = scoring_environments(
+                    self.run.config, records, new,
+                    [[self.environments.get((prompts[i].id, j)) for j in
+                      range(start[i], len(responses[i]))] for i in todo])
+            score(self.run.reward, records, new, stage=self.stage, step=self.step,
+                  on_scored=keep, tokenizer=self.run.tokenizer, environments=envs)
         return [_prefix(self.reward_rows[p.id], len(row)) for p, row in zip(prompts, responses)]
 
     def close(self) -> None:
