@@ -46,13 +46,16 @@ def script(served, monkeypatch):
     tokenizer = served[1]
     script: list = ["", []]
 
-    def fake_generate(model, tok, prompts, counts, settings, *, seeds, on_finish=None, **_):
+    def fake_generate(model, tok, prompts, counts, settings, *, seeds, on_finish=None,
+                      on_token=None, **_):
         script[1] += [tokenizer.decode(p) for p in prompts]
         ids = tokenizer(script[0], add_special_tokens=False)["input_ids"]
         reason = "stop_string" if script[0].endswith("</tool_call>") else "eos"
         rows = [[Completion(script[0], ids, reason)] * n for n in counts]
         for i, row in enumerate(rows):
             for j, completion in enumerate(row):
+                for k in range(1, len(ids) + 1):  # a token at a time, as the sampler streams
+                    on_token(i, j, ids[:k])
                 on_finish(i, j, completion)
         return rows
 
@@ -106,10 +109,53 @@ def test_an_answer_without_a_call_is_plain_content(client, script):
 @pytest.mark.parametrize("settings, param", [
     ({"tool_choice": {"type": "function", "function": {"name": "abacus"}}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
-    ({"stream": True}, "stream"),
 ])
 def test_bad_tool_requests_are_refused_with_400_naming_the_field(client, settings, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=NAME, messages=QUESTION, tools=[CALCULATOR],
                                        **settings)
     assert refused.value.body["param"] == param
+
+
+def streamed(client, **settings):
+    """The chunks' choices of a streamed answer: its content deltas joined, its tool-call
+    deltas and its finish reason."""
+    content, calls, reasons = [], [], []
+    for piece in client.chat.completions.create(model=NAME, messages=QUESTION,
+                                                tools=[CALCULATOR], stream=True, **settings):
+        for choice in piece.choices:
+            content.append(choice.delta.content or "")
+            calls += choice.delta.tool_calls or []
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    return content, calls, reasons
+
+
+@pytest.mark.parametrize("said", ["", "Let me use the calculator.\n"])
+def test_a_streamed_call_comes_whole_after_the_text_before_it(client, script, said):
+    script[0] = said + CALL
+    content, calls, reasons = streamed(client)
+    assert reasons == ["tool_calls"]
+    [call] = calls
+    assert call.index == 0 and call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == {"expression": "12 * 34"}
+    assert not any("<tool" in piece for piece in content), "the call never shows as text"
+    whole = client.chat.completions.create(model=NAME, messages=QUESTION, tools=[CALCULATOR])
+    assert "".join(content) == (whole.choices[0].message.content or "") == said.rstrip()
+    if said:
+        assert len([piece for piece in content if piece]) > 1, "the text streams, in pieces"
+
+
+def test_a_streamed_forced_call_and_a_streamed_answer_are_the_non_streamed_ones(client,
+                                                                                script):
+    script[0] = CALL.removeprefix(OPENING)
+    forced = {"tool_choice": {"type": "function", "function": {"name": "calculator"}}}
+    content, [call], reasons = streamed(client, **forced)
+    assert reasons == ["tool_calls"] and "".join(content) == ""
+    assert json.loads(call.function.arguments) == {"expression": "12 * 34"}
+    for answer in ("It is 408.  ", "Use <tool_call>nothing"):  # spaces; a call that never parses
+        script[0] = answer
+        content, calls, reasons = streamed(client)
+        whole = client.chat.completions.create(model=NAME, messages=QUESTION, tools=[CALCULATOR])
+        assert "".join(content) == whole.choices[0].message.content == answer
+        assert calls == [] and reasons == ["stop"]

@@ -30,16 +30,16 @@ from typing import Any
 
 from raftlm.data.prompts import render_chat
 from raftlm.tools.serve_api import (
-    FINISH_REASONS,
     ChatRequest,
     RequestError,
-    StreamedText,
     chunk,
     completion_body,
     delta,
     error_body,
+    last_deltas,
     new_id,
     parse_chat_request,
+    streamed_text,
     usage,
 )
 from raftlm.tools.serve_batching import Batcher, Job
@@ -168,7 +168,7 @@ async def _events(batcher: Batcher, target: Target, name: str, chat: ChatRequest
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps(chunk(chunk_id, name, created, choices, **extra))}\n\n"
 
-    texts = [StreamedText(target.tokenizer, chat.stop) for _ in range(chat.n)]
+    texts = [streamed_text(target.tokenizer, chat) for _ in range(chat.n)]
     for j in range(chat.n):
         yield event([delta(j, content="", role="assistant")])
     result = batcher.submit(job)
@@ -189,10 +189,8 @@ async def _events(batcher: Batcher, target: Target, name: str, chat: ChatRequest
         yield f"data: {json.dumps(error_body(f'sampling failed: {err}', kind='server_error'))}\n\n"
         return
     for j, completion in enumerate(completions):
-        rest = texts[j].finish(completion)
-        if rest:
-            yield event([delta(j, content=rest)])
-        yield event([delta(j, finish_reason=FINISH_REASONS[completion.finish_reason])])
+        for last in last_deltas(j, texts[j], completion, chat):
+            yield event([last])
     if chat.include_usage:
         yield event([], usage=usage(len(prompt_ids), completions))
     yield "data: [DONE]\n\n"

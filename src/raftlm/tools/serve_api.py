@@ -10,7 +10,7 @@ Pure functions with no server in them, so the API's rules are readable in one pl
   field; settings raftlm's sampler cannot honour (`logprobs`, penalties, `functions`) answer
   400 too, instead of being silently ignored;
 - `tools` and `tool_choice` as OpenAI's: a call the model writes is answered as `tool_calls`
-  (`serve_tools.py`);
+  (`serve_tools.py`), streamed too (the call whole, in one chunk, once the turn ends);
 - the stop string that ended a response is not part of `content` (as OpenAI and vLLM).
 """
 
@@ -21,11 +21,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from raftlm.agents.calls import CALL_OPEN
 from raftlm.sampling.completion import Completion
 from raftlm.tools.serve_tools import (
     ToolRequestError,
     answer_message,
     message_with_calls,
+    opening_of,
     parse_tools,
     stop_strings,
 )
@@ -109,8 +111,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
     except ToolRequestError as err:
         raise RequestError(str(err), err.param) from None
     stream = _boolean(fields.get("stream", False), "stream")
-    if tools and stream:
-        raise RequestError("'stream' with 'tools' is not supported by raftlm serve", "stream")
     return ChatRequest(
         model=model,
         messages=messages,
@@ -237,11 +237,39 @@ def chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, Any]]
 
 
 def delta(index: int, content: str | None = None, role: str | None = None,
-          finish_reason: str | None = None) -> dict[str, Any]:
+          finish_reason: str | None = None, tool_calls: list[dict[str, Any]] | None = None
+          ) -> dict[str, Any]:
     """A chunk's choice: the new text of choice `index` (and its finish reason at the end)."""
-    change = {key: value for key, value in (("role", role), ("content", content))
-              if value is not None}
+    change = {key: value for key, value in (("role", role), ("content", content),
+                                            ("tool_calls", tool_calls)) if value is not None}
     return {"index": index, "delta": change, "logprobs": None, "finish_reason": finish_reason}
+
+
+def streamed_text(tokenizer: Any, request: ChatRequest) -> StreamedText:
+    """A streamed choice's text. With tools, what follows a call's opening is held back (the
+    forced opening too): a call is sent whole as `tool_calls` once the turn ends, as vLLM's
+    streaming tool parsers do, and the text before it streams as `content`."""
+    if not request.tools:
+        return StreamedText(tokenizer, request.stop)
+    return StreamedText(tokenizer, (*request.stop, CALL_OPEN),
+                        opening_of(request.tools, request.tool_choice), hold_space=True)
+
+
+def last_deltas(index: int, text: StreamedText, completion: Completion,
+                request: ChatRequest) -> list[dict[str, Any]]:
+    """A streamed choice's last chunks once it finished: the rest of its content, its calls
+    (with tools) and its finish reason; together the same answer as the non-streamed one."""
+    if not request.tools:
+        rest, calls = text.finish(completion), None
+    else:
+        message, called = answer_message(completion.text, request.tools, request.tool_choice)
+        content = message["content"] or ""
+        rest = text.release(content if called else without_stop(content, request.stop))
+        calls = ([{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                 if called else None)
+    reason = "tool_calls" if calls else FINISH_REASONS[completion.finish_reason]
+    return ([delta(index, content=rest)] if rest else []) + (
+        [delta(index, tool_calls=calls)] if calls else []) + [delta(index, finish_reason=reason)]
 
 
 class StreamedText:
@@ -252,21 +280,25 @@ class StreamedText:
     client if the stop completes).
     """
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], opening: str = "",
+                 hold_space: bool = False):
         self.tokenizer, self.stops, self.sent = tokenizer, stops, ""
+        self.opening = opening  # prefilled text the sampled ids continue (a forced call's)
+        # with tools: trailing spaces wait, a call's `content` being the text before it rstripped
+        self.hold_space = hold_space
 
     def update(self, ids: list[int]) -> str:
         """The new text after the sampler produced `ids` so far (may be empty)."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.opening + self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = without_stop(text, self.stops)
         if cut == text:  # no stop yet: keep back what a stop or a character could still take
             cut = text.rstrip("\ufffd")
             cut = cut[: len(cut) - self._stop_prefix(cut)]
-        return self._release(cut)
+        return self.release(cut.rstrip() if self.hold_space else cut)
 
     def finish(self, completion: Completion) -> str:
         """The rest of the text once the choice finished."""
-        return self._release(without_stop(completion.text, self.stops))
+        return self.release(without_stop(completion.text, self.stops))
 
     def _stop_prefix(self, text: str) -> int:
         """Length of the longest tail of `text` that begins a stop string."""
@@ -278,7 +310,8 @@ class StreamedText:
                     break
         return longest
 
-    def _release(self, text: str) -> str:
+    def release(self, text: str) -> str:
+        """What of `text` (the choice's text so far) was not sent yet: its new tail."""
         if not text.startswith(self.sent) or len(text) <= len(self.sent):
             return ""
         new, self.sent = text[len(self.sent):], text

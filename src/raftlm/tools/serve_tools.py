@@ -13,7 +13,8 @@ prompt and, when the model writes a call, answers it as `tool_calls` (finish_rea
   by its `name` or by the `tool_call_id` of the call it answers;
 - a model turn stops at `</tool_call>`; its calls are parsed as rollouts parse them, and a call
   that does not parse is left in `content` (finish_reason `stop`), as vLLM's parsers do.
-Streaming with tools is refused (400): the answer is known whole only once the call closes.
+Streamed (`stream: true`), the text before a call streams as `content` and the call comes whole,
+in one `tool_calls` chunk, once the turn ends (`serve_api.streamed_text`).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def answer_message(text: str, schemas: tuple[dict[str, Any], ...], choice: str
     calls = parse_tool_calls(whole) if schemas else []
     if not calls or any(call.problem for call in calls):
         return {"role": "assistant", "content": whole}, False
-    before = whole[:whole.index(CALL_OPEN)].strip()
+    before = whole[:whole.index(CALL_OPEN)].rstrip()  # what a stream sends before the call
     return {"role": "assistant", "content": before or None,
             "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                             "function": {"name": call.name,
