@@ -102,7 +102,7 @@ def scripted(monkeypatch, tok):
 
     def fake_generate(policy, tokenizer, contexts, counts, config, *, seeds, desc,
                       max_new_tokens, done=None, greedy=False, keep_kv=None, on_finish=None,
-                      more=None):
+                      more=None, shared_prefix=None):
         script.contexts += contexts
         counts = [counts] * len(contexts) if isinstance(counts, int) else counts
         return [[complete(context, max_new_tokens)] * n for context, n in zip(contexts, counts)]

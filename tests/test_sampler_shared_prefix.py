@@ -112,3 +112,24 @@ def test_prompts_without_the_prefix_sample_as_before(model, tok, prompts, prefil
     for a, b in zip(log_probs(with_prefix)[:2], log_probs(whole)[:2], strict=True):
         np.testing.assert_array_equal(a, b)  # the same computation: bit for bit
 
+
+
+def test_a_tool_runs_prompts_share_its_tool_prompt_and_sample_as_whole(model, tok,
+                                                                        prefilled_whole):
+    from raftlm.agents.chat_format import ChatFormat
+    from raftlm.agents.tools import load_tools
+
+    chat = ChatFormat(tok, load_tools(["calculator"]))
+    prefix = chat.shared_prefix()
+    tool_prompts = [chat.prompt_ids(text) for text in TEXTS]
+    assert len(prefix) > 10 * len(template_prefix(tok))  # the tool prompt, not just a header
+    assert all(p[: len(prefix)] == prefix and len(p) > len(prefix) for p in tool_prompts)
+    assert chat.shared_prefix("Be brief.") != prefix  # the run's system prompt is part of it
+    shared = generate(model, tok, tool_prompts, 2, config(), seeds=SEEDS, shared_prefix=prefix)
+    halves = [generate(model, tok, tool_prompts[k::2], 2, config(batch_size=3),
+                       seeds=SEEDS[k::2], shared_prefix=prefix) for k in (0, 1)]
+    assert completions(halves[0]) == completions(shared)[0::2]
+    assert completions(halves[1]) == completions(shared)[1::2]
+    prefilled_whole()
+    whole = generate(model, tok, tool_prompts, 2, config(), seeds=SEEDS, shared_prefix=[])
+    assert completions(shared) == completions(whole)

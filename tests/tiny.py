@@ -186,7 +186,8 @@ def scripted_turns(tok, tool: str = "calculator"):
                           "stop_string" if "tool_call" in text else "eos", [-1.0] * len(ids))
 
     def generate(policy, tokenizer, contexts, counts, config, *, seeds, desc, max_new_tokens,
-                 done=None, greedy=False, keep_kv=None, on_finish=None, more=None):
+                 done=None, greedy=False, keep_kv=None, on_finish=None, more=None,
+                 shared_prefix=None):
         counts = [counts] * len(contexts) if isinstance(counts, int) else counts
         return [[turn(tokenizer.decode(context), seed + j) for j in range(n)]
                 for context, seed, n in zip(contexts, seeds, counts)]

@@ -16,6 +16,7 @@ from typing import Any
 from raftlm.agents.calls import default_system_prompt, example_arguments
 from raftlm.agents.tools import Tool
 from raftlm.errors import UserError
+from raftlm.sampling.shared_prefix import rendered_prefix
 
 _PROBE_USER, _PROBE_MODEL = "raftlm probe question", "raftlm probe answer"
 _PROBE_TOOL = [{"role": "tool", "name": "probe", "content": "raftlm probe result"}]
@@ -66,6 +67,11 @@ class ChatFormat:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self._render(messages, True)
         return text, self._ids(text)
+
+    def shared_prefix(self, system_prompt: str | None = None) -> list[int]:
+        """The token ids every text prompt of the run starts with (its system prompt, the
+        tools, the user header): what the sampler prefills once per call."""
+        return rendered_prefix(lambda text: self.prompt_ids(text, system_prompt))
 
     def observation_ids(self, messages: list[dict], after: list[int]) -> list[int]:
         """The token ids that follow a model turn `after` (its token ids) when `messages` (tool

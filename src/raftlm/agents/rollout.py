@@ -148,10 +148,12 @@ def roll_out(policy: Any, tokenizer: Any, prompts: list[PromptRecord], counts: l
         generation = dataclasses.replace(generation,
                                          stop_strings=[*generation.stop_strings, CALL_CLOSE])
     turns = Turns(rollout, chat, tokenizer, step_shaped, rows, journal, KVStore())
+    # The tool prompt every trajectory starts with, prefilled once per sampler call.
+    prefix = chat.shared_prefix(config.data.system_prompt)
     call = _first_call(live, config.run.seed, stage)
     while call is not None:
         waiting = _sample(policy, tokenizer, call, generation, greedy, turns, timer,
-                          config.run.seed, stage)
+                          config.run.seed, stage, prefix)
         call = _next_call(waiting, config.run.seed, stage) if waiting else None
     return Rolled(rows, seen, instances)
 
@@ -235,7 +237,8 @@ def _next_turn_seed(t: Live, run_seed: int, stage: int) -> int:
 
 
 def _sample(policy: Any, tokenizer: Any, call: _Call, generation: Any, greedy: bool,
-            turns: Turns, timer: Timer, run_seed: int, stage: int) -> list[Live]:
+            turns: Turns, timer: Timer, run_seed: int, stage: int, prefix: list[int]
+            ) -> list[Live]:
     """Sample `call`'s turns; each trajectory's calls start in a thread of their own as its
     turn finishes, and its next turn joins the running call when they answer (backends that
     ask `more()`). Returns the trajectories still waiting for a turn when the call ends:
@@ -291,7 +294,8 @@ def _sample(policy: Any, tokenizer: Any, call: _Call, generation: Any, greedy: b
         policy, tokenizer, call.contexts, call.counts, generation, seeds=call.seeds,
         done=call.done, desc=call.desc, max_new_tokens=min(generation.max_new_tokens, room),
         greedy=greedy, on_finish=on_finish, more=more,
-        keep_kv=KeepKV(turns.kept, lambda i, j: (rows[i][j].prompt, rows[i][j].sample)))
+        keep_kv=KeepKV(turns.kept, lambda i, j: (rows[i][j].prompt, rows[i][j].sample)),
+        shared_prefix=prefix)
     for i, row in enumerate(call.trajectories):  # a backend that reports none as they finish
         for j in row:
             if (i, j) not in reported:

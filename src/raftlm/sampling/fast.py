@@ -87,6 +87,7 @@ def sample(
     on_token: Callable[[int, int, list[int]], None] | None = None,
     more: Callable[[], Sequence[tuple[Sequence[int], int, int]]] | None = None,
     keep_kv: KeepKV | None = None,
+    shared_prefix: Sequence[int] | None = None,
 ) -> list[list[Sample | None]]:
     """Sample ``num_samples[i]`` continuations of prompt i; returns (token_ids, finish_reason,
     token_log_probs) each.
@@ -112,6 +113,9 @@ def sample(
     ``keep_kv`` continues and keeps sequences across calls (`raftlm.sampling.kept_kv`): a row
     whose sequence is in its store (joining rows too) prefills only what the store does not
     hold, and every row that finishes leaves its KV there.
+
+    ``shared_prefix``: the tokens prefilled once per call (`shared_prefix.py`), the same in
+    every call of a run; default: the chat template's turns before a user's text.
     """
     check_supported(model)
     prompts, num_samples, seeds = list(prompts), list(num_samples), list(seeds)
@@ -139,7 +143,9 @@ def sample(
         lambda tokens, seconds: count_prefilled(progress, tokens, seconds))
     continued = ContinuedKV(model, prompts, keep_kv, queue, device, on_prefill)
     prompt_kv = PromptKV(model, prompts, [q for q in queue if q not in continued], device,
-                         on_prefill=on_prefill, shared_prefix=template_prefix(tokenizer))
+                         on_prefill=on_prefill, shared_prefix=(
+                             template_prefix(tokenizer) if shared_prefix is None
+                             else shared_prefix))
     filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     with packed_linears(model, device):
         while True:

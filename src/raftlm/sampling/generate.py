@@ -56,6 +56,7 @@ def generate(
     on_token: OnToken | None = None,
     more: More | None = None,
     keep_kv: KeepKV | None = None,
+    shared_prefix: Sequence[int] | None = None,
 ) -> list[list[Completion]]:
     """Sample completions for each tokenized prompt (chat template applied): ``num_samples``
     each, or ``num_samples[i]`` for prompt i.
@@ -81,7 +82,9 @@ def generate(
     keeps what it would have handed over for a later call).
     ``keep_kv`` keeps each sample's KV in its store when the sample ends, and a prompt whose
     sample is there continues from it, prefilling only its new tokens (a backend that
-    ``keeps_kv``, raftlm; the others prefill every prompt whole).
+    ``keeps_kv``, raftlm; the others prefill every prompt whole). ``shared_prefix``: the
+    tokens the raftlm backend prefills once per call (default: the chat template's before a
+    user's text; a multi-turn run's with its tools, `ChatFormat.shared_prefix`).
     """
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -101,7 +104,8 @@ def generate(
         with_greedy=with_greedy, desc=desc,
         max_new_tokens=max_new_tokens if max_new_tokens is not None else config.max_new_tokens,
         done=dict(done or {}) if backend.keeps_done else {}, on_finish=on_finish,
-        on_token=on_token, more=more, keep_kv=keep_kv if backend.keeps_kv else None)
+        on_token=on_token, more=more, keep_kv=keep_kv if backend.keeps_kv else None,
+        shared_prefix=shared_prefix)
     return backend.generate(model, tokenizer, request)
 
 
@@ -122,6 +126,7 @@ class GenerationRequest:
     on_token: OnToken | None = None
     more: More | None = None
     keep_kv: KeepKV | None = None
+    shared_prefix: Sequence[int] | None = None  # None: the chat template's (raftlm backend)
 
     def per_prompt(self) -> list[int]:
         """Completions to return per prompt: the greedy one (``with_greedy``) and the samples."""
@@ -168,7 +173,7 @@ def _generate_raftlm(model: Any, tokenizer: Any, request: GenerationRequest) -> 
             greedy=request.greedy, stop_strings=config.stop_strings,
             batch_size=config.batch_size, greedy_first=int(request.with_greedy), progress=bar,
             skip=skip, on_finish=finished, on_token=request.on_token, more=request.more,
-            keep_kv=request.keep_kv,
+            keep_kv=request.keep_kv, shared_prefix=request.shared_prefix,
         )
     return [[request.done[(i, j)] if s is None else _completion(tokenizer, s, config)
              for j, s in enumerate(row)] for i, row in enumerate(raw)]

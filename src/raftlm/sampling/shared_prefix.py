@@ -9,11 +9,14 @@ samples must not depend on which prompts share its call (`raftlm.sampling.fast`)
 longest prefix a call's prompts have in common moves with sharding and batching, and each
 prompt's split point with it. The template's prefix is the same in every call of a run, so a
 prompt is split at the same place wherever it is sampled. Prompts that do not start with it (a
-configured `data.system_prompt`, text without a template) are prefilled whole, as before.
+configured `data.system_prompt`, text without a template) are prefilled whole, as before. A
+multi-turn run passes its own prefix (`rendered_prefix`: the tool system prompt and the user
+header, hundreds of tokens), the same in every call of the run too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from raftlm.data.prompts import render_chat
@@ -27,7 +30,14 @@ def template_prefix(tokenizer: Any) -> list[int]:
     template), as `raftlm.data.prompts` renders prompts without a system prompt."""
     if not getattr(tokenizer, "chat_template", None):
         return []
-    first, second = (render_chat(text, tokenizer)[1] for text in _SENTINELS)
+    return rendered_prefix(lambda text: render_chat(text, tokenizer)[1])
+
+
+def rendered_prefix(render: Callable[[str], list[int]]) -> list[int]:
+    """The token ids `render(user_text)` puts before any user text: a run's fixed turns before
+    it (a multi-turn run's tools and system prompt, `agents.chat_format`), from the run's
+    settings alone, as `template_prefix`."""
+    first, second = (render(text) for text in _SENTINELS)
     # The renderings agree up to the user's text; a token that merged the template's last
     # characters with the text differs between them, so it is left out too.
     same = 0
