@@ -69,7 +69,7 @@ def test_sampled_trajectories_are_judged_per_sample(model, tok, scripted):
     config = tool_config()
     config.evaluation.sampled, config.evaluation.samples_per_prompt = True, 2
     metrics, items = evaluated(model, tok, config)
-    assert metrics["eval/sampled_accuracy"] == 0.5 and "eval/kl_to_initial" not in metrics
+    assert metrics["eval/sampled_accuracy"] == 0.5
     assert [list(s["correct"].values()) for s in items[0]["samples"]] == [[True], [True]]
     assert "turns" in items[0]["samples"][0]
 
@@ -90,3 +90,35 @@ def test_raftlm_eval_with_a_tool_rolls_out_and_writes_the_turns(tiny_model_dir, 
     assert json.loads(output.read_text())["eval/products/accuracy"] == 1.0
     [row] = [json.loads(line) for line in (tmp_path / "out.items.jsonl").open()]
     assert [t["role"] for t in row["turns"]] == ["assistant", "tool", "assistant"]
+
+
+STEPS = """
+class Noted:
+    def reset(self, **row):
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        return "noted, go on", None, self.steps >= 2
+"""
+
+
+def test_a_tool_runs_kl_counts_the_models_tokens_only(model, tok, tmp_path):
+    """A LoRA policy not trained yet is pi_0: its KL is 0 over the model's tokens, which it
+    would not be over the environment's (recorded as 0.0, never pi_t's draws)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "noted.py").write_text(STEPS)
+    config = RaftConfig.from_dict({
+        "model": {"dtype": "fp32"}, "data": {"task": "multiplication"},
+        "generation": {"max_new_tokens": 6},
+        "evaluation": {"sampled": True, "samples_per_prompt": 2, "kl_responses": 4},
+        "rollout": {"environment": f"{tmp_path / 'noted.py'}:Noted", "max_turns": 2}})
+    metrics, items = evaluate(policy, tok, held_out(tok), build_reward(config.reward), config)
+    observed = [t for item in items for s in item["samples"] for t in s["turns"]
+                if t["role"] == "user"]
+    assert observed, "the trajectories hold the environment's tokens"
+    assert abs(metrics["eval/kl_to_initial"]) < 1e-4

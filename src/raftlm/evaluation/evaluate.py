@@ -17,7 +17,8 @@ distributions softmax(logits / T) the responses were drawn from, unbiased withou
 (with truncation, the samples come from the truncated pi_t^T: a documented approximation).
 pi_t's log-probs are those recorded while sampling (`Completion.token_log_probs`, log
 softmax(logits / T) of each sampled token), so the estimate costs one forward pass per
-response (pi_0's), not two.
+response (pi_0's), not two. A trajectory's KL sums over the model's tokens only (its loss
+mask): the tools' and the environment's tokens were not drawn from pi_t.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def kl_to_initial(policy: Any, tokenizer: Any, records: list[PromptRecord],
         current = log_probs(policy)
     with initial_policy(policy, config) as reference:
         initial = log_probs(reference)
+    # A trajectory's observations are not pi_t's tokens (loss mask 0): only the model's count.
+    masks = [np.asarray(c.loss_mask, dtype=bool) if getattr(c, "loss_mask", None) else None
+             for _, c in pairs]
+    current = [lp if m is None else lp[m] for lp, m in zip(current, masks)]
+    initial = [lp if m is None else lp[m] for lp, m in zip(initial, masks)]
     return sequence_kl(current, initial)
 
 

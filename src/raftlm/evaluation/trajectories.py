@@ -33,8 +33,6 @@ def rolled_responses(model: Any, tokenizer: Any, rset: ResolvedSet, config: Raft
     sampled = (roll_out(model, tokenizer, mine, [rset.samples] * len(mine), config, stage).rows
                if rset.samples else None)
     seen = dataclasses.replace(rset.prompts, records=gather(greedy.prompts))
-    # KL to pi_0 would need the loss mask (the observations' tokens are not pi_t's): not yet.
-    metrics = tuple(m for m in rset.metrics if m != "kl")
-    return (dataclasses.replace(rset, prompts=seen, metrics=metrics),
+    return (dataclasses.replace(rset, prompts=seen),
             [row[0] for row in gather(greedy.rows)],
             None if sampled is None else gather(sampled))
