@@ -212,5 +212,5 @@ def _rewards(rows: list[dict[str, Any]], selected_only: bool = False) -> list[fl
 
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # the legend beside, whole
     return buffer.getvalue()
