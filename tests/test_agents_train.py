@@ -10,6 +10,7 @@ from tiny import scripted_turns, write_digits_task
 import raftlm.agents.rollout as rollout_module
 import raftlm.stage.loop as loop_module
 from raftlm import RaftConfig, train
+from raftlm.training.batches import PairExample
 
 COUNTER = '''
 class Counter:
@@ -102,7 +103,8 @@ def test_a_step_environment_run_resumes_to_the_same_stage(workspace, tiny_model_
 
 
 @pytest.mark.parametrize("objective, collector", [
-    ("grpo", "fixed"), ("raft++", "dynamic"), ("reward_weighted", "gvm")])
+    ("grpo", "fixed"), ("raft++", "dynamic"), ("reward_weighted", "gvm"),
+    ("reinforce_rej", "fixed"), ("dpo", "fixed"), ("rpo", "dynamic")])
 def test_trajectories_train_under_every_objective_and_collector(workspace, tiny_model_dir,
                                                                   trained_on, objective,
                                                                   collector):
@@ -115,9 +117,14 @@ def test_trajectories_train_under_every_objective_and_collector(workspace, tiny_
     result = train(config)
     assert [m["stage"] for m in result.metrics] == [0, 1]
     examples = [e for stage in trained_on for e in stage]
-    assert examples and all(len(e.loss_mask) == len(e.response_ids) == len(e.old_log_probs)
-                            for e in examples)
-    assert all(0 in e.loss_mask for e in examples)
+    assert examples
+    for e in examples:
+        if isinstance(e, PairExample):  # dpo, rpo: both responses masked to the model's tokens
+            assert len(e.loss_mask) == len(e.response_ids) and 0 in e.loss_mask
+            assert len(e.rejected_loss_mask) == len(e.rejected_ids) and 0 in e.rejected_loss_mask
+        else:
+            assert len(e.loss_mask) == len(e.response_ids) == len(e.old_log_probs)
+            assert 0 in e.loss_mask
 
 
 def test_a_stage_killed_mid_rollout_resumes_from_its_journal_to_the_same_stage(
