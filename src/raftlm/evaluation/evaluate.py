@@ -84,8 +84,7 @@ def evaluate_sets(policy: Any, tokenizer: Any, sets: list[ResolvedSet], reward: 
                 else:
                     greedy, sampled = _responses(merged, tokenizer, rset, config)
             envs = (partial(scoring_environments, config)  # replayed: gathered, not live
-                    if config.rollout is not None and reward is not None
-                    and reward.declares("environments") else None)
+                    if reward is not None and reward.declares("environments") else None)
             found, rows = set_metrics(rset, greedy, sampled, reward,
                                       config.evaluation.correct_reward, envs)
             if sampled and "kl" in rset.metrics:
